@@ -1,0 +1,132 @@
+"""Default CMID pretraining configuration shared by every file in `configs/`.
+
+The values follow the official recipe (cmid-method.md, sections 3-8 and "Decisions for cmid_jax"):
+batch 256, Adan with lr 4e-3 x batch/256, wd 0.02, 10 warm-up epochs, EMA 0.996 -> 1, queue 65,536,
+InfoNCE temperature 0.2, 20 local matches, teacher temperature 0.04 -> 0.07 over 50 epochs.
+Experiment files (`configs/vitb.py`, `configs/resnet50.py`) change the backbone and add presets.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Per-channel RS statistics of the official pretraining data (0-1 scale), cmid-method.md section 3.
+RS_MEAN = (0.33797, 0.3605, 0.3348)
+RS_STD = (0.1359, 0.1352, 0.1407)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 256  # Global batch of source images (each gives two crops).
+    c.total_steps = ml_collections.config_dict.placeholder(int)  # None = epochs * steps_per_epoch.
+    c.epochs = 200
+    # Epochs drive the lr warm-up and the teacher-temperature schedule. None = images // batch_size.
+    c.steps_per_epoch = ml_collections.config_dict.placeholder(int)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ml_collections.config_dict.placeholder(str)  # None = the demo tiles in the package.
+    c.data.image_size = 224
+    c.data.mean = RS_MEAN
+    c.data.std = RS_STD
+    c.data.num_workers = 2  # grain worker processes per host; 0 decodes in the main process.
+
+    c.mask = ml_collections.ConfigDict()
+    c.mask.patch_size = 32  # Block size in pixels; equals the stride of the last backbone stage.
+    c.mask.ratio = 0.6  # ceil(49 * 0.6) = 30 of 49 blocks at 224 px.
+
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = 'vit'  # 'vit' or 'resnet'.
+    c.model.variant = 'B/16'
+    c.model.attention_impl = 'xla'  # 'xla' everywhere; 'cudnn' for fused attention on NVIDIA GPUs.
+    c.model.compute_dtype = 'bfloat16'  # Activations; params, optimizer, teacher and losses stay float32.
+    c.model.proj_hidden_dim = 2048
+    c.model.proj_dim = 256
+    c.model.local_hidden_dim = 2048
+    c.model.local_bottleneck_dim = 256
+    c.model.local_prototypes = 2048
+    c.model.local_use_bn = ml_collections.config_dict.placeholder(bool)  # None = BN for CNNs only.
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.use_mim = True  # Each term can be switched off for ablations.
+    c.loss.use_global = True
+    c.loss.use_local = True
+    c.loss.temperature = 0.2
+    c.loss.queue_size = 65536
+    c.loss.num_matches = 20
+    c.loss.student_temp = 0.1
+    c.loss.teacher_temp_warmup = 0.04
+    c.loss.teacher_temp = 0.07
+    c.loss.teacher_temp_warmup_epochs = 50
+    c.loss.center_momentum = 0.9
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.base_lr = 4e-3  # Scaled by batch_size / 256.
+    c.optim.min_lr = 1e-6
+    c.optim.weight_decay = 0.02
+    c.optim.warmup_epochs = 10
+    c.optim.warmup_factor = 0.01
+    c.optim.ema_momentum = 0.996
+
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    return c
+
+
+def smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks a config so a whole run takes seconds to minutes on a 2-core CPU."""
+    c.batch_size = 8
+    c.total_steps = 20
+    c.steps_per_epoch = 4
+    c.data.image_size = 64
+    c.data.num_workers = 0
+    c.model.compute_dtype = 'float32'
+    c.model.proj_hidden_dim = 64
+    c.model.proj_dim = 32
+    c.model.local_hidden_dim = 64
+    c.model.local_bottleneck_dim = 32
+    c.model.local_prototypes = 64
+    c.loss.queue_size = 64
+    c.loss.num_matches = 2  # 4 positions on the 2x2 grid of a 64-px crop.
+    c.loss.teacher_temp_warmup_epochs = 2
+    c.optim.warmup_epochs = 1
+    c.log_every_steps = 5
+    c.checkpoint_every_steps = 10
+    return c
+
+
+def demo_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A few-minute CPU run on the Landsat-8 demo tiles shipped with the package."""
+    smoke_overrides(c)
+    c.batch_size = 16
+    c.total_steps = 60
+    c.steps_per_epoch = 10
+    c.data.image_size = 128
+    c.data.num_workers = 1
+    c.model.proj_hidden_dim = 256
+    c.model.proj_dim = 64
+    c.model.local_hidden_dim = 256
+    c.model.local_bottleneck_dim = 64
+    c.model.local_prototypes = 256
+    c.loss.queue_size = 1024
+    c.loss.num_matches = 7  # 20 of 49 at 224 px scales to 7 of 16 at 128 px.
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 30
+    return c
+
+
+def apply_preset(c: ml_collections.ConfigDict, arg: str | None,
+                                  variants: dict[str, str]) -> ml_collections.ConfigDict:
+    """Applies the `get_config(arg)` preset named by `arg` ('' / None, 'smoke' or 'demo').
+
+    `variants` maps each preset to the small backbone variant it uses.
+    """
+    if not arg:
+        return c
+    presets = {'smoke': smoke_overrides, 'demo': demo_overrides}
+    if arg not in presets:
+        raise ValueError(f'Unknown config preset {arg!r}; expected one of {sorted(presets)}.')
+    presets[arg](c)
+    c.model.variant = variants[arg]
+    return c

@@ -1,0 +1,46 @@
+"""Backbones for cmid_jax: a torchvision-exact ResNet and a timm-exact ViT.
+
+Both share one call signature, `model.apply(variables, x, train=..., mask=..., mask_token=...)`,
+return an NHWC feature map of stride `feature_stride` with `num_features` channels, and take the
+mask token (width `mask_token_width`) from the caller, who owns it as a parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cmid_jax.models import resnet, vit
+from cmid_jax.models.resnet import ResNet
+from cmid_jax.models.vit import VisionTransformer
+
+ARCHS = ('resnet', 'vit')
+
+# timm / torchvision model names of each (arch, variant), for export metadata. The test-only
+# variants ('tiny', 'mu/16') have no registered torch model name.
+TORCH_NAMES: dict[tuple[str, str], str] = {
+    ('resnet', '50'): 'resnet50',
+    ('vit', 'Ti/16'): 'vit_tiny_patch16_224',
+    ('vit', 'S/16'): 'vit_small_patch16_224',
+    ('vit', 'B/16'): 'vit_base_patch16_224',
+}
+
+
+def build_backbone(arch: str, variant: str, *, img_size: int, dtype: Any = jnp.float32,
+                   attention_impl: str = 'xla') -> nn.Module:
+    """Backbone module for `arch` in {'resnet', 'vit'} and a variant of it.
+
+    `img_size` sets the ViT position-embedding length (ResNets accept any multiple of 32);
+    `attention_impl` ('xla' or 'cudnn') only applies to the ViT.
+    """
+    if arch == 'resnet':
+        return resnet.build_resnet(variant, dtype=dtype)
+    if arch == 'vit':
+        return vit.build_vit(variant, img_size=img_size, dtype=dtype,
+                             attention_impl=attention_impl)
+    raise ValueError(f'unknown backbone arch {arch!r}; allowed: {list(ARCHS)}')
+
+
+__all__ = ['ARCHS', 'TORCH_NAMES', 'ResNet', 'VisionTransformer', 'build_backbone', 'resnet', 'vit']

@@ -1,0 +1,102 @@
+"""CMID heads: MIM decoder, global projector and local (DINO-style) head.
+
+Layouts mirror the official PyTorch modules so that a checkpoint converts by rename and transpose:
+`mim2org.decoder_pred.0` (1x1 conv + PixelShuffle), `online_projector.layer.0.{0,3}` (Linear-ReLU-
+Linear, no BN) and `class_projector.mlp.*` / `class_projector.last_layer` (Conv1d k=1 MLP, weight-
+normed prototypes with the norm fixed to 1). Initialisation follows PyTorch defaults (official Q8).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def torch_default_kernel_init(key, shape, dtype=jnp.float32):
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which is what torch's kaiming_uniform(a=sqrt(5)) gives."""
+    fan_in = 1
+    for d in shape[:-1]:
+        fan_in *= d
+    bound = 1.0 / jnp.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _torch_dense(features: int, fan_in: int, dtype: Any, name: str, use_bias: bool = True):
+    bound = 1.0 / (fan_in ** 0.5)
+    bias_init = lambda key, shape, dt=jnp.float32: jax.random.uniform(key, shape, dt, -bound, bound)
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                                    kernel_init=torch_default_kernel_init, bias_init=bias_init, name=name)
+
+
+def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:
+    """NHWC equivalent of torch.nn.PixelShuffle: channel c*r*r + i*r + j goes to pixel (i, j)."""
+    b, h, w, c = x.shape
+    out_c = c // (factor * factor)
+    x = x.reshape(b, h, w, out_c, factor, factor)
+    x = x.transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, h * factor, w * factor, out_c)
+
+
+class MIMDecoder(nn.Module):
+    """1x1 convolution to stride^2 * channels, then pixel shuffle back to input resolution."""
+    stride: int
+    out_chans: int = 3
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, fmap: jax.Array) -> jax.Array:
+        x = _torch_dense(self.stride * self.stride * self.out_chans, fmap.shape[-1], self.dtype,
+                                          'decoder_pred')(fmap)
+        return pixel_shuffle(x.astype(jnp.float32), self.stride)
+
+
+class Projector(nn.Module):
+    """Global projector Linear(C, hidden) - ReLU - Linear(hidden, out); output L2-normalised."""
+    hidden_dim: int = 2048
+    out_dim: int = 256
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _torch_dense(self.hidden_dim, x.shape[-1], self.dtype, 'fc1')(x)
+        x = nn.relu(x)
+        x = _torch_dense(self.out_dim, self.hidden_dim, self.dtype, 'fc2')(x)
+        return l2_normalize(x.astype(jnp.float32))
+
+
+class LocalHead(nn.Module):
+    """Three-layer position-wise MLP to a bottleneck, L2 norm, then weight-normed prototypes.
+
+    Input (B, N, C) features at N matched positions; output (B, N, prototypes) float32 logits.
+    BatchNorm (CNN backbones only) normalises over batch and positions, like BatchNorm1d.
+    """
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    prototypes: int = 2048
+    use_bn: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        fan_in = x.shape[-1]
+        for i in range(2):
+            x = _torch_dense(self.hidden_dim, fan_in, self.dtype, f'fc{i + 1}')(x)
+            if self.use_bn:
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                                  dtype=self.dtype, param_dtype=jnp.float32, name=f'bn{i + 1}')(x)
+            x = nn.gelu(x, approximate=False)
+            fan_in = self.hidden_dim
+        x = _torch_dense(self.bottleneck_dim, fan_in, self.dtype, 'fc3')(x)
+        x = l2_normalize(x.astype(jnp.float32))
+        # weight_norm with g fixed to 1: each prototype is the unit-norm direction of its weight vector.
+        v = self.param('prototypes', torch_default_kernel_init, (self.bottleneck_dim, self.prototypes))
+        return x @ l2_normalize(v, axis=0)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """torch.nn.functional.normalize: x / max(||x||, eps)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)

@@ -1,0 +1,162 @@
+"""The CMID objective for one batch: student and teacher forwards and the three losses.
+
+Follows `MoCoBasedDDP.forward` of the official code (cmid-method.md sections 5-6): the student
+sees the two mean-filled masked crops, the teacher the two unmasked crops, each crop in its own
+backbone call so BatchNorm statistics stay per crop. Everything returned is float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from cmid_jax import losses
+from cmid_jax.models.cmid import Networks
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Static (hashable) loss settings, taken from `config.loss`."""
+    use_mim: bool = True
+    use_global: bool = True
+    use_local: bool = True
+    temperature: float = 0.2
+    num_matches: int = 20
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+
+    @classmethod
+    def from_config(cls, loss_config) -> 'LossConfig':
+        return cls(**{f.name: loss_config[f.name] for f in dataclasses.fields(cls)})
+
+
+def upsample_mask(block_mask: jax.Array, factor: int) -> jax.Array:
+    """(B, g, g) block mask -> (B, g*factor, g*factor) float mask by nearest neighbour."""
+    m = block_mask.astype(jnp.float32)
+    return jnp.repeat(jnp.repeat(m, factor, axis=1), factor, axis=2)
+
+
+def normalize(images_uint8: jax.Array, mean, std) -> jax.Array:
+    x = images_uint8.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def mean_fill(x: jax.Array, pixel_mask: jax.Array) -> jax.Array:
+    """Masked pixels take the crop's per-channel mean, computed before masking (A2MIM style)."""
+    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+    m = pixel_mask[..., None]
+    return x * (1.0 - m) + mean * m
+
+
+def prepare_views(batch: dict, mean, std, mask_patch: int) -> dict:
+    """Device-side preprocessing: normalise both crops and build the student's masked inputs."""
+    views = {}
+    for v in ('a', 'b'):
+        x = normalize(batch[f'img_{v}'], mean, std)
+        pm = upsample_mask(batch[f'mask_{v}'], mask_patch)
+        views[v] = dict(target=x, masked=mean_fill(x, pm), pixel_mask=pm,
+                        block_mask=batch[f'mask_{v}'], loc=batch[f'loc_{v}'])
+    return views
+
+
+def pool_to_grid(fmap: jax.Array, grid: int) -> jax.Array:
+    """Average-pools a (B, h, w, C) map to (B, grid, grid, C); ViT-B/16 maps are 14x14 -> 7x7."""
+    b, h, w, c = fmap.shape
+    if h % grid or w % grid:
+        raise ValueError(f'feature map {h}x{w} cannot be pooled to the {grid}x{grid} mask grid')
+    fh, fw = h // grid, w // grid
+    return fmap.reshape(b, grid, fh, grid, fw, c).mean(axis=(2, 4))
+
+
+def cmid_loss(student: dict, teacher: dict, queue: jax.Array, center: jax.Array, views: dict, *,
+              nets: Networks, cfg: LossConfig, teacher_temp: jax.Array):
+    """Returns (total loss, aux) for one batch.
+
+    `student` = {'params', 'batch_stats'} (differentiated through 'params'); `teacher` likewise
+    (constant). aux holds every loss term, the updated batch statistics, queue keys and centre,
+    and health signals; the caller applies them.
+    """
+    sp, sbs = student['params'], dict(student['batch_stats'])
+    tp, tbs = teacher['params'], dict(teacher['batch_stats'])
+
+    def run(name, params, stats, *args, train=True, **kw):
+        variables = {'params': params[name]}
+        if name in stats:
+            variables['batch_stats'] = stats[name]
+        out, new = nets.apply(name, variables, *args, train=train, **kw)
+        if new:
+            stats[name] = new
+        return out
+
+    # Backbones: one call per crop (per-crop BN statistics, as the official two forward passes).
+    s_map, t_map = {}, {}
+    for v in ('a', 'b'):
+        s_map[v] = run('backbone', sp, sbs, views[v]['masked'], mask=views[v]['block_mask'],
+                       mask_token=sp['mask_token'])
+    for v in ('a', 'b'):
+        t_map[v] = jax.lax.stop_gradient(run('backbone', tp, tbs, views[v]['target']))
+
+    terms = {}
+    aux = {}
+    zero = jnp.zeros((), jnp.float32)
+
+    # MIM: rebuild the normalised unmasked crop from the student's masked-crop features.
+    if cfg.use_mim:
+        rec = {v: run('decoder', sp, sbs, s_map[v]) for v in ('a', 'b')}
+        terms['mim'] = sum(losses.mim_loss(rec[v], views[v]['target'], views[v]['pixel_mask'])
+                           for v in ('a', 'b')) / 2
+        aux['reconstruction'] = rec['a']
+    else:
+        terms['mim'] = zero
+
+    # Global: crossed InfoNCE, student(masked A) vs teacher(B) and student(masked B) vs teacher(A).
+    q = {v: run('projector', sp, sbs, s_map[v].astype(jnp.float32).mean(axis=(1, 2)))
+         for v in ('a', 'b')}
+    if cfg.use_global:
+        k = {v: jax.lax.stop_gradient(
+            run('projector', tp, tbs, t_map[v].astype(jnp.float32).mean(axis=(1, 2))))
+            for v in ('a', 'b')}
+        terms['global'] = (losses.infonce_loss(q['a'], k['b'], queue, cfg.temperature)
+                           + losses.infonce_loss(q['b'], k['a'], queue, cfg.temperature)) / 2
+        aux['new_keys'] = jnp.concatenate([k['b'], k['a']])  # Official enqueue order: view, img.
+    else:
+        terms['global'] = zero
+
+    # Local: DINO cross-entropy on the best nearest-neighbour matched grid positions.
+    if cfg.use_local:
+        loss_local = zero
+        for s, t in (('a', 'b'), ('b', 'a')):
+            idx_s, idx_t = losses.match_positions(views[s]['loc'], views[t]['loc'], cfg.num_matches)
+            s_feat = losses.gather_positions(pool_to_grid(s_map[s], nets.grid), idx_s)
+            t_feat = losses.gather_positions(pool_to_grid(t_map[t], nets.grid), idx_t)
+            s_out = run('local_head', sp, sbs, s_feat)
+            t_out = jax.lax.stop_gradient(run('local_head', tp, tbs, t_feat))
+            loss_local += losses.dino_local_loss(s_out, t_out, center, cfg.student_temp,
+                                                 teacher_temp)
+            # The official LocalLoss updates its centre after each of its two calls (Q6).
+            center = losses.update_center(center, t_out, cfg.center_momentum)
+        terms['local'] = loss_local / 2
+    else:
+        terms['local'] = zero
+
+    total = terms['mim'] + terms['global'] + terms['local']
+    aux.update(terms=terms, student_batch_stats=sbs, teacher_batch_stats=tbs, center=center,
+               embedding_std=jnp.mean(jnp.std(q['a'], axis=0)))
+    return total, aux
+
+
+def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """FIFO insert of `keys` at `ptr`, wrapping around; each key enters once (Q2 fixed)."""
+    size = queue.shape[0]
+    idx = (ptr + jnp.arange(keys.shape[0])) % size
+    return queue.at[idx].set(keys.astype(queue.dtype)), (ptr + keys.shape[0]) % size
+
+
+def masked_psnr(reconstruction: jax.Array, target: jax.Array, pixel_mask: jax.Array, std) -> jax.Array:
+    """PSNR (dB, 0-1 pixel scale) of the reconstruction on masked pixels: a health signal."""
+    diff = (reconstruction - target) * jnp.asarray(std, jnp.float32)
+    mse = jnp.sum(jnp.square(diff) * pixel_mask[..., None]) / (
+        jnp.sum(pixel_mask) * diff.shape[-1] + 1e-8)
+    return -10.0 * jnp.log10(mse + 1e-10)

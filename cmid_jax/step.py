@@ -1,0 +1,112 @@
+"""Train state (one plain pytree) and the jitted CMID train step."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from cmid_jax import losses, objective, optim
+from cmid_jax.models import cmid
+from cmid_jax.models.heads import l2_normalize
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """Everything static the step needs: networks, optimizer, schedules and loss settings."""
+    nets: cmid.Networks
+    tx: optax.GradientTransformation
+    lr_fn: object
+    schedule: optim.Schedule
+    loss_cfg: objective.LossConfig
+    config: ml_collections.FrozenConfigDict
+
+    @classmethod
+    def create(cls, config: ml_collections.ConfigDict, schedule: optim.Schedule) -> 'Trainer':
+        o = config.optim
+        lr_fn = optim.learning_rate_fn(schedule, o.base_lr * config.batch_size / 256, o.min_lr,
+                                       o.warmup_epochs, o.warmup_factor)
+        return cls(nets=cmid.build_networks(config), tx=optim.adan(lr_fn, o.weight_decay),
+                   lr_fn=lr_fn, schedule=schedule,
+                   loss_cfg=objective.LossConfig.from_config(config.loss),
+                   config=ml_collections.FrozenConfigDict(config))
+
+    def init_state(self, rng: jax.Array) -> dict:
+        """Student, identical teacher, Adan state, a random unit-norm queue and a zero centre."""
+        k_model, k_queue = jax.random.split(rng)
+        params, batch_stats = cmid.init_student(self.nets, k_model, self.config.data.image_size)
+        teacher_params, teacher_batch_stats = cmid.teacher_from_student(params, batch_stats)
+        m = self.config.model
+        # Each key (row) is unit-norm; the official code normalised along the wrong axis (Q3).
+        queue = l2_normalize(jax.random.normal(k_queue, (self.config.loss.queue_size, m.proj_dim)))
+        return {
+            'step': jnp.zeros((), jnp.int32),
+            'params': params,
+            'batch_stats': batch_stats,
+            'teacher_params': teacher_params,
+            'teacher_batch_stats': teacher_batch_stats,
+            'opt_state': self.tx.init(params),
+            'queue': queue,
+            'queue_ptr': jnp.zeros((), jnp.int32),
+            'center': jnp.zeros((m.local_prototypes,), jnp.float32),
+        }
+
+    def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        """One optimizer step followed by the EMA teacher update; returns (state, metrics)."""
+        c = self.config
+        step = state['step']
+        views = objective.prepare_views(batch, c.data.mean, c.data.std, c.mask.patch_size)
+        teacher_temp = losses.teacher_temperature(
+            self.schedule.epoch(step), c.loss.teacher_temp_warmup, c.loss.teacher_temp,
+            c.loss.teacher_temp_warmup_epochs)
+        teacher = {'params': state['teacher_params'], 'batch_stats': state['teacher_batch_stats']}
+
+        def loss_fn(params):
+            student = {'params': params, 'batch_stats': state['batch_stats']}
+            return objective.cmid_loss(student, teacher, state['queue'], state['center'], views,
+                                       nets=self.nets, cfg=self.loss_cfg,
+                                       teacher_temp=teacher_temp)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+        updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
+        params = optax.apply_updates(state['params'], updates)
+
+        # EMA after the optimizer step (D6: no one-step lag), on the teacher's parts only.
+        momentum = optim.ema_momentum(step, self.schedule.total_steps, c.optim.ema_momentum)
+        teacher_params = optax.incremental_update(
+            {k: params[k] for k in cmid.TEACHER_KEYS}, state['teacher_params'], 1.0 - momentum)
+
+        queue, queue_ptr = state['queue'], state['queue_ptr']
+        if self.loss_cfg.use_global:
+            queue, queue_ptr = objective.enqueue(queue, queue_ptr, aux['new_keys'])
+
+        new_state = dict(state, step=step + 1, params=params,
+                         batch_stats=aux['student_batch_stats'], teacher_params=teacher_params,
+                         teacher_batch_stats=aux['teacher_batch_stats'], opt_state=opt_state,
+                         queue=queue, queue_ptr=queue_ptr, center=aux['center'])
+        metrics = {
+            'loss': loss,
+            **{f'loss_{k}': v for k, v in aux['terms'].items()},
+            'lr': self.lr_fn(step),
+            'ema_momentum': momentum,
+            'teacher_temp': teacher_temp,
+            'embedding_std': aux['embedding_std'],
+            'grad_norm': optax.tree.norm(grads),
+        }
+        if self.loss_cfg.use_mim:
+            metrics['recon_psnr'] = objective.masked_psnr(
+                aux['reconstruction'], views['a']['target'], views['a']['pixel_mask'], c.data.std)
+        return new_state, metrics
+
+    def jit_train_step(self, state_sharding, batch_sharding, replicated):
+        """The train step compiled over the mesh, with the state donated."""
+        return jax.jit(self.train_step, in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+    @functools.cached_property
+    def abstract_state(self):
+        return jax.eval_shape(self.init_state, jax.random.key(0))

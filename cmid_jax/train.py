@@ -1,0 +1,119 @@
+"""CMID pretraining loop: mesh -> data -> model -> state/restore -> step -> loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cmid_jax import checkpointing, metrics as metrics_lib, optim, parallel
+from cmid_jax.data import demo_data_path
+from cmid_jax.data.files import list_images
+from cmid_jax.data.pipeline import build_dataset, make_iterator
+from cmid_jax.step import Trainer
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
+    """Fails fast, before anything is compiled, on settings that cannot work together."""
+    problems = []
+    bs, size, patch = config.batch_size, config.data.image_size, config.mask.patch_size
+    if bs <= 0 or bs % num_devices:
+        problems.append(f'batch_size={bs} must be a positive multiple of the {num_devices} devices')
+    if bs % num_processes:
+        problems.append(f'batch_size={bs} must divide over the {num_processes} processes')
+    if size % patch:
+        problems.append(f'data.image_size={size} must be a multiple of mask.patch_size={patch}')
+    grid = size // patch
+    if config.loss.use_local and not 0 < config.loss.num_matches <= grid * grid:
+        problems.append(f'loss.num_matches={config.loss.num_matches} must be in [1, {grid * grid}] '
+                        f'for a {grid}x{grid} grid at image_size={size}')
+    if config.loss.use_global and config.loss.queue_size < 2 * bs:
+        problems.append(f'loss.queue_size={config.loss.queue_size} must hold at least the '
+                        f'{2 * bs} keys a step enqueues (2 x batch_size)')
+    if not (config.loss.use_mim or config.loss.use_global or config.loss.use_local):
+        problems.append('all of loss.use_mim, loss.use_global and loss.use_local are off')
+    if problems:
+        raise ValueError('Invalid config: ' + '; '.join(problems) + '.')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
+    # --- Mesh --------------------------------------------------------------------------------
+    mesh = parallel.make_mesh()
+    replicated, batch_sharding = parallel.shardings(mesh)
+    num_processes, process = jax.process_count(), jax.process_index()
+    check_config(config, jax.device_count(), num_processes)
+    os.makedirs(workdir, exist_ok=True)
+    if process == 0:
+        with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # --- Input pipeline ----------------------------------------------------------------------
+    data_path = config.data.path or demo_data_path()
+    files = list_images(data_path)
+    steps_per_epoch = config.steps_per_epoch or max(len(files) // config.batch_size, 1)
+    total_steps = config.total_steps or config.epochs * steps_per_epoch
+    dataset = build_dataset(files, image_size=config.data.image_size, mask_ratio=config.mask.ratio,
+                            local_batch_size=config.batch_size // num_processes, seed=config.seed,
+                            shard_index=process, shard_count=num_processes)
+    data_iter = make_iterator(dataset, num_workers=config.data.num_workers)
+    logging.info('%d images under %s; %d steps of %d images (%d per epoch).', len(files),
+                 data_path, total_steps, config.batch_size, steps_per_epoch)
+
+    # --- Model, optimizer and state ----------------------------------------------------------
+    trainer = Trainer.create(config, optim.Schedule(total_steps, steps_per_epoch))
+    abstract_state = checkpointing.abstract_with_sharding(trainer.abstract_state, replicated)
+    ckpt = checkpointing.Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
+                                      keep=config.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, abstract_state, data_iter)
+        logging.info('Resumed from the checkpoint of step %d in %s.', latest, workdir)
+    else:
+        state = jax.jit(trainer.init_state, out_shardings=replicated)(jax.random.key(config.seed))
+    train_step = trainer.jit_train_step(replicated, batch_sharding, replicated)
+
+    # --- Loop --------------------------------------------------------------------------------
+    writer = metrics_lib.MetricWriter(workdir, is_main_process=process == 0)
+    first_step = int(jax.device_get(state['step']))
+    progress = metrics_lib.Progress(total_steps, first_step)
+    bad_images = 0
+    logged = {}
+    try:
+        for step in range(first_step + 1, total_steps + 1):
+            batch = next(data_iter)
+            bad_images += int(np.sum(batch.pop('bad_images')))
+            state, step_metrics = train_step(state, parallel.global_batch(batch, batch_sharding))
+            save_due = ckpt.manager.should_save(step) or step == total_steps
+            if step % config.log_every_steps == 0 or save_due or step == first_step + 1:
+                # Reading metrics back syncs with the device, so it happens only here.
+                logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                _check_finite(step, logged)
+                logged['bad_images'] = bad_images
+                writer.write_scalars(step, logged)
+                line, rate = progress.line(step, logged)
+                logged['steps_per_second'] = rate
+                logging.info('%s%s', line, f' ({bad_images} bad images skipped)' if bad_images else '')
+            if save_due:
+                ckpt.save(step, state, data_iter, force=step == total_steps)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+        if hasattr(data_iter, 'close'):
+            data_iter.close()
+    return logged
+
+
+def _check_finite(step: int, scalars: dict) -> None:
+    bad = {k: v for k, v in scalars.items() if not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(
+            f'Non-finite values at step {step}: {bad}; all terms: {json.dumps(scalars)}. '
+            'The last checkpoint was left untouched and this state was not saved.')

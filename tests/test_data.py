@@ -1,0 +1,390 @@
+"""Tests of cmid_jax.data on the real development data in ../shared/data."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmid_jax.data import (
+    ImageError,
+    block_mask,
+    build_dataset,
+    demo_data_path,
+    list_images,
+    load_image,
+    location_grid,
+    make_iterator,
+    make_views,
+)
+from cmid_jax.data import pipeline as P
+from cmid_jax.data import views as V
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+AID = DATA / "aid"
+GEOTIFF = DATA / "geotiff"
+EDGE512 = GEOTIFF / "landsat8_LC08_L1TP_224078_20200518_edge512.tif"
+
+needs_data = pytest.mark.skipif(not AID.is_dir(), reason=f"shared data not found at {DATA}")
+
+
+@pytest.fixture(scope="module")
+def aid_files():
+    if not AID.is_dir():
+        pytest.skip(f"shared data not found at {DATA}")
+    return list_images(AID)
+
+
+# ------------------------------------------------------------------------------ files
+@needs_data
+def test_list_aid(aid_files):
+    assert len(aid_files) == 1200
+    assert aid_files == sorted(aid_files)
+    assert all(f.endswith(".jpg") for f in aid_files)
+    classes = {Path(f).parent.name for f in aid_files}
+    assert len(classes) == 30  # nested class folders, labels ignored
+
+
+def test_list_demo_tiles():
+    files = list_images(demo_data_path())
+    assert len(files) == 12
+    assert all(f.endswith(".tif") for f in files)
+    total = sum(os.path.getsize(f) for f in files)
+    assert total < 3_000_000
+    attribution = Path(demo_data_path(), "ATTRIBUTION.md").read_text()
+    assert "Landsat-8 image courtesy of the U.S. Geological Survey" in attribution
+    assert "LC08_L1TP_224078_20200518" in attribution
+
+
+def test_list_nesting_case_and_errors(tmp_path):
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "c" / "X.JPG").write_bytes(b"")
+    (tmp_path / "a" / "y.TiFf").write_bytes(b"")
+    (tmp_path / "z.png").write_bytes(b"")
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    (tmp_path / "a" / "._hidden.jpg").write_bytes(b"")
+    got = list_images(tmp_path)
+    assert [os.path.relpath(f, tmp_path) for f in got] == sorted(
+        ["a/b/c/X.JPG", "a/y.TiFf", "z.png"]
+    )
+    missing = tmp_path / "does_not_exist"
+    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+        list_images(missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images")
+    with pytest.raises(ValueError, match=r"empty.*\.jpg.*\.tiff"):
+        list_images(empty)
+
+
+@pytest.mark.skipif(not EDGE512.is_file(), reason="shared geotiff not found")
+def test_uint16_tif_stretch_keeps_nodata():
+    import tifffile
+
+    raw = tifffile.imread(EDGE512)
+    assert raw.dtype == np.uint16
+    img = load_image(EDGE512)
+    assert img.shape == (512, 512, 3) and img.dtype == np.uint8
+    nodata = np.all(raw == 0, axis=2)
+    assert 0.25 < nodata.mean() < 0.35
+    assert np.all(img[nodata] == 0)
+    valid = img[~nodata]
+    # 2-98 percentile stretch: about 2% of the valid pixels saturate at each end.
+    for b in range(3):
+        assert 0.005 < np.mean(valid[:, b] == 255) < 0.04
+        assert np.mean(valid[:, b] == 0) < 0.04
+        assert valid[:, b].std() > 30
+    # the demo tile cut from the same nodata corner behaves the same
+    name = "landsat8_LC08_L1TP_224078_20200518_edge512_y0000_x0000.tif"
+    tile = load_image(Path(demo_data_path()) / name)
+    assert tile.shape == (256, 256, 3) and tile.dtype == np.uint8
+    assert np.all(tile[np.all(raw[:256, :256] == 0, axis=2)] == 0)
+
+
+def test_tif_band_layouts(tmp_path):
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    hwc = rng.integers(1, 4000, size=(40, 50, 3), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "hwc.tif", hwc)
+    tifffile.imwrite(tmp_path / "chw.tif", np.moveaxis(hwc, -1, 0).copy(), photometric="minisblack")
+    a, b = load_image(tmp_path / "hwc.tif"), load_image(tmp_path / "chw.tif")
+    assert a.shape == (40, 50, 3) and np.array_equal(a, b)
+    single = rng.integers(0, 256, size=(30, 20), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "one.tif", single)
+    one = load_image(tmp_path / "one.tif")
+    assert one.shape == (30, 20, 3) and all(np.array_equal(one[..., c], single) for c in range(3))
+    four = rng.integers(0, 256, size=(30, 20, 4), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "four.tiff", four, photometric="minisblack", planarconfig="contig")
+    assert np.array_equal(load_image(tmp_path / "four.tiff"), four[..., :3])
+
+
+@needs_data
+def test_bad_files_raise_image_error(tmp_path, aid_files):
+    data = Path(aid_files[0]).read_bytes()
+    trunc = tmp_path / "trunc.jpg"
+    trunc.write_bytes(data[: len(data) // 2])
+    text = tmp_path / "text.jpg"
+    text.write_text("this is not an image\n")
+    text_tif = tmp_path / "text.tif"
+    text_tif.write_text("this is not a tiff\n")
+    for bad in (trunc, text, text_tif, tmp_path / "missing.png"):
+        with pytest.raises(ImageError) as e:
+            load_image(bad)
+        assert isinstance(e.value, ValueError)
+        assert str(bad) in str(e.value)
+        again = pickle.loads(pickle.dumps(e.value))  # crosses worker processes
+        assert again.path == str(bad) and str(again) == str(e.value)
+    assert load_image(aid_files[0]).shape == (150, 150, 3)
+
+
+# ------------------------------------------------------------------------------ views
+def test_block_mask_counts():
+    rng = np.random.default_rng(0)
+    for size, count in ((224, 30), (128, 10), (64, 3)):
+        g = size // 32
+        m = block_mask(rng, g, 0.6)
+        assert m.shape == (g, g) and m.dtype == np.bool_
+        assert m.sum() == count == math.ceil(g * g * 0.6)
+    freq = np.mean([block_mask(rng, 7, 0.6) for _ in range(2000)], axis=0)
+    assert np.allclose(freq, 30 / 49, atol=0.05)  # uniform over cells
+
+
+def test_masks_independent_between_views():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
+    agree, same = [], 0
+    for _ in range(60):
+        v = make_views(image, rng, 224, 0.6)
+        assert v["mask_a"].sum() == 30 and v["mask_b"].sum() == 30
+        agree.append(np.mean(v["mask_a"] == v["mask_b"]))
+        same += np.array_equal(v["mask_a"], v["mask_b"])
+    p = 30 / 49
+    assert same == 0
+    assert abs(np.mean(agree) - (p * p + (1 - p) ** 2)) < 0.04
+
+
+def test_location_grid_hand_values():
+    loc = location_grid(10, 20, 70, 140, False, 7)
+    assert loc.shape == (7, 7, 2) and loc.dtype == np.float32
+    ys = [15, 25, 35, 45, 55, 65, 75]  # 10 + (r + .5) * 10
+    xs = [30, 50, 70, 90, 110, 130, 150]  # 20 + (c + .5) * 20
+    assert np.array_equal(loc[:, 3, 0], ys) and np.array_equal(loc[2, :, 1], xs)
+    assert np.all(loc[:, :, 0] == loc[:, :1, 0]) and np.all(loc[:, :, 1] == loc[:1, :, 1])
+    flipped = location_grid(10, 20, 70, 140, True, 7)
+    assert np.array_equal(flipped[..., 0], loc[..., 0])
+    assert np.array_equal(flipped[..., 1], loc[:, ::-1, 1])
+    assert np.array_equal(flipped[0, :, 1], xs[::-1])
+    # pixel offsets are used (fix of Q1): the same crop moved by 50 px shifts by 50
+    moved = location_grid(60, 70, 70, 140, False, 7)
+    assert np.allclose(moved - loc, 50)
+
+
+@needs_data
+@pytest.mark.parametrize("size", [224, 128, 64])
+def test_make_views_shapes(aid_files, size):
+    g = size // 32
+    v = make_views(load_image(aid_files[5]), np.random.default_rng(3), size, 0.6)
+    assert set(v) == {"img_a", "img_b", "mask_a", "mask_b", "loc_a", "loc_b"}
+    for k in ("img_a", "img_b"):
+        assert v[k].shape == (size, size, 3) and v[k].dtype == np.uint8
+    for k in ("mask_a", "mask_b"):
+        assert v[k].shape == (g, g) and v[k].dtype == np.bool_
+        assert v[k].sum() == math.ceil(g * g * 0.6)
+    for k in ("loc_a", "loc_b"):
+        assert v[k].shape == (g, g, 2) and v[k].dtype == np.float32
+        assert np.all(v[k] > 0) and np.all(v[k] < size)  # inside the pre-resized source
+    again = make_views(load_image(aid_files[5]), np.random.default_rng(3), size, 0.6)
+    assert all(np.array_equal(v[k], again[k]) for k in v)  # deterministic per rng
+
+
+def test_image_size_must_be_multiple_of_32():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        make_views(np.zeros((64, 64, 3), np.uint8), np.random.default_rng(0), 100, 0.6)
+
+
+@needs_data
+def test_crop_a_is_pure_geometric_pil_reference(aid_files):
+    """Crop A == PIL bicubic pre-resize -> crop -> PIL bilinear resize -> flip."""
+    source = load_image(aid_files[17])
+    pre = np.asarray(Image.fromarray(source).resize((224, 224), Image.BICUBIC))
+    seen_flip = set()
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        top, left, h, w = V.sample_crop_box(rng, 224, 224)  # make_views draws crop A first
+        flip = rng.random() < 0.5
+        if flip in seen_flip or h == 224:
+            continue
+        seen_flip.add(flip)
+        ref = Image.fromarray(np.ascontiguousarray(pre[top : top + h, left : left + w]))
+        ref = ref.resize((224, 224), Image.BILINEAR)
+        if flip:
+            ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
+        ref = np.asarray(ref).astype(int)
+        v = make_views(source, np.random.default_rng(seed), 224, 0.6)
+        diff = np.abs(v["img_a"].astype(int) - ref)
+        assert diff.max() <= 1 and diff.mean() < 0.3  # fixed-point rounding only
+        assert np.array_equal(v["loc_a"], location_grid(top, left, h, w, flip, 7))
+        # crop B is photometrically changed: never equal to its own pure crop
+        assert not np.array_equal(v["img_b"], v["img_a"])
+    assert seen_flip == {True, False}
+    # an unflipped full-image crop A is exactly the pre-resized image
+    full = V.apply_crop(pre, V.Crop(0, 0, 224, 224, False), 224)
+    assert np.array_equal(full, pre)
+
+
+def test_bilinear_matches_pil_upsampling():
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
+    for _ in range(5):
+        top, left, h, w = V.sample_crop_box(rng, 224, 224)
+        ours = V.resized_crop(img, top, left, h, w, 224).astype(int)
+        crop = Image.fromarray(np.ascontiguousarray(img[top : top + h, left : left + w]))
+        ref = np.asarray(crop.resize((224, 224), Image.BILINEAR)).astype(int)
+        assert np.abs(ours - ref).max() <= 1
+
+
+def test_photometric_ops():
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, size=(32, 32, 3)).astype(np.float32)
+    sol = V.solarize(x)
+    assert np.array_equal(sol[x < 128], x[x < 128])
+    assert np.array_equal(sol[x >= 128], 255 - x[x >= 128])
+    g = V.to_gray(x)
+    assert np.array_equal(g[..., 0], g[..., 1]) and np.array_equal(g[..., 0], g[..., 2])
+    assert np.array_equal(V.adjust_hue(x, 0.0), x)
+    assert np.abs(V.adjust_hue(V.adjust_hue(x, 0.1), -0.1) - x).max() <= 3
+    assert np.array_equal(V.adjust_brightness(x, 1.0), x)
+    k = V.gaussian_kernel(5, 1.0)
+    assert np.isclose(k.sum(), 1) and np.allclose(k, k[::-1])
+    assert np.array_equal(V.gaussian_blur(x, 3, 0.1), x)  # tiny sigma ~ identity
+    sizes = {V.sample_blur_kernel(rng) for _ in range(200)}
+    assert sizes == {3, 5, 7}
+    out = V.photometric_b(x.astype(np.uint8), rng)
+    assert out.dtype == np.uint8 and out.shape == x.shape
+
+
+# --------------------------------------------------------------------------- pipeline
+def test_shuffle_is_new_every_epoch():
+    ds = P.index_dataset(50, seed=7)
+    epochs = [[ds[e * 50 + i] for i in range(50)] for e in range(3)]
+    for order in epochs:
+        assert sorted(order) == list(range(50))
+    assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(50))
+    assert [ds[i] for i in range(50)] == epochs[0]  # deterministic
+
+
+@needs_data
+def test_bad_files_are_skipped_and_counted(tmp_path, aid_files, iters):
+    for i, f in enumerate(aid_files[::120]):  # 10 good images
+        shutil.copy(f, tmp_path / f"good_{i:02d}_{Path(f).name}")
+    data = Path(aid_files[0]).read_bytes()
+    (tmp_path / "good_03_x_truncated.jpg").write_bytes(data[: len(data) // 3])
+    (tmp_path / "good_07_x_text.jpg").write_text("not a jpeg at all\n")
+    files = list_images(tmp_path)
+    assert len(files) == 12
+    ds = build_dataset(files, image_size=64, mask_ratio=0.6, local_batch_size=12, seed=0)
+    it = iters(ds, num_workers=0)
+    for _ in range(2):  # each batch is exactly one epoch: both bad files once
+        batch = next(it)
+        assert batch["bad_images"].dtype == np.int32 and batch["bad_images"].shape == (12,)
+        assert batch["bad_images"].sum() == 2 and set(batch["bad_images"]) == {0, 1}
+        assert batch["img_a"].shape == (12, 64, 64, 3)
+
+    only_bad = [str(tmp_path / "good_03_x_truncated.jpg"), str(tmp_path / "good_07_x_text.jpg")]
+    with pytest.raises(RuntimeError, match="x_truncated.jpg"):
+        P.DecodeAndMakeViews(only_bad, 64, 0.6).random_map(0, np.random.default_rng(0))
+
+
+@pytest.fixture
+def iters():
+    """make_iterator that closes every iterator at the end of the test (no leaked
+    prefetch threads / worker processes)."""
+    made = []
+
+    def make(ds, **kw):
+        it = make_iterator(ds, **kw)
+        made.append(it)
+        return it
+
+    yield make
+    for it in made:
+        it.close()
+
+
+@pytest.fixture(scope="module")
+def demo_ds():
+    files = list_images(demo_data_path())
+    return build_dataset(files, image_size=64, mask_ratio=0.6, local_batch_size=4, seed=1)
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_iterator_resumes_bit_identically(demo_ds, tmp_path, iters):
+    import grain
+    import orbax.checkpoint as ocp
+
+    it = iters(demo_ds, num_workers=0)
+    first = [next(it) for _ in range(4)]  # crosses the 12-file epoch boundary
+    state = it.get_state()
+    ckptr = ocp.Checkpointer(grain.checkpoint.CheckpointHandler())
+    ckptr.save(tmp_path / "data", args=grain.checkpoint.CheckpointSave(it))
+    ref = [next(it) for _ in range(3)]
+
+    it2 = iters(demo_ds, num_workers=0)
+    it2.set_state(state)
+    assert all(_equal(a, b) for a, b in zip(ref, [next(it2) for _ in range(3)]))
+
+    it3 = iters(demo_ds, num_workers=0)
+    ckptr.restore(tmp_path / "data", args=grain.checkpoint.CheckpointRestore(it3))
+    assert all(_equal(a, b) for a, b in zip(ref, [next(it3) for _ in range(3)]))
+    # new epochs bring new augmentations
+    assert not _equal(first[0], ref[0])
+    b = ref[0]
+    assert b["img_a"].shape == (4, 64, 64, 3) and b["img_a"].dtype == np.uint8
+    assert b["mask_a"].shape == (4, 2, 2) and b["mask_a"].dtype == np.bool_
+    assert b["loc_b"].shape == (4, 2, 2, 2) and b["loc_b"].dtype == np.float32
+    assert b["bad_images"].shape == (4,) and b["bad_images"].dtype == np.int32
+
+
+@needs_data
+def test_shards_are_disjoint(aid_files, monkeypatch):
+    files = aid_files[::30]  # 40 files
+    seen: dict[int, list[str]] = {0: [], 1: []}
+
+    for shard in (0, 1):
+        def spy(path, _shard=shard):
+            if path in files:
+                seen[_shard].append(path)
+            return np.zeros((8, 8, 3), np.uint8)
+
+        monkeypatch.setattr(P, "load_image", spy)
+        ds = build_dataset(
+            files, image_size=64, mask_ratio=0.6, local_batch_size=20, seed=0,
+            shard_index=shard, shard_count=2,
+        )
+        ds[0]  # the first batch: exactly one epoch of the 20-file shard, read in this thread
+    assert len(seen[0]) == len(set(seen[0])) == 20
+    assert len(seen[1]) == len(set(seen[1])) == 20
+    assert not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) == set(files)
+
+
+def test_worker_process_matches_in_process(demo_ds, iters):
+    it0 = iters(demo_ds, num_workers=0)
+    ref = [next(it0) for _ in range(3)]
+    it1 = iters(demo_ds, num_workers=1)  # spawned worker process
+    got = [next(it1) for _ in range(2)]
+    state = it1.get_state()
+    assert all(_equal(a, b) for a, b in zip(ref, got))
+    it2 = iters(demo_ds, num_workers=1)
+    it2.set_state(state)
+    assert _equal(next(it2), ref[2])

@@ -1,0 +1,203 @@
+"""Train step: schedules, heads against PyTorch, EMA, queue, and sharded == single-device."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from cmid_jax import objective, optim, parallel
+from cmid_jax.models.heads import LocalHead, Projector, pixel_shuffle
+from cmid_jax.step import Trainer
+from configs import resnet50, vitb
+
+
+def synthetic_batch(seed: int, batch: int, size: int, ratio: float = 0.6) -> dict:
+    """A random batch in the pipeline's format (uint8 crops, exact-count masks, pixel grids)."""
+    rng = np.random.default_rng(seed)
+    g = size // 32
+    masks = np.zeros((2, batch, g * g), bool)
+    for v in range(2):
+        for i in range(batch):
+            masks[v, i, rng.choice(g * g, math.ceil(g * g * ratio), replace=False)] = True
+    cells = (np.arange(g) + 0.5) * 32
+    grid = np.stack(np.meshgrid(cells, cells, indexing='ij'), -1).astype(np.float32)
+    loc = lambda: grid[None] * rng.uniform(0.5, 1.5, (batch, 1, 1, 1)) + rng.uniform(0, 40, (batch, 1, 1, 2))
+    return {
+        'img_a': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+        'img_b': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+        'mask_a': masks[0].reshape(batch, g, g), 'mask_b': masks[1].reshape(batch, g, g),
+        'loc_a': loc().astype(np.float32), 'loc_b': loc().astype(np.float32),
+    }
+
+
+def make_trainer(config_module, total_steps=10, **overrides):
+    config = config_module.get_config('smoke')
+    for k, v in overrides.items():
+        node = config
+        *path, leaf = k.split('.')
+        for p in path:
+            node = node[p]
+        node[leaf] = v
+    return Trainer.create(config, optim.Schedule(total_steps, steps_per_epoch=4)), config
+
+
+def run_steps(trainer, devices, batches):
+    mesh = parallel.make_mesh(devices)
+    replicated, batch_sharding = parallel.shardings(mesh)
+    state = jax.jit(trainer.init_state, out_shardings=replicated)(jax.random.key(0))
+    step = trainer.jit_train_step(replicated, batch_sharding, replicated)
+    history = []
+    for b in batches:
+        state, m = step(state, parallel.global_batch(b, batch_sharding))
+        history.append(jax.device_get(m))
+    return jax.device_get(state), history
+
+
+# --- schedules --------------------------------------------------------------------------------
+
+def test_ema_momentum_schedule_values():
+    total = 1000
+    assert float(optim.ema_momentum(0, total)) == pytest.approx(0.996)
+    assert float(optim.ema_momentum(500, total)) == pytest.approx(0.998)
+    assert float(optim.ema_momentum(250, total)) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 4) + 1) / 2)
+    assert float(optim.ema_momentum(total, total)) == pytest.approx(1.0)
+
+
+def test_learning_rate_warmup_and_cosine():
+    sched = optim.Schedule(total_steps=1000, steps_per_epoch=10)
+    lr = optim.learning_rate_fn(sched, base_lr=4e-3, min_lr=1e-6, warmup_epochs=10, warmup_factor=0.01)
+    cosine = lambda t: 1e-6 + (4e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * t / 1000))
+    assert float(lr(0)) == pytest.approx(4e-3 * 0.01, rel=1e-5)
+    # Half way through warm-up the mmcv ramp is 1 - 0.5 * 0.99.
+    assert float(lr(50)) == pytest.approx(cosine(50) * (1 - 0.5 * 0.99), rel=1e-5)
+    assert float(lr(100)) == pytest.approx(cosine(100), rel=1e-5)
+    assert float(lr(1000)) == pytest.approx(1e-6, rel=1e-4)
+
+
+def test_weight_decay_mask_skips_vectors():
+    mask = optim.weight_decay_mask({'w': jnp.zeros((3, 4)), 'b': jnp.zeros(4), 'tok': jnp.zeros(8)})
+    assert mask == {'w': True, 'b': False, 'tok': False}
+
+
+# --- heads and device-side preprocessing against PyTorch / numpy ------------------------------
+
+def test_pixel_shuffle_matches_torch():
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 3 * 4 * 4)).astype(np.float32)
+    ours = np.asarray(pixel_shuffle(jnp.asarray(x), 4))
+    ref = torch.nn.PixelShuffle(4)(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    np.testing.assert_allclose(ours, ref.numpy(), atol=0)
+
+
+def test_projector_matches_torch_mlp():
+    proj = Projector(hidden_dim=32, out_dim=8)
+    x = np.random.default_rng(1).normal(size=(5, 16)).astype(np.float32)
+    params = proj.init(jax.random.key(0), jnp.asarray(x))['params']
+    ref = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    with torch.no_grad():
+        for i, name in ((0, 'fc1'), (2, 'fc2')):
+            ref[i].weight.copy_(torch.from_numpy(np.asarray(params[name]['kernel']).T))
+            ref[i].bias.copy_(torch.from_numpy(np.asarray(params[name]['bias'])))
+        expected = torch.nn.functional.normalize(ref(torch.from_numpy(x)), dim=-1).numpy()
+    np.testing.assert_allclose(np.asarray(proj.apply({'params': params}, jnp.asarray(x))),
+                               expected, atol=1e-6)
+
+
+def test_local_head_matches_torch_conv1d_head_with_batchnorm():
+    head = LocalHead(hidden_dim=32, bottleneck_dim=8, prototypes=16, use_bn=True)
+    x = np.random.default_rng(2).normal(size=(4, 5, 12)).astype(np.float32)  # (B, N, C)
+    variables = head.init(jax.random.key(1), jnp.asarray(x), train=False)
+    ours, _ = head.apply(variables, jnp.asarray(x), train=True, mutable=['batch_stats'])
+    p = variables['params']
+    convs = [torch.nn.Conv1d(12, 32, 1), torch.nn.Conv1d(32, 32, 1), torch.nn.Conv1d(32, 8, 1)]
+    bns = [torch.nn.BatchNorm1d(32), torch.nn.BatchNorm1d(32)]
+    last = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv1d(8, 16, 1, bias=False))
+    with torch.no_grad():
+        for conv, name in zip(convs, ('fc1', 'fc2', 'fc3')):
+            conv.weight.copy_(torch.from_numpy(np.asarray(p[name]['kernel']).T[..., None]))
+            conv.bias.copy_(torch.from_numpy(np.asarray(p[name]['bias'])))
+        for bn, name in zip(bns, ('bn1', 'bn2')):
+            bn.weight.copy_(torch.from_numpy(np.asarray(p[name]['scale']) + 0.5))
+            bn.bias.copy_(torch.from_numpy(np.asarray(p[name]['bias']) + 0.1))
+        v = np.asarray(p['prototypes']).T[..., None]
+        last.parametrizations.weight.original1.copy_(torch.from_numpy(v))
+        last.parametrizations.weight.original0.fill_(1.0)
+        h = torch.from_numpy(x).permute(0, 2, 1)
+        h = torch.nn.functional.gelu(bns[0](convs[0](h)))
+        h = torch.nn.functional.gelu(bns[1](convs[1](h)))
+        h = torch.nn.functional.normalize(convs[2](h), dim=1)
+        expected = last(h).permute(0, 2, 1).numpy()
+    p2 = jax.tree.map(lambda a: a, p)
+    for name in ('bn1', 'bn2'):
+        p2[name] = {'scale': p[name]['scale'] + 0.5, 'bias': p[name]['bias'] + 0.1}
+    ours, _ = head.apply({'params': p2, 'batch_stats': variables['batch_stats']}, jnp.asarray(x),
+                         train=True, mutable=['batch_stats'])
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5)
+
+
+def test_mean_fill_and_normalise_match_numpy():
+    b = synthetic_batch(0, 2, 64)
+    views = objective.prepare_views(b, (0.3, 0.4, 0.5), (0.1, 0.2, 0.3), 32)
+    x = (b['img_a'] / 255.0 - np.array([0.3, 0.4, 0.5])) / np.array([0.1, 0.2, 0.3])
+    m = np.kron(b['mask_a'], np.ones((32, 32)))[..., None]
+    expected = x * (1 - m) + x.mean(axis=(1, 2), keepdims=True) * m
+    np.testing.assert_allclose(np.asarray(views['a']['masked']), expected, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(views['a']['target']), x, atol=1e-5)
+
+
+def test_enqueue_wraps_around_and_inserts_each_key_once():
+    queue = jnp.zeros((6, 2))
+    keys = jnp.arange(8.0).reshape(4, 2)
+    q, ptr = objective.enqueue(queue, jnp.int32(4), keys)
+    expected = np.zeros((6, 2))
+    for i, row in enumerate(np.arange(8.0).reshape(4, 2)):
+        expected[(4 + i) % 6] = row
+    np.testing.assert_array_equal(np.asarray(q), expected)
+    assert int(ptr) == 2
+
+
+# --- the step ---------------------------------------------------------------------------------
+
+def test_step_updates_teacher_by_ema_and_fills_queue():
+    trainer, config = make_trainer(vitb)
+    state0 = jax.device_get(trainer.init_state(jax.random.key(0)))
+    state1, (m,) = run_steps(trainer, jax.devices()[:1], [synthetic_batch(1, 8, 64)])
+    mom = float(optim.ema_momentum(0, 10))
+    assert m['ema_momentum'] == pytest.approx(mom)
+    for name in ('backbone', 'projector', 'local_head'):
+        expected = jax.tree.map(lambda t, s: mom * t + (1 - mom) * s,
+                                state0['teacher_params'][name], state1['params'][name])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+                     state1['teacher_params'][name], expected)
+    assert 'decoder' not in state1['teacher_params'] and 'mask_token' not in state1['teacher_params']
+    # 2 x batch keys entered the queue, unit norm, at the front.
+    assert int(state1['queue_ptr']) == 16
+    np.testing.assert_allclose(np.linalg.norm(state1['queue'][:16], axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(state1['queue'][16:], state0['queue'][16:], atol=1e-6)
+    for k in ('loss', 'loss_mim', 'loss_global', 'loss_local'):
+        assert np.isfinite(m[k]) and m[k] > 0
+    assert m['loss'] == pytest.approx(m['loss_mim'] + m['loss_global'] + m['loss_local'], rel=1e-6)
+
+
+def test_loss_terms_can_be_switched_off():
+    trainer, _ = make_trainer(vitb, **{'loss.use_mim': False, 'loss.use_global': False})
+    state, (m,) = run_steps(trainer, jax.devices()[:1], [synthetic_batch(1, 8, 64)])
+    assert m['loss_mim'] == 0 and m['loss_global'] == 0 and m['loss_local'] > 0
+    assert int(state['queue_ptr']) == 0
+
+
+@pytest.mark.parametrize('config_module', [vitb, resnet50], ids=['vit', 'resnet'])
+def test_sharded_step_equals_single_device(config_module):
+    assert jax.device_count() == 8
+    trainer, _ = make_trainer(config_module)
+    batches = [synthetic_batch(s, 8, 64) for s in range(2)]
+    single_state, single = run_steps(trainer, jax.devices()[:1], batches)
+    sharded_state, sharded = run_steps(trainer, jax.devices(), batches)
+    for a, b in zip(single, sharded):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    for key in ('params', 'batch_stats', 'teacher_params', 'teacher_batch_stats', 'queue', 'center'):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                     single_state[key], sharded_state[key])
