@@ -6,10 +6,12 @@ complete, so an interrupted save is never picked up by `latest_step()`.
 
 from __future__ import annotations
 
+import json
 import os
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 
@@ -32,11 +34,14 @@ class Checkpointer:
             force=force)
 
     def restore(self, step: int, abstract_state, data_iterator) -> dict:
-        """Restores into `abstract_state`'s shapes and shardings; moves the iterator in place."""
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                          data=grain.checkpoint.CheckpointRestore(data_iterator)))
-        return restored['state']
+        """Restores into `abstract_state`'s shapes and shardings; moves the iterator in place.
+
+        A checkpoint without a data item (written by `import_torch`) starts the iterator afresh.
+        """
+        args = {'state': ocp.args.StandardRestore(abstract_state)}
+        if os.path.isdir(os.path.join(str(self.manager.directory), str(step), 'data')):
+            args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**args))['state']
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -48,3 +53,42 @@ class Checkpointer:
 def abstract_with_sharding(abstract_state, sharding) -> dict:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         abstract_state)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote to workdir/config.json."""
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{path} not found: {workdir!r} is not a cmid_jax workdir '
+                                '(run cmid_jax.main or cmid_jax.import_torch there first).')
+    with open(path, encoding='utf-8') as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_train_state(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict,
+                                                                         dict, int]:
+    """Loads (config, train state, step) from a workdir's checkpoint; latest step by default.
+
+    The state is restored onto the first local device, without the data iterator, for export and
+    evaluation.
+    """
+    from cmid_jax import optim  # Deferred: step.py builds the networks, which this module need not.
+    from cmid_jax.step import Trainer
+
+    config = load_config(workdir)
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'ckpt')))
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f'no checkpoint under {os.path.join(workdir, "ckpt")}')
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise ValueError(f'no checkpoint of step {step} in {workdir}; available: {sorted(steps)}')
+    # The schedule does not change any shape; an imported workdir may not have resolved it yet.
+    trainer = Trainer.create(config, optim.Schedule(config.total_steps or 1,
+                                                    config.steps_per_epoch or 1))
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = abstract_with_sharding(trainer.abstract_state, sharding)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+    manager.close()
+    return config, restored['state'], step

@@ -68,7 +68,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.warmup_factor = 0.01
     c.optim.ema_momentum = 0.996
 
+    # Online kNN evaluation during pretraining on a labelled class-per-folder dataset.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.path = ml_collections.config_dict.placeholder(str)  # None = no online evaluation.
+    c.eval.every_steps = 1000
+    c.eval.k = 20
+    c.eval.temperature = 0.07
+    c.eval.train_fraction = 0.5
+    c.eval.batch_size = 128
+
     c.log_every_steps = 50
+    c.images_every_steps = 1000  # Reconstruction grids (input, mask, prediction, target).
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     return c

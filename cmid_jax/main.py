@@ -16,9 +16,17 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and m
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietLibraries(logging.logging.Filter):
+    """Keeps orbax's per-save INFO chatter out of the progress log (warnings still pass)."""
+
+    def filter(self, record):
+        return record.levelno >= logging.logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     parallel.maybe_initialize_distributed()
     logging.info('Config:\n%s', _CONFIG.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -49,16 +51,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     replicated, batch_sharding = parallel.shardings(mesh)
     num_processes, process = jax.process_count(), jax.process_index()
     check_config(config, jax.device_count(), num_processes)
-    os.makedirs(workdir, exist_ok=True)
-    if process == 0:
-        with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-            f.write(config.to_json_best_effort(indent=2))
 
     # --- Input pipeline ----------------------------------------------------------------------
     data_path = config.data.path or demo_data_path()
     files = list_images(data_path)
-    steps_per_epoch = config.steps_per_epoch or max(len(files) // config.batch_size, 1)
-    total_steps = config.total_steps or config.epochs * steps_per_epoch
+    config = config.copy_and_resolve_references()  # The resolved copy is what config.json records.
+    config.data.path = data_path
+    steps_per_epoch = config.steps_per_epoch = (
+        config.steps_per_epoch or max(len(files) // config.batch_size, 1))
+    total_steps = config.total_steps = config.total_steps or config.epochs * steps_per_epoch
+    os.makedirs(workdir, exist_ok=True)
+    if process == 0:
+        with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+            f.write(config.to_json_best_effort(indent=2))
     dataset = build_dataset(files, image_size=config.data.image_size, mask_ratio=config.mask.ratio,
                             local_batch_size=config.batch_size // num_processes, seed=config.seed,
                             shard_index=process, shard_count=num_processes)
@@ -85,12 +90,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = metrics_lib.Progress(total_steps, first_step)
     bad_images = 0
     logged = {}
+    preemption = PreemptionSignal(enabled=num_processes == 1)
     try:
         for step in range(first_step + 1, total_steps + 1):
             batch = next(data_iter)
             bad_images += int(np.sum(batch.pop('bad_images')))
             state, step_metrics = train_step(state, parallel.global_batch(batch, batch_sharding))
-            save_due = ckpt.manager.should_save(step) or step == total_steps
+            preempted = preemption.received or (
+                num_processes > 1 and ckpt.manager.reached_preemption(step))
+            save_due = ckpt.manager.should_save(step) or step == total_steps or preempted
             if step % config.log_every_steps == 0 or save_due or step == first_step + 1:
                 # Reading metrics back syncs with the device, so it happens only here.
                 logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -101,14 +109,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 logged['steps_per_second'] = rate
                 logging.info('%s%s', line, f' ({bad_images} bad images skipped)' if bad_images else '')
             if save_due:
-                ckpt.save(step, state, data_iter, force=step == total_steps)
+                ckpt.save(step, state, data_iter, force=step == total_steps or preempted)
+            if preempted:
+                logging.warning('Preempted (SIGTERM): saved the checkpoint of step %d; run the same '
+                                'command to resume.', step)
+                break
     finally:
+        preemption.restore()
         ckpt.wait()
         ckpt.close()
         writer.close()
         if hasattr(data_iter, 'close'):
             data_iter.close()
     return logged
+
+
+class PreemptionSignal:
+    """Records SIGTERM (the preemption notice of TPU VMs and most schedulers) for the loop.
+
+    On several processes JAX's own preemption service handles the signal and orbax's
+    `reached_preemption` makes every host stop at the same step, so the handler is only
+    installed for single-process runs.
+    """
+
+    def __init__(self, enabled: bool):
+        self.received = False
+        self._previous = None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.received = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _check_finite(step: int, scalars: dict) -> None:

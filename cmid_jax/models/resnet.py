@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmid_jax.models.common import add_mask_token, flatten, match_state_dict, unflatten
+
 Array = jax.Array
 
 # timm `ResNet.init_weights`: kaiming_normal_(mode='fan_out', nonlinearity='relu') on every conv,
@@ -124,10 +126,7 @@ class ResNet(nn.Module):
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
 
-        if mask is not None:
-            if mask_token is None:
-                raise ValueError('mask given without mask_token')
-            x = x + _upsampled_mask_term(mask, mask_token, x.shape, self.dtype)
+        x = add_mask_token(x, mask, mask_token, self.dtype)
         # Lets tests (and debugging) see the stride-4 map right after token injection.
         self.sow('intermediates', 'stem_tokens', x)
 
@@ -141,20 +140,6 @@ class ResNet(nn.Module):
                     name=f'layer{s + 1}_{b}',
                 )(x, train=train)
         return x
-
-
-def _upsampled_mask_term(mask: Array, mask_token: Array, feat_shape: tuple[int, ...],
-                         dtype: Any) -> Array:
-    """`mask_token * mask` with the 32-px block mask repeated (nearest) onto the feature grid."""
-    _, h, w, c = feat_shape
-    mh, mw = mask.shape[1:]
-    if h % mh or w % mw or h // mh != w // mw:
-        raise ValueError(f'mask grid {mask.shape[1:]} does not tile feature grid {(h, w)}')
-    if mask_token.shape != (c,):
-        raise ValueError(f'mask_token shape {mask_token.shape} != ({c},)')
-    r = h // mh
-    m = jnp.repeat(jnp.repeat(mask.astype(dtype), r, axis=1), r, axis=2)
-    return mask_token.astype(dtype) * m[..., None]
 
 
 def build_resnet(variant: str, *, dtype: Any = jnp.float32) -> ResNet:
@@ -184,42 +169,12 @@ def _torch_key(collection: str, path: tuple[str, ...]) -> str:
     return '.'.join(mods + [_LEAF[(collection, path[-1])]])
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, v in flat.items():
-        d = out
-        for p in path[:-1]:
-            d = d.setdefault(p, {})
-        d[path[-1]] = v
-    return out
-
-
 def _to_torch_layout(x: np.ndarray) -> np.ndarray:
     return x.transpose(3, 2, 0, 1) if x.ndim == 4 else x  # conv HWIO -> OIHW
 
 
 def _from_torch_layout(x: np.ndarray) -> np.ndarray:
     return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x  # conv OIHW -> HWIO
-
-
-def _as_numpy(v: Any) -> np.ndarray:
-    """numpy view of a numpy array, jax array or torch tensor (torch imported only if given)."""
-    if hasattr(v, 'detach'):  # torch.Tensor; bf16 tensors have no numpy dtype, so upcast first
-        v = v.detach().cpu()
-        if v.is_floating_point():
-            v = v.float()
-        return v.numpy()
-    return np.asarray(v)
 
 
 def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -232,10 +187,10 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
         raise ValueError("variables must contain 'params' and 'batch_stats'")
     sd: dict[str, np.ndarray] = {}
     for coll in ('params', 'batch_stats'):
-        for path, v in _flatten(variables[coll]).items():
+        for path, v in flatten(variables[coll]).items():
             sd[_torch_key(coll, path)] = np.ascontiguousarray(
                 _to_torch_layout(np.array(v, dtype=np.float32)))  # writable, for torch.from_numpy
-    for path in _flatten(variables['batch_stats']):
+    for path in flatten(variables['batch_stats']):
         if path[-1] == 'mean':
             prefix = _torch_key('batch_stats', path)[: -len('running_mean')]
             sd[prefix + 'num_batches_tracked'] = np.array(0, dtype=np.int64)
@@ -259,29 +214,16 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model: ResNet
     tmpl = _template(model)
     expected: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]] = {}
     for coll in ('params', 'batch_stats'):
-        for path, leaf in _flatten(tmpl[coll]).items():
+        for path, leaf in flatten(tmpl[coll]).items():
             shape = leaf.shape if len(leaf.shape) != 4 else tuple(
                 leaf.shape[i] for i in (3, 2, 0, 1))
             expected[_torch_key(coll, path)] = (coll, path, shape)
-    optional = {k[: -len('running_mean')] + 'num_batches_tracked'
+    optional = {k[: -len('running_mean')] + 'num_batches_tracked': None
                 for k in expected if k.endswith('running_mean')}
 
-    unknown = sorted(k for k in state_dict if k not in expected and k not in optional)
-    missing = sorted(k for k in expected if k not in state_dict)
-    mismatched = []
+    arrays = match_state_dict(state_dict, {k: e[2] for k, e in expected.items()},
+                              what='ResNet', optional=optional)
     out: dict[str, dict[tuple[str, ...], Any]] = {'params': {}, 'batch_stats': {}}
-    for key, (coll, path, shape) in expected.items():
-        if key not in state_dict:
-            continue
-        arr = _as_numpy(state_dict[key])
-        if tuple(arr.shape) != shape:
-            mismatched.append(f'{key}: got {tuple(arr.shape)}, expected {shape}')
-            continue
-        out[coll][path] = jnp.asarray(_from_torch_layout(arr.astype(np.float32)))
-    if unknown or missing or mismatched:
-        raise ValueError(
-            'ResNet state_dict does not match the model:\n'
-            f'  unknown keys ({len(unknown)}): {unknown}\n'
-            f'  missing keys ({len(missing)}): {missing}\n'
-            f'  shape mismatches ({len(mismatched)}): {mismatched}')
-    return {coll: _unflatten(flat) for coll, flat in out.items()}
+    for key, (coll, path, _) in expected.items():
+        out[coll][path] = jnp.asarray(_from_torch_layout(arrays[key].astype(np.float32)))
+    return {coll: unflatten(flat) for coll, flat in out.items()}

@@ -16,7 +16,6 @@ masked patches before the position embedding is added.
 from __future__ import annotations
 
 import functools
-import math
 import re
 from typing import Any, Mapping
 
@@ -25,14 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict,
+                                    torch_default_bias_init, torch_default_kernel_init, unflatten)
+
 Array = jax.Array
 
 # timm's trunc_normal_(std=.02) truncates at absolute +-2, i.e. +-100 std: effectively a plain
 # normal. jax's truncated_normal takes bounds in units of std, so pass +-100 to match exactly.
 _trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
-# timm leaves the patch conv at torch's default init: kaiming_uniform(a=sqrt(5)) for the kernel,
-# i.e. U(+-1/sqrt(fan_in)), and the same bound for the bias.
-_torch_conv_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 VARIANTS: dict[str, dict[str, int]] = {
     'mu/16': dict(patch_size=16, embed_dim=64, depth=2, num_heads=2),  # test-only
@@ -136,14 +135,11 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         p = self.patch_size
-        fan_in = p * p * x.shape[-1]
-        bound = 1.0 / math.sqrt(fan_in)
+        # timm leaves the patch conv at torch's default init.
         return nn.Conv(
             self.embed_dim, (p, p), strides=(p, p), padding='VALID', use_bias=True,
-            dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_torch_conv_kernel_init,
-            bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-                key, shape, dtype, -bound, bound),
-            name='proj')(x)
+            dtype=self.dtype, param_dtype=jnp.float32, kernel_init=torch_default_kernel_init,
+            bias_init=torch_default_bias_init(p * p * x.shape[-1]), name='proj')(x)
 
 
 class VisionTransformer(nn.Module):
@@ -195,12 +191,9 @@ class VisionTransformer(nn.Module):
         d = self.embed_dim
 
         x = PatchEmbed(p, d, self.dtype, name='patch_embed')(jnp.asarray(x, self.dtype))
-        if mask is not None:
-            if mask_token is None:
-                raise ValueError('mask given without mask_token')
-            if 32 % p:
-                raise ValueError(f'patch size {p} does not divide the 32-px mask blocks')
-            x = x + _upsampled_mask_term(mask, mask_token, x.shape, self.dtype)
+        if mask is not None and 32 % p:
+            raise ValueError(f'patch size {p} does not divide the 32-px mask blocks')
+        x = add_mask_token(x, mask, mask_token, self.dtype)
         # Lets tests (and debugging) see the patch embeddings right after token injection.
         self.sow('intermediates', 'patch_tokens', x)
 
@@ -218,20 +211,6 @@ class VisionTransformer(nn.Module):
                       name=f'blocks_{i}')(x)
         x = _layer_norm(self.dtype, 'norm')(x)
         return x[:, 1:].reshape(b, gh, gw, d)
-
-
-def _upsampled_mask_term(mask: Array, mask_token: Array, feat_shape: tuple[int, ...],
-                         dtype: Any) -> Array:
-    """`mask_token * mask` with the 32-px block mask repeated (nearest) onto the patch grid."""
-    _, h, w, c = feat_shape
-    mh, mw = mask.shape[1:]
-    if h % mh or w % mw or h // mh != w // mw:
-        raise ValueError(f'mask grid {mask.shape[1:]} does not tile patch grid {(h, w)}')
-    if mask_token.shape != (c,):
-        raise ValueError(f'mask_token shape {mask_token.shape} != ({c},)')
-    r = h // mh
-    m = jnp.repeat(jnp.repeat(mask.astype(dtype), r, axis=1), r, axis=2)
-    return mask_token.astype(dtype) * m[..., None]
 
 
 def build_vit(variant: str, *, img_size: int, dtype: Any = jnp.float32,
@@ -259,26 +238,6 @@ def _torch_key(path: tuple[str, ...]) -> str:
     return '.'.join(mods + [_LEAF[path[-1]]])
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, v in flat.items():
-        d = out
-        for p in path[:-1]:
-            d = d.setdefault(p, {})
-        d[path[-1]] = v
-    return out
-
-
 def _to_torch_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
     if path[-1] != 'kernel':  # cls_token / pos_embed / biases / LayerNorm are identical
         return x
@@ -292,21 +251,11 @@ def _from_torch_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
     return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x.T
 
 
-def _as_numpy(v: Any) -> np.ndarray:
-    """numpy view of a numpy array, jax array or torch tensor (torch imported only if given)."""
-    if hasattr(v, 'detach'):  # torch.Tensor; bf16 tensors have no numpy dtype, so upcast first
-        v = v.detach().cpu()
-        if v.is_floating_point():
-            v = v.float()
-        return v.numpy()
-    return np.asarray(v)
-
-
 def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Flax `{'params': ...}` -> timm VisionTransformer state_dict (float32 numpy, no `head.*`)."""
     params = variables['params'] if 'params' in variables else variables
     sd = {}
-    for path, v in _flatten(params).items():
+    for path, v in flatten(params).items():
         sd[_torch_key(path)] = np.ascontiguousarray(
             _to_torch_layout(path, np.array(v, dtype=np.float32)))  # writable copy
     return dict(sorted(sd.items()))
@@ -327,7 +276,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model: VisionTransforme
     img_size: resample it first).
     """
     expected = {}
-    for path, leaf in _flatten(_template(model)['params']).items():
+    for path, leaf in flatten(_template(model)['params']).items():
         if path[-1] == 'kernel':
             shape = tuple(leaf.shape[i] for i in (3, 2, 0, 1)) if len(leaf.shape) == 4 \
                 else tuple(leaf.shape[::-1])
@@ -335,22 +284,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model: VisionTransforme
             shape = tuple(leaf.shape)
         expected[_torch_key(path)] = (path, shape)
 
-    unknown = sorted(k for k in state_dict if k not in expected)
-    missing = sorted(k for k in expected if k not in state_dict)
-    mismatched = []
-    out = {}
-    for key, (path, shape) in expected.items():
-        if key not in state_dict:
-            continue
-        arr = _as_numpy(state_dict[key])
-        if tuple(arr.shape) != shape:
-            mismatched.append(f'{key}: got {tuple(arr.shape)}, expected {shape}')
-            continue
-        out[path] = jnp.asarray(_from_torch_layout(path, arr.astype(np.float32)))
-    if unknown or missing or mismatched:
-        raise ValueError(
-            'ViT state_dict does not match the model:\n'
-            f'  unknown keys ({len(unknown)}): {unknown}\n'
-            f'  missing keys ({len(missing)}): {missing}\n'
-            f'  shape mismatches ({len(mismatched)}): {mismatched}')
-    return {'params': _unflatten(out)}
+    arrays = match_state_dict(state_dict, {k: shape for k, (_, shape) in expected.items()},
+                              what='ViT')
+    out = {path: jnp.asarray(_from_torch_layout(path, arrays[key].astype(np.float32)))
+           for key, (path, _) in expected.items()}
+    return {'params': unflatten(out)}

@@ -1,0 +1,114 @@
+"""Frozen-backbone features for evaluation: image cache, backbone variables, batched extractor.
+
+Images are decoded once with `load_image`, center-resized to `config.data.image_size` (shorter
+side resized with PIL bicubic, then the central square cropped: for square tiles this is the
+pretraining pre-resize) and kept as a uint8 array. Features are the global average pool of the
+backbone's last feature map in float32, computed with BatchNorm in inference mode (running
+statistics) and the pretraining normalisation `config.data.mean` / `config.data.std`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from cmid_jax import objective
+from cmid_jax.data.files import load_image
+from cmid_jax.models import cmid
+
+WHICH = ('student', 'teacher')
+
+
+def center_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8: bicubic resize of the shorter side, center crop."""
+    h, w = image.shape[:2]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), resample=Image.BICUBIC))
+        top, left = (nh - size) // 2, (nw - size) // 2
+        image = image[top:top + size, left:left + size]
+    return np.ascontiguousarray(image, dtype=np.uint8)
+
+
+def load_images(files: Sequence[str], size: int, num_threads: int | None = None) -> np.ndarray:
+    """Decodes and center-resizes every file into one (N, size, size, 3) uint8 array."""
+    out = np.empty((len(files), size, size, 3), np.uint8)
+
+    def load(i):
+        out[i] = center_resize(load_image(files[i]), size)
+
+    workers = num_threads or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL.
+        list(pool.map(load, range(len(files))))
+    return out
+
+
+def backbone_variables(state: dict, which: str = 'student') -> dict:
+    """`{'params', 'batch_stats'}` of the student's or the EMA teacher's backbone in a train state.
+
+    `batch_stats` is `{}` for backbones without BatchNorm (ViT).
+    """
+    if which not in WHICH:
+        raise ValueError(f'which must be one of {WHICH}, got {which!r}')
+    prefix = '' if which == 'student' else 'teacher_'
+    return {'params': state[f'{prefix}params']['backbone'],
+            'batch_stats': state[f'{prefix}batch_stats'].get('backbone', {})}
+
+
+class FeatureExtractor:
+    """Batched, jitted (once) frozen-backbone features: `extractor(variables, images) -> (N, C)`.
+
+    With a `mesh`, each batch is split over its `data` axis (the batch size is rounded up to a
+    multiple of the device count) and the features come back replicated, so this also works when
+    every process of a multi-host job calls it with the same images and replicated variables.
+    Without one, it runs where the variables live.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, *, batch_size: int = 128,
+                 mesh: Mesh | None = None):
+        nets = cmid.build_networks(config)
+        mean, std = tuple(config.data.mean), tuple(config.data.std)
+
+        def features(variables, images):
+            x = objective.normalize(images, mean, std)
+            fmap, _ = nets.apply('backbone', variables, x, train=False)
+            return jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+
+        self.image_size = int(config.data.image_size)
+        if mesh is None:
+            self._images_sharding = None
+            self._fn = jax.jit(features)
+        else:
+            n_dev = mesh.devices.size
+            batch_size = -(-batch_size // n_dev) * n_dev
+            self._images_sharding = NamedSharding(mesh, P('data'))
+            self._fn = jax.jit(features, out_shardings=NamedSharding(mesh, P()))
+        self.batch_size = batch_size
+
+    def _put(self, batch: np.ndarray):
+        if self._images_sharding is None:
+            return batch
+        # Works for shardings that span several processes, given the same array everywhere.
+        return jax.make_array_from_callback(batch.shape, self._images_sharding,
+                                            lambda idx: batch[idx])
+
+    def __call__(self, variables: dict, images: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) uint8 images -> (N, C) float32 features; the last batch is zero-padded."""
+        n, bs = len(images), self.batch_size
+        out = []
+        for start in range(0, n, bs):
+            batch = images[start:start + bs]
+            if len(batch) < bs:  # One compiled shape for every batch.
+                batch = np.concatenate([batch, np.zeros((bs - len(batch),) + batch.shape[1:],
+                                                        batch.dtype)])
+            out.append(self._fn(variables, self._put(batch)))  # Dispatched without waiting.
+        return np.concatenate([np.asarray(f) for f in jax.device_get(out)])[:n]

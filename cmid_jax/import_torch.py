@@ -1,0 +1,273 @@
+"""Imports an official CMID PyTorch checkpoint into a cmid_jax workdir.
+
+    python -m cmid_jax.import_torch --checkpoint=CMID_R50_200ep.pth \
+        --config=configs/resnet50.py --workdir=runs/r50_continued
+    python -m cmid_jax.main --config=configs/resnet50.py --workdir=runs/r50_continued
+
+Two kinds of file are understood (`.pth`/`.pt` via torch, or `.safetensors`):
+
+* the full trainer checkpoint, a dict whose `model` entry holds the official `PretrainModel`
+  state_dict (student and teacher backbones, mask token, MIM decoder, projectors, local heads,
+  centre, queue; cmid-method.md 10.2). Every part of the train state it determines is imported;
+* a backbone-only state_dict: `extract.py`'s output (the student backbone, prefix stripped), or a
+  plain timm / torchvision state_dict whose classifier (`fc.*`, `head.*`) is dropped with a note.
+  It initialises the student *and* the teacher backbone; the heads, decoder, mask token, queue and
+  centre start fresh, exactly as a new run with this config (seed `config.seed`) would.
+
+In both cases the optimizer starts fresh (the official Adan state is not converted: its decay is
+prox-style and its layout is torch's) and the step starts at 0, so continued pretraining runs its
+own schedule (lr warm-up and cosine, EMA momentum, teacher temperature) from the config. The grain
+iterator starts afresh too (the checkpoint holds no `data` item).
+
+Everything is checked against the config before anything is written: an architecture or width
+mismatch raises one ValueError that lists every unknown key, missing key and shape mismatch, and
+leaves the workdir untouched. A workdir that already holds checkpoints is refused unless
+`--overwrite`, which deletes them.
+
+`torch.load` runs with `weights_only=True`. The official trainer checkpoint also pickles training
+objects (its metric storage), so for it alone the loader falls back to `weights_only=False`, with
+a warning: that unpickles arbitrary objects, so only do it for files from a source you trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from typing import Any, Mapping
+
+from absl import app, flags, logging
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cmid_jax import optim
+from cmid_jax.models import official
+from cmid_jax.models.common import as_numpy
+from cmid_jax.step import Trainer
+
+# A backbone-only file may carry these prefixes (extract.py strips the first; DDP adds the last).
+_BACKBONE_PREFIXES = (official.BACKBONE_PREFIXES['student'], 'module.')
+# Classifier heads of plain timm / torchvision state_dicts; not part of a backbone.
+_CLASSIFIER_PREFIXES = ('fc.', 'head.')
+# One tell-tale key per backbone layout, to name the arch of a mismatching file.
+_ARCH_TELLS = {
+    'resnet': ('layer1.0.conv1.weight',),
+    'vit': ('blocks.0.attn.qkv.weight',),
+    'swin': ('stages.0.blocks.0.attn.w_msa.qkv.weight', 'layers.0.blocks.0.attn.qkv.weight'),
+}
+
+
+def _torch():
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as err:
+        raise ImportError('reading a .pth checkpoint needs PyTorch (pip install torch); '
+                          'a .safetensors file needs only the safetensors package') from err
+    return torch
+
+
+def _torch_load(path: str) -> tuple[Any, bool]:
+    """`torch.load` with weights_only=True; returns (object, whether it needed unpickling)."""
+    torch = _torch()
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True), False
+    except pickle.UnpicklingError:
+        pass
+    unsafe = (torch.serialization.get_unsafe_globals_in_checkpoint(path)
+              if hasattr(torch.serialization, 'get_unsafe_globals_in_checkpoint') else '?')
+    logging.warning(
+        '%s does not load with weights_only=True (it pickles %s). Loading it with '
+        'weights_only=False, which UNPICKLES ARBITRARY OBJECTS and can run code from the file: '
+        'accepted only for a full CMID trainer checkpoint from a source you trust.', path, unsafe)
+    return torch.load(path, map_location='cpu', weights_only=False), True
+
+
+def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Reads a checkpoint file into (numpy state_dict, info about the file).
+
+    Unwraps `ckpt['model']` (official trainer checkpoint) or `ckpt['state_dict']`; `info` holds
+    `trainer_checkpoint` and, when present, the trainer `epoch`.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} not found')
+    unpickled = False
+    if path.endswith('.safetensors'):
+        from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+        obj = load_file(path)
+    else:
+        obj, unpickled = _torch_load(path)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f'{path}: expected a state_dict or a checkpoint dict, got {type(obj)}')
+    info: dict[str, Any] = {'trainer_checkpoint': isinstance(obj.get('model'), Mapping)}
+    if info['trainer_checkpoint']:
+        if 'epoch' in obj:
+            info['epoch'] = int(obj['epoch'])
+        obj = obj['model']
+    elif isinstance(obj.get('state_dict'), Mapping):
+        obj = obj['state_dict']
+    if unpickled and not info['trainer_checkpoint']:
+        raise ValueError(f'{path} needed weights_only=False but is not a CMID trainer checkpoint '
+                         "(no 'model' entry); refusing it")
+    not_tensors = sorted(k for k, v in obj.items() if not hasattr(v, 'shape'))
+    if not_tensors:
+        raise ValueError(f'{path}: entries that are not tensors: {not_tensors}')
+    return {k: as_numpy(v) for k, v in obj.items()}, info
+
+
+def backbone_only(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A backbone-only state_dict without prefixes or classifier; returns it and dropped keys."""
+    sd = dict(state_dict)
+    for prefix in _BACKBONE_PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    dropped = sorted(k for k in sd if k.startswith(_CLASSIFIER_PREFIXES))
+    if dropped:
+        logging.info('Dropping the classifier of a plain timm/torchvision state_dict: %s', dropped)
+    return {k: v for k, v in sd.items() if k not in dropped}, dropped
+
+
+def _guess_arch(keys) -> str | None:
+    stripped = {k.split(official.BACKBONE_PREFIXES['student'], 1)[-1] for k in keys}
+    for arch, tells in _ARCH_TELLS.items():
+        if stripped & set(tells):
+            return arch
+    return None
+
+
+def _mismatch_header(config: ml_collections.ConfigDict, keys, kind: str) -> str:
+    m = config.model
+    lines = [f'{kind} checkpoint does not match config.model.arch={m.arch!r} '
+             f'variant={m.variant!r} (data.image_size={config.data.image_size}).']
+    guess = _guess_arch(keys)
+    if guess is not None and guess != m.arch:
+        lines.append(f'Its backbone looks like a {guess!r} backbone: pass a config for that arch.')
+    if kind == 'full':
+        lines.append(f'Head widths come from config.model (proj_hidden_dim={m.proj_hidden_dim}, '
+                     f'proj_dim={m.proj_dim}, local_hidden_dim={m.local_hidden_dim}, '
+                     f'local_bottleneck_dim={m.local_bottleneck_dim}, '
+                     f'local_prototypes={m.local_prototypes}, local_use_bn={m.local_use_bn}) '
+                     f'and config.loss.queue_size={config.loss.queue_size}.')
+    return '\n'.join(lines)
+
+
+def _has_checkpoints(workdir: str) -> bool:
+    ckpt = os.path.join(workdir, 'ckpt')
+    return os.path.isdir(ckpt) and bool(os.listdir(ckpt))
+
+
+def _check_like(state: dict, abstract: dict) -> None:
+    """The imported state must have exactly the shapes and dtypes `main` restores into."""
+    shapes = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), np.dtype(x.dtype)), tree)
+    if shapes(state) != shapes(abstract):
+        raise AssertionError('imported state does not match Trainer.abstract_state')
+
+
+def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdir: str, *,
+                      overwrite: bool = False) -> dict[str, Any]:
+    """Turns an official CMID checkpoint into a cmid_jax workdir at step 0.
+
+    Args:
+      checkpoint: full trainer checkpoint or backbone-only file (`.pth`, `.pt`, `.safetensors`).
+      config: the cmid_jax config to continue with; it must describe the checkpoint's network.
+      workdir: target; receives `ckpt/0/state`, `config.json` and `import.json`.
+      overwrite: delete checkpoints already in `workdir` instead of refusing.
+
+    Returns the import record (also written to `workdir/import.json`). Raises ValueError, with
+    nothing written, when the checkpoint does not match the config.
+    """
+    if _has_checkpoints(workdir) and not overwrite:
+        raise FileExistsError(f'{workdir} already has checkpoints; pass overwrite=True '
+                              '(--overwrite) to replace them')
+    state_dict, info = read_checkpoint(checkpoint)
+    config = config.copy_and_resolve_references()
+    # Shapes do not depend on the schedule, which `main` sets up again when it resumes.
+    trainer = Trainer.create(config, optim.Schedule(config.total_steps or 1,
+                                                    config.steps_per_epoch or 1))
+    arch = config.model.arch
+    full = official.is_full_checkpoint(state_dict)
+    kind = 'full' if full else 'backbone'
+    dropped: list[str] = []
+
+    # --- Validate and convert (nothing is written before this succeeds) ---------------------
+    try:
+        if full:
+            parts = official.from_official_state_dict(
+                state_dict, arch=arch, backbone=trainer.nets.backbone,
+                template=trainer.abstract_state)
+        else:
+            state_dict, dropped = backbone_only(state_dict)
+            variables = official.backbone_format(arch).module.from_torch_state_dict(
+                state_dict, trainer.nets.backbone)
+    except ValueError as err:
+        raise ValueError(f'{checkpoint}: {_mismatch_header(config, state_dict, kind)}\n{err}'
+                         ) from None
+
+    state = jax.device_get(jax.jit(trainer.init_state)(jax.random.key(config.seed)))
+    if full:
+        state.update(parts)
+    else:
+        for which in official.STATE_KEYS.values():
+            for coll, value in zip(which, (variables['params'], variables.get('batch_stats', {}))):
+                state[coll] = dict(state[coll], backbone=value)
+    # Fresh optimizer and step 0: continued pretraining runs its own schedule.
+    state['step'] = np.zeros((), np.int32)
+    state['opt_state'] = trainer.tx.init(state['params'])
+    _check_like(state, trainer.abstract_state)
+
+    # --- Write -----------------------------------------------------------------------------
+    record = {
+        'checkpoint': os.path.abspath(checkpoint),
+        'kind': kind,
+        'source_epoch': info.get('epoch'),
+        'dropped_keys': dropped,
+        'step': 0,
+        'notes': ['optimizer state starts fresh (the official Adan state is not converted)',
+                  'step starts at 0: the lr, EMA and teacher-temperature schedules restart',
+                  'the data iterator starts fresh'] + (
+                      [] if full else ['heads, decoder, mask token, queue and centre are freshly '
+                                       'initialised; student and teacher backbones both come '
+                                       'from the file']),
+    }
+    if overwrite and os.path.isdir(os.path.join(workdir, 'ckpt')):
+        shutil.rmtree(os.path.join(workdir, 'ckpt'))
+    os.makedirs(workdir, exist_ok=True)
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'ckpt')),
+                                    options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    manager.wait_until_finished()
+    manager.close()
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+        f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, 'import.json'), 'w', encoding='utf-8') as f:
+        json.dump(record, f, indent=2)
+    logging.info('Imported the %s checkpoint %s into %s at step 0 (%s).', kind, checkpoint,
+                 workdir, '; '.join(record['notes']))
+    return record
+
+
+# --- Command line -----------------------------------------------------------------------------
+
+def _define_flags() -> None:
+    # Defined only when run as a program, so importing this module never clashes with `main`.
+    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+    config_flags.DEFINE_config_file('config', None, 'cmid_jax config describing the checkpoint.',
+                                    lock_config=True)
+    flags.DEFINE_string('checkpoint', None, 'Official CMID .pth/.pt/.safetensors file.')
+    flags.DEFINE_string('workdir', None, 'Workdir to create (resume it with cmid_jax.main).')
+    flags.DEFINE_bool('overwrite', False, 'Replace checkpoints already in the workdir.')
+    flags.mark_flags_as_required(['config', 'checkpoint', 'workdir'])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    f = flags.FLAGS
+    import_checkpoint(f.checkpoint, f.config, f.workdir, overwrite=f.overwrite)
+
+
+if __name__ == '__main__':
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,482 @@
+"""mmcls-style Swin Transformer backbone (the official CMID Swin-B) in Flax Linen, with mask tokens.
+
+Math as the official `Pretrain/models/swin_transformer.py` (mmcls 0.x `SwinTransformer(arch='base',
+drop_path_rate=0, out_indices=(3,))`, cmid-method.md section 9): patch conv with bias + LayerNorm,
+no absolute position embedding, pre-norm blocks with window attention (qkv bias, relative position
+bias indexed the standard way), shifted windows in odd blocks, patch merging (2x2 gather,
+LayerNorm(4C), Linear(4C -> 2C) without bias) after stages 0-2, exact GELU, LayerNorm eps 1e-5 and a
+final LayerNorm `norm3` on the last stage. The backbone returns that map as NHWC
+`(B, H/32, W/32, 8 * embed_dim)`.
+
+Input sizes (mmcls `pad_small_map=False`, the official setting): H and W must be multiples of 32
+and every stage map at least one window wide (>= 224 px for window 7). A map that is not a window
+multiple is zero-padded at the bottom/right *before* the cyclic shift and the shift mask is built
+on the padded map, as mmcls does (timm pads after the shift; both agree whenever no padding is
+needed, e.g. at 224 px). Padded tokens are attended to, as in mmcls. A block whose map is exactly
+one window wide (min(H, W) == window, the 7x7 last stage at 224 px) does not shift.
+
+Submodule names mirror the mmcls keys (`patch_embed/projection`, `stages_2/blocks_5/attn/w_msa/qkv`,
+`.../ffn/layers_0_0`, `stages_0/downsample/reduction`, `norm3`), so the export to the official
+layout is a rename plus a transpose. The 2x2 patch-merging gather uses mmcv's `nn.Unfold` order
+(channel-major, index c*4 + k with k over (dy, dx) = (0,0), (0,1), (1,0), (1,1)); the timm layout
+(block-major [x(0,0), x(1,0), x(0,1), x(1,1)], cmid-method.md 10.4) is reached by permuting the
+4C axis of `downsample.norm` and `downsample.reduction` on conversion.
+
+Init follows the official code, which never calls mmcls `init_weights` (Q8): torch-default Linear
+and conv init, zero relative-position tables, LayerNorm ones/zeros.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict,
+                                    torch_default_bias_init, torch_default_kernel_init, unflatten)
+
+Array = jax.Array
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # mmcls arch 'base' = timm swin_base_patch4_window7_224.
+    'B': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    # Tests and CPU smoke runs (224 px: every stage map must be >= the 7x7 window). Two blocks per
+    # stage, so shifted windows and the no-shift 7x7 last stage are both exercised.
+    'tiny-test': dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
+}
+
+# Additive logit mask between windows regions, as mmcls / timm (-100, not -inf: exp underflows to 0).
+_MASK_VALUE = -100.0
+
+
+def _dense(features: int, fan_in: int, *, use_bias: bool = True, dtype: Any,
+           name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=torch_default_kernel_init,
+                    bias_init=torch_default_bias_init(fan_in), name=name)
+
+
+def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
+    # torch nn.LayerNorm default eps; statistics reduce in float32 even for bf16 inputs.
+    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Static window bookkeeping (numpy, computed once per shape at trace time)
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def relative_position_index(window: int) -> np.ndarray:
+    """`(W*W, W*W)` int64 index into the `(2W-1)^2` bias table (MS-Swin / timm / mmcls)."""
+    coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing='ij')).reshape(2, -1)
+    rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (2, T, T), each in [0, 2W-2]
+    return (rel[0] * (2 * window - 1) + rel[1]).astype(np.int64)
+
+
+def window_partition(x: Any, window: int) -> Any:
+    """`(B, H, W, C)` -> `(B, nW, window*window, C)`, windows in row-major order (numpy or jax)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // window, window, w // window, window, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // window) * (w // window), window * window, c)
+
+
+def window_reverse(windows: Array, window: int, h: int, w: int) -> Array:
+    """Inverse of `window_partition`."""
+    b, _, _, c = windows.shape
+    x = windows.reshape(b, h // window, w // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
+
+
+@functools.lru_cache(maxsize=None)
+def shifted_window_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
+    """`(nW, T, T)` float32 additive mask for a map rolled by `-shift`: 0 within a region, -100 across.
+
+    After the cyclic shift a window on the bottom/right edge holds tokens from up to 4 regions that
+    are not neighbours in the image; they must not attend to each other.
+    """
+    regions = np.zeros((1, h, w, 1), np.float32)
+    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for i, hs in enumerate(bounds):
+        for j, ws in enumerate(bounds):
+            regions[:, hs, ws, :] = 3 * i + j
+    ids = window_partition(regions, window)[0, :, :, 0]  # (nW, T)
+    return np.where(ids[:, None, :] != ids[:, :, None], _MASK_VALUE, 0.0).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules
+# ------------------------------------------------------------------------------------------------
+
+
+class WindowMSA(nn.Module):
+    """mmcls `WindowMSA`: multi-head self-attention inside each window, relative position bias."""
+
+    num_heads: int
+    window_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: np.ndarray | None = None) -> Array:
+        """x: `(B, nW, T, C)` windows; mask: optional `(nW, T, T)` additive logit mask."""
+        b, nw, t, c = x.shape
+        heads, ws = self.num_heads, self.window_size
+        dh = c // heads
+        # Zero-initialised: mmcls only draws it from trunc_normal in the init_weights CMID never calls.
+        table = self.param('relative_position_bias_table', nn.initializers.zeros,
+                           ((2 * ws - 1) ** 2, heads), jnp.float32)
+        # qkv laid out q|k|v, each head-major, as torch's reshape(B_, N, 3, heads, Dh).
+        qkv = _dense(3 * c, c, dtype=self.dtype, name='qkv')(x).reshape(b, nw, t, 3, heads, dh)
+        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+        q = q * dh ** -0.5  # scaled before the product, like the reference
+        # Logits, bias, mask and softmax in float32 whatever the compute dtype.
+        logits = jnp.einsum('bwqhd,bwkhd->bwhqk', q, k, preferred_element_type=jnp.float32)
+        bias = table[relative_position_index(ws).reshape(-1)].reshape(t, t, heads)
+        logits = logits + bias.transpose(2, 0, 1)
+        if mask is not None:
+            logits = logits + mask[:, None]  # (nW, 1, T, T): same mask for every image and head
+        attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum('bwhqk,bwkhd->bwqhd', attn, v).reshape(b, nw, t, c)
+        return _dense(c, c, dtype=self.dtype, name='proj')(out)
+
+
+class ShiftWindowMSA(nn.Module):
+    """mmcls `ShiftWindowMSA` with `pad_small_map=False`: pad, cyclic shift, window attention."""
+
+    num_heads: int
+    window_size: int
+    shift: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        _, h, w, _ = x.shape
+        ws = self.window_size
+        if min(h, w) < ws:
+            raise ValueError(f'feature map {(h, w)} is smaller than the window {ws}; Swin needs '
+                             f'every stage map >= the window (input >= {32 * ws} px for window {ws})')
+        # A map exactly one window wide gains nothing from a shift; the reference skips it there.
+        shift = ws // 2 if self.shift and min(h, w) > ws else 0
+        pad_b, pad_r = -h % ws, -w % ws
+        if pad_b or pad_r:
+            x = jnp.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
+        hp, wp = h + pad_b, w + pad_r
+        if shift:
+            x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
+        mask = shifted_window_mask(hp, wp, ws, shift) if shift else None
+        y = WindowMSA(self.num_heads, ws, self.dtype, name='w_msa')(window_partition(x, ws), mask)
+        y = window_reverse(y, ws, hp, wp)
+        if shift:
+            y = jnp.roll(y, (shift, shift), axis=(1, 2))
+        return y[:, :h, :w]
+
+
+class FFN(nn.Module):
+    """mmcv `FFN` with two fcs: `layers.0.0` (C -> hidden) -> exact GELU -> `layers.1` (-> C)."""
+
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        x = _dense(self.hidden_dim, c, dtype=self.dtype, name='layers_0_0')(x)
+        # torch nn.GELU() is exact; jax's default tanh approximation is not (pitfall §11.4).
+        x = nn.gelu(x, approximate=False)
+        return _dense(c, self.hidden_dim, dtype=self.dtype, name='layers_1')(x)
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm Swin block (no drop path: CMID pretrains with drop_path_rate 0)."""
+
+    num_heads: int
+    window_size: int
+    shift: bool
+    mlp_ratio: float = 4.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = x + ShiftWindowMSA(self.num_heads, self.window_size, self.shift, self.dtype,
+                               name='attn')(_layer_norm(self.dtype, 'norm1')(x))
+        return x + FFN(int(x.shape[-1] * self.mlp_ratio), self.dtype,
+                       name='ffn')(_layer_norm(self.dtype, 'norm2')(x))
+
+
+class PatchMerging(nn.Module):
+    """mmcv `PatchMerging`: 2x2 gather (nn.Unfold order, c*4 + k), LayerNorm(4C), Linear(4C -> 2C)."""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape  # H, W even: inputs are multiples of 32
+        x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)  # (.., c, dy, dx)
+        x = _layer_norm(self.dtype, 'norm')(x.reshape(b, h // 2, w // 2, 4 * c))
+        return _dense(2 * c, 4 * c, use_bias=False, dtype=self.dtype, name='reduction')(x)
+
+
+class SwinStage(nn.Module):
+    """mmcls `SwinBlockSequence`: blocks (shift in odd ones), then optional patch merging."""
+
+    depth: int
+    num_heads: int
+    window_size: int
+    downsample: bool
+    mlp_ratio: float = 4.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        for i in range(self.depth):
+            x = SwinBlock(self.num_heads, self.window_size, shift=i % 2 == 1,
+                          mlp_ratio=self.mlp_ratio, dtype=self.dtype, name=f'blocks_{i}')(x)
+        if self.downsample:
+            x = PatchMerging(self.dtype, name='downsample')(x)
+        return x
+
+
+class PatchEmbed(nn.Module):
+    """mmcv `PatchEmbed`: p x p stride-p conv with bias (`projection`), then LayerNorm (`norm`)."""
+
+    patch_size: int
+    embed_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        p = self.patch_size
+        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding='VALID', use_bias=True,
+                    dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=torch_default_kernel_init,
+                    bias_init=torch_default_bias_init(p * p * x.shape[-1]), name='projection')(x)
+        return _layer_norm(self.dtype, 'norm')(x)
+
+
+class SwinTransformer(nn.Module):
+    """Swin backbone returning the `norm3`-normalised last stage, NHWC `(B, H/32, W/32, 8 * C)`.
+
+    Attributes:
+      embed_dim: channels C of the patch embedding (stage s has C * 2**s channels).
+      depths / num_heads: blocks and attention heads per stage.
+      window_size: attention window (7 for every official Swin).
+      dtype: compute dtype (params are always float32; attention softmax runs in float32).
+    """
+
+    patch_size: int = 4
+    embed_dim: int = 128
+    depths: Sequence[int] = (2, 2, 18, 2)
+    num_heads: Sequence[int] = (4, 8, 16, 32)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    dtype: Any = jnp.float32
+
+    @property
+    def feature_stride(self) -> int:
+        return self.patch_size * 2 ** (len(self.depths) - 1)
+
+    @property
+    def num_features(self) -> int:
+        return self.embed_dim * 2 ** (len(self.depths) - 1)
+
+    @property
+    def mask_token_width(self) -> int:
+        return self.embed_dim  # the token is added to the stride-4 patch embeddings
+
+    @property
+    def min_image_size(self) -> int:
+        """Smallest input side: the last stage map must hold one whole window (224 for window 7)."""
+        return self.feature_stride * self.window_size
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool, mask: Array | None = None,
+                 mask_token: Array | None = None) -> Array:
+        """Args:
+          x: `(B, H, W, C)` images, H and W multiples of 32 and at least `min_image_size`.
+          train: unused (no dropout / drop path); kept for a common backbone signature.
+          mask: optional `(B, H//32, W//32)` block mask (1 = masked), repeated x8 onto the patches.
+          mask_token: `(embed_dim,)` token owned by the caller, added to masked patch embeddings
+            after the patch-embedding norm (official MaskSwin, `replace=False`).
+        """
+        del train
+        _, h, w, _ = x.shape
+        s = self.feature_stride
+        if h % s or w % s or min(h, w) < self.min_image_size:
+            raise ValueError(f'Swin input {(h, w)} must be a multiple of {s} and at least '
+                             f'{self.min_image_size} px (window {self.window_size} on the last '
+                             'stage; mmcls pad_small_map=False)')
+
+        x = PatchEmbed(self.patch_size, self.embed_dim, self.dtype,
+                       name='patch_embed')(jnp.asarray(x, self.dtype))
+        x = add_mask_token(x, mask, mask_token, self.dtype)
+        # Lets tests (and debugging) see the patch embeddings right after token injection.
+        self.sow('intermediates', 'patch_tokens', x)
+
+        n = len(self.depths)
+        for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
+            x = SwinStage(depth, heads, self.window_size, downsample=i < n - 1,
+                          mlp_ratio=self.mlp_ratio, dtype=self.dtype, name=f'stages_{i}')(x)
+        return _layer_norm(self.dtype, f'norm{n - 1}')(x)
+
+
+def build_swin(variant: str, *, dtype: Any = jnp.float32) -> SwinTransformer:
+    """Swin for a variant name ('B', or the test/smoke-size 'tiny-test')."""
+    if variant not in VARIANTS:
+        raise ValueError(f'unknown Swin variant {variant!r}; allowed: {sorted(VARIANTS)}')
+    return SwinTransformer(**VARIANTS[variant], dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint conversion: mmcls/mmseg layout (official CMID weights) and timm >= 0.9 layout
+# ------------------------------------------------------------------------------------------------
+#
+# timm (>= 0.9, checked on 1.0.31) differs from mmcls by names only, except for patch merging:
+#   patch_embed.projection -> patch_embed.proj     stages.{s}.blocks -> layers.{s}.blocks
+#   stages.{s}.downsample  -> layers.{s+1}.downsample (timm merges at the start of the next stage)
+#   attn.w_msa.*           -> attn.*               ffn.layers.0.0 / ffn.layers.1 -> mlp.fc1 / mlp.fc2
+#   norm3                  -> norm                 downsample 4C axis: channel-major -> block-major
+# timm keeps `relative_position_index` and `attn_mask` as non-persistent buffers (not in its
+# state_dict); mmcls persists `relative_position_index`, so the mmcls export includes it.
+
+LAYOUTS = ('mmcls', 'timm')
+
+_INDEXED = re.compile(r'^(stages|blocks|layers)((?:_\d+)+)$')
+_LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
+         'relative_position_bias_table': 'relative_position_bias_table'}
+_MMCLS_TO_TIMM: tuple[tuple[str, Any], ...] = (
+    (r'^patch_embed\.projection\.', 'patch_embed.proj.'),
+    (r'^stages\.(\d+)\.downsample\.', lambda m: f'layers.{int(m.group(1)) + 1}.downsample.'),
+    (r'^stages\.', 'layers.'),
+    (r'\.attn\.w_msa\.', '.attn.'),
+    (r'\.ffn\.layers\.0\.0\.', '.mlp.fc1.'),
+    (r'\.ffn\.layers\.1\.', '.mlp.fc2.'),
+    (r'^norm\d+\.', 'norm.'),
+)
+
+
+def _mmcls_key(path: tuple[str, ...]) -> str:
+    mods = [_INDEXED.sub(lambda m: m.group(1) + m.group(2).replace('_', '.'), p)
+            for p in path[:-1]]
+    return '.'.join(mods + [_LEAF[path[-1]]])
+
+
+def _timm_key(mmcls_key: str) -> str:
+    for pattern, repl in _MMCLS_TO_TIMM:
+        mmcls_key = re.sub(pattern, repl, mmcls_key)
+    return mmcls_key
+
+
+def _merge_perm(four_c: int) -> np.ndarray:
+    """Index array p with v_timm = v_mmcls[p] on a patch-merging 4C axis.
+
+    mmcls/JAX index c*4 + dy*2 + dx; timm index (dx*2 + dy)*C + c.
+    """
+    return np.arange(four_c).reshape(four_c // 4, 2, 2).transpose(2, 1, 0).reshape(-1)
+
+
+def _is_merge(path: tuple[str, ...]) -> bool:
+    return 'downsample' in path
+
+
+def _to_torch_layout(path: tuple[str, ...], x: np.ndarray, layout: str) -> np.ndarray:
+    if path[-1] == 'kernel':  # conv HWIO -> OIHW; Dense (in, out) -> (out, in)
+        x = x.transpose(3, 2, 0, 1) if x.ndim == 4 else x.T
+    if layout == 'timm' and _is_merge(path):
+        x = x[..., _merge_perm(x.shape[-1])]  # norm (4C,) and reduction (2C, 4C): the 4C axis
+    return x
+
+
+def _from_torch_layout(path: tuple[str, ...], x: np.ndarray, layout: str) -> np.ndarray:
+    if layout == 'timm' and _is_merge(path):
+        x = x[..., np.argsort(_merge_perm(x.shape[-1]))]
+    if path[-1] == 'kernel':
+        x = x.transpose(2, 3, 1, 0) if x.ndim == 4 else x.T
+    return x
+
+
+def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    if path[-1] != 'kernel':
+        return tuple(shape)
+    return tuple(shape[i] for i in (3, 2, 0, 1)) if len(shape) == 4 else tuple(shape[::-1])
+
+
+def _index_buffers(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """mmcls `...attn.w_msa.relative_position_index` (int64) for every block of a param tree."""
+    out = {}
+    for path, table in flatten(params).items():
+        if path[-1] == 'relative_position_bias_table':
+            window = (int(round(np.sqrt(table.shape[0]))) + 1) // 2
+            key = _mmcls_key(path)[: -len('bias_table')] + 'index'
+            out[key] = relative_position_index(window)
+    return out
+
+
+def to_torch_state_dict(variables: Mapping[str, Any], layout: str = 'mmcls'
+                        ) -> dict[str, np.ndarray]:
+    """Flax `{'params': ...}` -> a torch state_dict (numpy) in the `layout` key layout.
+
+    'mmcls': the official CMID / mmcls / mmseg Swin keys (cmid-method.md 10.4), including the int64
+    `relative_position_index` buffers; loads into mmseg `SwinTransformer` with strict=False (mmseg
+    adds norm0-2). 'timm': timm >= 0.9 `SwinTransformer(num_classes=0)` keys, strict-loadable.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
+    params = variables['params'] if 'params' in variables else variables
+    sd = {}
+    for path, v in flatten(params).items():
+        key = _mmcls_key(path)
+        sd[key if layout == 'mmcls' else _timm_key(key)] = np.ascontiguousarray(
+            _to_torch_layout(path, np.array(v, dtype=np.float32), layout))  # writable copy
+    if layout == 'mmcls':
+        sd.update(_index_buffers(params))
+    return dict(sorted(sd.items()))
+
+
+def _template(model: SwinTransformer) -> dict[str, Any]:
+    size = model.min_image_size  # param shapes do not depend on the input size
+    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jnp.zeros((1, size, size, 3), jnp.float32))
+
+
+def detect_layout(state_dict: Mapping[str, Any]) -> str:
+    """'timm' if the keys use timm's `layers.*` (and no mmcls `stages.*`), else 'mmcls'."""
+    keys = list(state_dict)
+    if any(k.startswith('layers.') for k in keys) and not any(k.startswith('stages.') for k in keys):
+        return 'timm'
+    return 'mmcls'
+
+
+def from_torch_state_dict(state_dict: Mapping[str, Any], model: SwinTransformer
+                          ) -> dict[str, dict[str, Any]]:
+    """mmcls (official CMID) or timm Swin state_dict -> Flax `{'params': ...}` for `model`.
+
+    The layout is detected from the keys (`detect_layout`). Accepts numpy arrays or torch tensors.
+    mmcls `relative_position_index` buffers are optional and must hold the standard index; strip
+    heads (`head.*`) and mmseg's extra `norm0-2` before calling. Raises one ValueError listing every
+    unknown key, missing key, shape mismatch and invalid buffer.
+    """
+    layout = detect_layout(state_dict)
+    params = _template(model)['params']
+    expected = {}
+    for path, leaf in flatten(params).items():
+        key = _mmcls_key(path)
+        expected[key if layout == 'mmcls' else _timm_key(key)] = (path, _torch_shape(path, leaf.shape))
+    buffers = _index_buffers(params) if layout == 'mmcls' else {}
+
+    def standard_index(key: str, arr: np.ndarray) -> str | None:
+        if key in buffers and not np.array_equal(arr, buffers[key]):
+            return 'differs from the standard relative position index'
+        return None
+
+    arrays = match_state_dict(
+        state_dict, {k: shape for k, (_, shape) in expected.items()},
+        what=f'Swin ({layout} layout)', optional={k: v.shape for k, v in buffers.items()},
+        validate=standard_index)
+    out = {path: jnp.asarray(_from_torch_layout(path, arrays[key].astype(np.float32), layout))
+           for key, (path, _) in expected.items()}
+    return {'params': unflatten(out)}

@@ -1,0 +1,149 @@
+"""Pictures of a run: MIM reconstruction grids and the kNN accuracy curve (numpy + PIL only).
+
+* `reconstruction_grid` lays out, one column per image, four rows: the input crop, the masked
+  input as the student sees it (masked 32-px blocks filled with the crop's per-channel mean), the
+  prediction (masked pixels from the decoder, visible pixels from the input) and the MIM target
+  (the unmasked crop; in CMID it equals the input, so rows 1 and 4 differ only by rounding).
+* `plot_knn_curve` draws top-1 accuracy against step from `metrics.jsonl` (the online
+  `knn_top1_*` scalars) or `eval.jsonl` (one series per protocol and backbone).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+GAP_VALUE = 255  # White separators between the cells of a grid.
+_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127))
+
+
+def _denormalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    pixels = (np.asarray(x, np.float32) * np.asarray(std, np.float32)
+              + np.asarray(mean, np.float32)) * 255.0
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def _tile(rows: Sequence[np.ndarray], gap: int) -> np.ndarray:
+    """rows of (n, S, S, 3) uint8 -> one (R*S + (R-1)*gap, n*S + (n-1)*gap, 3) image."""
+    n, s = rows[0].shape[:2]
+    out = np.full((len(rows) * s + (len(rows) - 1) * gap, n * s + (n - 1) * gap, 3), GAP_VALUE,
+                  np.uint8)
+    for r, row in enumerate(rows):
+        for c in range(n):
+            out[r * (s + gap):r * (s + gap) + s, c * (s + gap):c * (s + gap) + s] = row[c]
+    return out
+
+
+def reconstruction_grid(batch_views: Mapping[str, np.ndarray], reconstruction: np.ndarray,
+                        mean: Sequence[float], std: Sequence[float], *, view: str = 'a',
+                        max_images: int = 8, gap: int = 2) -> np.ndarray:
+    """uint8 (4*S + 3*gap, n*S + (n-1)*gap, 3) grid: input, masked input, prediction, target.
+
+    `batch_views` holds `img_<view>` (B, S, S, 3) uint8 and `mask_<view>` (B, g, g) bool (as the
+    data pipeline or `make_reconstruction_fn` give them); `reconstruction` is the decoder's
+    (B, S, S, 3) output in normalised pixel space; `mean` / `std` are `config.data.mean/std`.
+    """
+    images = np.asarray(batch_views[f'img_{view}'])[:max_images]
+    mask = np.asarray(batch_views[f'mask_{view}'])[:max_images].astype(bool)
+    n, size = images.shape[:2]
+    if size % mask.shape[1]:
+        raise ValueError(f'mask grid {mask.shape[1:]} does not tile {size}-px images')
+    factor = size // mask.shape[1]
+    pixel_mask = np.repeat(np.repeat(mask, factor, axis=1), factor, axis=2)[..., None]
+    channel_mean = np.rint(images.astype(np.float32).mean(axis=(1, 2), keepdims=True))
+    masked = np.where(pixel_mask, channel_mean, images).astype(np.uint8)
+    prediction = _denormalize(np.asarray(reconstruction)[:n], mean, std)
+    composite = np.where(pixel_mask, prediction, images)
+    return _tile([images, masked, composite, images], gap)
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+    """Writes an (H, W, 3) or (H, W) uint8 image as PNG, creating the folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(np.asarray(image, np.uint8)).save(path, format='PNG')
+
+
+def read_accuracy_series(jsonl_path: str) -> dict[str, list[tuple[int, float]]]:
+    """{series name: [(step, top-1), ...]} from metrics.jsonl or eval.jsonl, sorted by step."""
+    series: dict[str, dict[int, float]] = {}
+    with open(jsonl_path, encoding='utf-8') as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            record = json.loads(line)
+            step = record.get('step')
+            if step is None:
+                continue
+            if 'protocol' in record and 'top1' in record:  # eval.jsonl
+                points = {f"{record['protocol']}_{record.get('which', 'student')}": record['top1']}
+            else:  # metrics.jsonl: the online kNN scalars
+                points = {k: v for k, v in record.items() if k.startswith('knn_top1')}
+            for name, value in points.items():
+                if value is not None and math.isfinite(value):
+                    series.setdefault(name, {})[int(step)] = float(value)  # Last write wins.
+    return {name: sorted(points.items()) for name, points in sorted(series.items())}
+
+
+def _nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
+    span = max(hi - lo, 1e-9)
+    raw = span / target
+    mag = 10 ** math.floor(math.log10(raw))
+    step = max(next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), 1)  # Whole steps.
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def plot_knn_curve(eval_jsonl_or_metrics_jsonl: str, out_png: str, *,
+                   size: tuple[int, int] = (720, 420), title: str = 'top-1 accuracy'
+                   ) -> dict[str, list[tuple[int, float]]]:
+    """Plots top-1 (%) against step for every series in the file; returns the series plotted."""
+    series = read_accuracy_series(eval_jsonl_or_metrics_jsonl)
+    if not series:
+        raise ValueError(f'no accuracy records (knn_top1_* or protocol/top1) in '
+                         f'{eval_jsonl_or_metrics_jsonl}')
+    width, height = size
+    left, right, top, bottom = 60, 20, 36, 44
+    img = Image.new('RGB', size, 'white')
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+
+    steps = [s for points in series.values() for s, _ in points]
+    x_lo, x_hi = min(steps), max(steps)
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    x_of = lambda s: left + (s - x_lo) / (x_hi - x_lo) * (width - left - right)
+    y_of = lambda acc: height - bottom - acc * (height - top - bottom)  # acc in [0, 1]
+
+    for pct in range(0, 101, 20):  # Horizontal grid and y labels.
+        y = y_of(pct / 100)
+        draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
+        draw.text((left - 8, y), f'{pct}%', fill='black', font=font, anchor='rm')
+    for s in _nice_ticks(x_lo, x_hi):
+        x = x_of(s)
+        draw.line([(x, height - bottom), (x, height - bottom + 4)], fill='black')
+        draw.text((x, height - bottom + 6), f'{s:g}', fill='black', font=font, anchor='ma')
+    draw.rectangle([left, top, width - right, height - bottom], outline='black')
+    draw.text((width / 2, height - 6), 'step', fill='black', font=font, anchor='md')
+    draw.text((width / 2, 8), title, fill='black', font=font, anchor='ma')
+
+    for i, (name, points) in enumerate(series.items()):
+        color = _COLORS[i % len(_COLORS)]
+        xy = [(x_of(s), y_of(min(max(a, 0.0), 1.0))) for s, a in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=color, width=2)
+        for x, y in xy:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        last = points[-1][1]
+        legend_y = top + 8 + 14 * i
+        draw.line([(left + 10, legend_y), (left + 28, legend_y)], fill=color, width=3)
+        draw.text((left + 34, legend_y), f'{name} ({100 * last:.1f}%)', fill='black', font=font,
+                  anchor='lm')
+    save_png(out_png, np.asarray(img))
+    return series

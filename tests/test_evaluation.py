@@ -1,0 +1,238 @@
+"""Evaluation: kNN and linear probe against references, the seeded split, pictures, and an
+end-to-end run (pretrain briefly on five AID classes, then kNN / linear / fine-tune)."""
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from cmid_jax import checkpointing, evaluate, parallel, train, visualize
+from cmid_jax.data.pipeline import build_dataset, make_iterator
+from cmid_jax.data.files import list_images
+from cmid_jax.evaluation import (FinetuneRecipe, knn_scores, knn_top1, linear_probe_top1,
+                                 load_split, make_online_knn, make_reconstruction_fn,
+                                 split_per_class)
+from configs import vitb
+
+AID = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'aid'
+AID_CLASSES = ('Airport', 'Beach', 'Desert', 'Farmland', 'Forest')
+
+
+# --- kNN ----------------------------------------------------------------------------------------
+
+def knn_reference(train, train_y, test, num_classes, k, temperature):
+    """Brute force, one query at a time, float64: cosine, top k, exp(sim / T) weighted votes."""
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    scores = np.zeros((len(test), num_classes))
+    for i, q in enumerate(test):
+        sims = train @ (q / np.linalg.norm(q))
+        for j in np.argsort(-sims)[:k]:
+            scores[i, train_y[j]] += math.exp(sims[j] / temperature)
+    return scores
+
+
+@pytest.mark.parametrize('k,temperature,chunk', [(20, 0.07, 1024), (5, 0.5, 10), (500, 0.1, 7)])
+def test_knn_matches_bruteforce_reference(k, temperature, chunk):
+    rng = np.random.default_rng(k)
+    train, test = rng.normal(size=(57, 16)), rng.normal(size=(33, 16))
+    train_y, test_y = rng.integers(0, 4, 57), rng.integers(0, 4, 33)
+    expected = knn_reference(train, train_y, test, 4, min(k, 57), temperature)
+    got = knn_scores(train, train_y, test, 4, k=k, temperature=temperature, chunk=chunk)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    np.testing.assert_array_equal(np.argmax(got, 1), np.argmax(expected, 1))
+    assert knn_top1(train, train_y, test, test_y, 4, k=k, temperature=temperature) == \
+        pytest.approx(np.mean(np.argmax(expected, 1) == test_y))
+
+
+# --- split --------------------------------------------------------------------------------------
+
+def make_class_folders(root: Path, counts: dict) -> Path:
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            (root / name / f'{name.lower()}_{i}.jpg').touch()  # The split never decodes.
+    return root
+
+
+def test_split_is_per_class_seeded_and_stable(tmp_path):
+    counts = {'Beach': 10, 'Airport': 7, 'Desert': 4, 'Forest': 2}
+    root = make_class_folders(tmp_path / 'one', counts)
+    a, b = load_split(root, 0.5, seed=0), load_split(root, 0.5, seed=0)
+    assert a == b
+    assert a.class_names == ('Airport', 'Beach', 'Desert', 'Forest')
+    for label, name in enumerate(a.class_names):
+        n_train, n_test = a.train_labels.count(label), a.test_labels.count(label)
+        assert n_train >= 1 and n_test >= 1  # every class in both halves
+        assert n_train == math.floor(0.5 * counts[name] + 0.5) and n_train + n_test == counts[name]
+        train = {f for f, y in zip(a.train_files, a.train_labels) if y == label}
+        test = {f for f, y in zip(a.test_files, a.test_labels) if y == label}
+        assert not train & test and all(Path(f).parent.name == name for f in train | test)
+    # The fraction is respected per class.
+    c = load_split(root, 0.7, seed=0)
+    assert [c.train_labels.count(i) for i in range(4)] == [5, 7, 3, 1]
+    # Another seed gives another split; the same files elsewhere give the same one.
+    assert load_split(root, 0.5, seed=1).train_files != a.train_files
+    moved = load_split(shutil.copytree(root, tmp_path / 'elsewhere'), 0.5, seed=0)
+    assert [Path(f).name for f in moved.train_files] == [Path(f).name for f in a.train_files]
+    assert moved.digest() == a.digest()
+    # Pinned: the split is a sha256 ranking, the same on every machine and numpy version.
+    assert sorted(Path(f).name for f in a.train_files if 'airport' in f) == \
+        ['airport_1.jpg', 'airport_4.jpg', 'airport_5.jpg', 'airport_6.jpg']
+    with pytest.raises(ValueError):
+        split_per_class({'a': ['x.jpg'], 'b': ['y.jpg', 'z.jpg']}, 0.5, 0)
+
+
+# --- linear probe -------------------------------------------------------------------------------
+
+def clusters(seed, n=200, d=64, num_classes=5, spread=3.0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(num_classes, d)) * spread
+    y = rng.integers(0, num_classes, n)
+    return centers[y] + rng.normal(size=(n, d)), y
+
+
+def test_linear_probe_separates_clusters_and_not_shuffled_labels():
+    x, y = clusters(0)
+    assert linear_probe_top1(x[:100], y[:100], x[100:], y[100:], 5) >= 0.99
+    # A probe that leaked test labels or memorised anything would not be at chance here.
+    shuffled = np.random.default_rng(1).permutation(y)
+    assert linear_probe_top1(x[:100], shuffled[:100], x[100:], shuffled[100:], 5) < 0.4
+
+
+def test_linear_probe_beats_knn_on_a_linear_but_not_local_rule():
+    # Labels from a single direction in 32-d noise: linear, but neighbours are mostly noise.
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(400, 32))
+    y = (x[:, 0] > 0).astype(int)
+    linear = linear_probe_top1(x[:200], y[:200], x[200:], y[200:], 2)
+    knn = knn_top1(x[:200], y[:200], x[200:], y[200:], 2)
+    assert linear > 0.9 and linear > knn + 0.15
+
+
+# --- pictures -----------------------------------------------------------------------------------
+
+def test_reconstruction_grid_takes_masked_cells_from_the_prediction():
+    rng = np.random.default_rng(0)
+    n, size, mean, std = 3, 64, (0.3, 0.4, 0.5), (0.2, 0.2, 0.2)
+    views = {'img_a': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+             'mask_a': rng.random((n, 2, 2)) < 0.5}
+    rec = rng.normal(size=(n, size, size, 3)).astype(np.float32) * 0.5
+    grid = visualize.reconstruction_grid(views, rec, mean, std, gap=2)
+    assert grid.shape == (4 * size + 3 * 2, n * size + (n - 1) * 2, 3) and grid.dtype == np.uint8
+    cell = lambda r, c: grid[r * 66:r * 66 + size, c * 66:c * 66 + size]
+    pred = np.clip(np.rint((rec * np.array(std) + np.array(mean)) * 255), 0, 255)
+    for c in range(n):
+        m = np.kron(views['mask_a'][c], np.ones((32, 32), bool))
+        np.testing.assert_array_equal(cell(0, c), views['img_a'][c])
+        np.testing.assert_array_equal(cell(3, c), views['img_a'][c])
+        # Masked: the prediction (float32 vs float64 rounding may differ by one level).
+        np.testing.assert_allclose(cell(2, c)[m], pred[c][m], atol=1)
+        assert np.mean(cell(2, c)[m] != views['img_a'][c][m]) > 0.9
+        np.testing.assert_array_equal(cell(2, c)[~m], views['img_a'][c][~m])  # visible: input
+        np.testing.assert_array_equal(cell(1, c)[~m], views['img_a'][c][~m])
+        if m.any():
+            channel_mean = np.rint(views['img_a'][c].reshape(-1, 3).mean(0))
+            np.testing.assert_array_equal(cell(1, c)[m],
+                                          np.broadcast_to(channel_mean, (m.sum(), 3)))
+    two = visualize.reconstruction_grid(views, rec, mean, std, max_images=2)
+    assert two.shape[1] == 2 * size + 2
+
+
+def test_plot_knn_curve_reads_metrics_and_eval_files(tmp_path):
+    metrics = tmp_path / 'metrics.jsonl'
+    metrics.write_text(''.join(json.dumps(r) + '\n' for r in (
+        {'step': 10, 'loss': 3.0}, {'step': 20, 'knn_top1_student': 0.3, 'knn_top1_teacher': 0.4},
+        {'step': 40, 'knn_top1_student': 0.5, 'knn_top1_teacher': 0.6})))
+    series = visualize.plot_knn_curve(str(metrics), str(tmp_path / 'knn.png'))
+    assert series == {'knn_top1_student': [(20, 0.3), (40, 0.5)],
+                      'knn_top1_teacher': [(20, 0.4), (40, 0.6)]}
+    from PIL import Image
+    assert Image.open(tmp_path / 'knn.png').size == (720, 420)
+    evals = tmp_path / 'eval.jsonl'
+    evals.write_text(json.dumps({'protocol': 'linear', 'which': 'teacher', 'step': 5, 'top1': 0.7}))
+    assert visualize.plot_knn_curve(str(evals), str(tmp_path / 'e.png')) == {
+        'linear_teacher': [(5, 0.7)]}
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+    """A ViT-mu pretrained for 40 steps on 5 AID classes x 40 images (about 20 s on 2 cores)."""
+    if not AID.is_dir():
+        pytest.skip(f'AID sample not found at {AID}')
+    data = tmp_path_factory.mktemp('aid5')
+    for name in AID_CLASSES:
+        os.symlink(AID / name, data / name, target_is_directory=True)
+    config = vitb.get_config('smoke')
+    config.data.path = str(data)
+    config.batch_size = 16
+    config.total_steps = 40
+    config.steps_per_epoch = 12
+    config.log_every_steps = 20
+    config.checkpoint_every_steps = 40
+    workdir = str(tmp_path_factory.mktemp('run'))
+    train.train_and_evaluate(config, workdir)
+    return workdir, str(data)
+
+
+def test_evaluate_protocols_beat_chance(pretrained, capsys):
+    workdir, data = pretrained
+    results = {}
+    for which in ('student', 'teacher'):
+        # The CLI once, through argparse, for the printed JSON line.
+        out = evaluate.main([f'--workdir={workdir}', f'--data={data}', '--protocol=knn',
+                             f'--which={which}'])
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+        results[f'knn_{which}'] = out
+        results[f'linear_{which}'] = evaluate.evaluate(workdir, data, 'linear', which=which)
+    print({k: v['top1'] for k, v in results.items()})
+    for name, r in results.items():
+        assert r['num_classes'] == 5 and r['num_train'] == 100 and r['num_test'] == 100, name
+        assert r['step'] == 40
+        assert r['top1'] > 0.4, (name, r['top1'])  # chance is 0.2
+    lines = Path(workdir, 'eval.jsonl').read_text().splitlines()
+    assert [json.loads(l)['protocol'] for l in lines] == ['knn', 'linear'] * 2
+
+
+def test_finetune_runs_one_epoch(pretrained):
+    workdir, data = pretrained
+    r = evaluate.evaluate(workdir, data, 'finetune',
+                          finetune=FinetuneRecipe(epochs=1, batch_size=32, lr=1e-4))
+    print('finetune', r['top1'])
+    assert r['protocol'] == 'finetune' and r['epochs'] == 1 and 0.0 <= r['top1'] <= 1.0
+    assert r['top1'] > 0.2
+
+
+def test_online_hooks_on_the_training_mesh(pretrained):
+    """make_online_knn and the reconstruction grid as train.py uses them: replicated state on an
+    8-device mesh; the online kNN agrees with the offline one on the same split."""
+    workdir, data = pretrained
+    config, state, _ = checkpointing.restore_train_state(workdir)
+    config.eval.path = data
+    mesh = parallel.make_mesh()
+    replicated, batch_sharding = parallel.shardings(mesh)
+    state = jax.device_put(state, replicated)
+    online = make_online_knn(config, mesh=mesh)(state)
+    offline = [json.loads(l) for l in Path(workdir, 'eval.jsonl').read_text().splitlines()]
+    for which in ('student', 'teacher'):
+        ref = next(r['top1'] for r in offline if r['protocol'] == 'knn' and r['which'] == which)
+        assert abs(online[f'knn_top1_{which}'] - ref) <= 0.02, (which, online, ref)
+
+    it = make_iterator(build_dataset(list_images(data), image_size=64, mask_ratio=0.6,
+                                     local_batch_size=16, seed=0), num_workers=0)
+    batch = next(it)
+    it.close()
+    batch.pop('bad_images')
+    out = jax.device_get(make_reconstruction_fn(config, out_sharding=replicated)(
+        state, parallel.global_batch(batch, batch_sharding)))
+    grid = visualize.reconstruction_grid(out, out['reconstruction'], config.data.mean,
+                                         config.data.std)
+    assert grid.shape == (4 * 64 + 6, 8 * 64 + 14, 3)
+    np.testing.assert_array_equal(out['img_a'], batch['img_a'][:8])
+    visualize.save_png(os.path.join(workdir, 'images', 'reconstruction.png'), grid)
