@@ -65,8 +65,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
             f.write(config.to_json_best_effort(indent=2))
     dataset = build_dataset(files, image_size=config.data.image_size, mask_ratio=config.mask.ratio,
-                            local_batch_size=config.batch_size // num_processes, seed=config.seed,
-                            shard_index=process, shard_count=num_processes)
+                            global_batch_size=config.batch_size, seed=config.seed,
+                            process_index=process, process_count=num_processes)
     data_iter = make_iterator(dataset, num_workers=config.data.num_workers)
     logging.info('%d images under %s; %d steps of %d images (%d per epoch).', len(files),
                  data_path, total_steps, config.batch_size, steps_per_epoch)

@@ -289,7 +289,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path, aid_files, iters):
     (tmp_path / "good_07_x_text.jpg").write_text("not a jpeg at all\n")
     files = list_images(tmp_path)
     assert len(files) == 12
-    ds = build_dataset(files, image_size=64, mask_ratio=0.6, local_batch_size=12, seed=0)
+    ds = build_dataset(files, image_size=64, mask_ratio=0.6, global_batch_size=12, seed=0)
     it = iters(ds, num_workers=0)
     for _ in range(2):  # each batch is exactly one epoch: both bad files once
         batch = next(it)
@@ -299,7 +299,8 @@ def test_bad_files_are_skipped_and_counted(tmp_path, aid_files, iters):
 
     only_bad = [str(tmp_path / "good_03_x_truncated.jpg"), str(tmp_path / "good_07_x_text.jpg")]
     with pytest.raises(RuntimeError, match="x_truncated.jpg"):
-        P.DecodeAndMakeViews(only_bad, 64, 0.6).random_map(0, np.random.default_rng(0))
+        P.DecodeProcessSlice(only_bad, image_size=64, mask_ratio=0.6, seed=0).decode(
+            0, np.random.default_rng(0))
 
 
 @pytest.fixture
@@ -321,7 +322,7 @@ def iters():
 @pytest.fixture(scope="module")
 def demo_ds():
     files = list_images(demo_data_path())
-    return build_dataset(files, image_size=64, mask_ratio=0.6, local_batch_size=4, seed=1)
+    return build_dataset(files, image_size=64, mask_ratio=0.6, global_batch_size=4, seed=1)
 
 
 def _equal(a, b):
@@ -356,26 +357,33 @@ def test_iterator_resumes_bit_identically(demo_ds, tmp_path, iters):
 
 
 @needs_data
-def test_shards_are_disjoint(aid_files, monkeypatch):
+def test_processes_split_each_global_batch(aid_files, monkeypatch):
+    """Two processes decode disjoint halves of each global batch; together they give
+    exactly the single-process batch (same files, same augmentations)."""
     files = aid_files[::30]  # 40 files
-    seen: dict[int, list[str]] = {0: [], 1: []}
-
-    for shard in (0, 1):
-        def spy(path, _shard=shard):
-            if path in files:
-                seen[_shard].append(path)
-            return np.zeros((8, 8, 3), np.uint8)
+    seen: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    real_load = P.load_image
+    batches = {}
+    for key, (index, count) in enumerate([(0, 2), (1, 2), (0, 1)]):
+        def spy(path, _key=key):
+            if path in files:  # other tests' prefetch threads may still be loading
+                seen[_key].append(path)
+            return real_load(path)
 
         monkeypatch.setattr(P, "load_image", spy)
         ds = build_dataset(
-            files, image_size=64, mask_ratio=0.6, local_batch_size=20, seed=0,
-            shard_index=shard, shard_count=2,
+            files, image_size=64, mask_ratio=0.6, global_batch_size=20, seed=0,
+            process_index=index, process_count=count,
         )
-        ds[0]  # the first batch: exactly one epoch of the 20-file shard, read in this thread
-    assert len(seen[0]) == len(set(seen[0])) == 20
+        batches[key] = [ds[0], ds[1]]  # read in this thread
+    assert len(seen[0]) == len(set(seen[0])) == 20  # 10 per batch, two batches of one epoch
     assert len(seen[1]) == len(set(seen[1])) == 20
     assert not set(seen[0]) & set(seen[1])
-    assert set(seen[0]) | set(seen[1]) == set(files)
+    assert set(seen[0]) | set(seen[1]) == set(seen[2]) == set(files)
+    for i in range(2):
+        for k in batches[2][i]:
+            joined = np.concatenate([batches[0][i][k], batches[1][i][k]])
+            assert np.array_equal(joined, batches[2][i][k]), k
 
 
 def test_worker_process_matches_in_process(demo_ds, iters):

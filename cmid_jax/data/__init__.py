@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from cmid_jax.data.files import IMAGE_EXTENSIONS, ImageError, list_images, load_image
-from cmid_jax.data.pipeline import DecodeAndMakeViews, build_dataset, make_iterator
+from cmid_jax.data.pipeline import DecodeProcessSlice, build_dataset, make_iterator
 from cmid_jax.data.views import block_mask, location_grid, make_views
 
 
@@ -18,7 +18,7 @@ def demo_data_path() -> str:
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageError",
-    "DecodeAndMakeViews",
+    "DecodeProcessSlice",
     "block_mask",
     "build_dataset",
     "demo_data_path",

@@ -2,21 +2,20 @@
 
 ``build_dataset`` returns an infinite, batched ``grain.MapDataset``:
 
-    range(len(shard)) -> .seed(s) -> .shuffle() -> .repeat() -> DecodeAndMakeViews
-    -> .batch(local_batch_size, drop_remainder=True)
+    range(num_files) -> .seed(s) -> .shuffle() -> .repeat() -> .batch(global_batch)
+    -> .map_with_index(DecodeProcessSlice)
 
-* Sharding: each process keeps only ``files[shard_index::shard_count]`` (the file list
-  is sorted by :func:`cmid_jax.data.files.list_images`, so the shards are disjoint and
-  the same on every host) and never touches the other files.
+* Several processes: every host computes the same shuffled file order and global
+  batches (the file list is sorted by :func:`cmid_jax.data.files.list_images`) and
+  decodes only its own slice of each batch, so a run gives the same batches, and the
+  same numbers, on one host or many.
 * Shuffling: grain's ``ShuffleMapDataset`` folds the epoch number into its seed when
   it is read past its length, which is what ``.repeat()`` does, so every epoch is a
-  new permutation of the shard (checked in ``tests/test_data.py``).
-* Randomness: ``random_map`` gives every global element index its own
-  ``np.random.Generator`` derived from the pipeline seed, so augmentations differ
+  new permutation of the files (checked in ``tests/test_data.py``).
+* Randomness: every element gets its own ``np.random.Generator`` seeded by
+  ``(seed, batch index, position in the global batch)``, so augmentations differ
   between epochs and the pipeline is deterministic and resumable bit-identically.
-  The pipeline seed mixes ``seed`` with the shard index, so hosts do not draw the
-  same crops for their k-th elements.
-* Bad files: an undecodable file is replaced by the next file(s) of the shard (up to
+* Bad files: an undecodable file is replaced by the next file(s) of the list (up to
   ``MAX_DECODE_TRIES`` files in all); ``bad_images`` (int32) counts the files skipped
   for that element.
 
@@ -41,34 +40,52 @@ log = logging.getLogger(__name__)
 MAX_DECODE_TRIES = 16
 
 
-class DecodeAndMakeViews(grain.transforms.RandomMap):
-    """Decode the file at a shard index and build both CMID views.
+class DecodeProcessSlice(grain.transforms.MapWithIndex):
+    """Decode this process's slice of one global batch of file indices and build the views.
 
-    Elements are indices into ``files``. If decoding fails, the following files of
-    the shard are tried in order (wrapping around), at most ``max_tries`` files in
-    all; the output's ``bad_images`` field holds the number of files skipped. If all
-    of them fail a ``RuntimeError`` naming them is raised.
-    Module-level and picklable, so it works with spawned grain worker processes.
+    Element ``j`` of the slice sits at position ``pos = process_index * b + j`` of global
+    batch ``k``; its augmentations come from ``np.random.default_rng([seed, k, pos])``, so
+    a global batch is the same whatever the number of processes that share it.
+
+    If decoding fails, the following files (wrapping around) are tried, at most
+    ``max_tries`` files in all; ``bad_images`` holds the number of files skipped. If all
+    of them fail a ``RuntimeError`` naming them is raised. Module-level and picklable, so
+    it works with spawned grain worker processes.
     """
 
     def __init__(
         self,
         files: Sequence[str],
+        *,
         image_size: int,
         mask_ratio: float,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
         max_tries: int = MAX_DECODE_TRIES,
     ):
         self.files = list(files)
         self.image_size = check_image_size(image_size)
         self.mask_ratio = float(mask_ratio)
+        self.seed = int(seed) % 2**32
+        self.process_index = int(process_index)
+        self.process_count = int(process_count)
         self.max_tries = int(max_tries)
 
-    def random_map(self, element: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def map_with_index(self, index: int, element: np.ndarray) -> dict[str, np.ndarray]:
+        b = len(element) // self.process_count
+        first = self.process_index * b
+        views = [
+            self.decode(int(element[pos]), np.random.default_rng([self.seed, int(index), pos]))
+            for pos in range(first, first + b)
+        ]
+        return {key: np.stack([v[key] for v in views]) for key in views[0]}
+
+    def decode(self, file_index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         n = len(self.files)
-        index = int(element)
         failures: list[str] = []
         for k in range(min(self.max_tries, n)):
-            path = self.files[(index + k) % n]
+            path = self.files[(file_index + k) % n]
             try:
                 image = load_image(path)
             except Exception as e:  # ImageError or anything else a decoder throws
@@ -84,36 +101,14 @@ class DecodeAndMakeViews(grain.transforms.RandomMap):
         )
 
 
-def _pipeline_seed(seed: int, shard_index: int, shard_count: int) -> int:
-    if shard_count == 1:
-        return int(seed) % 2**32
-    ss = np.random.SeedSequence([int(seed) % 2**32, int(shard_index), int(shard_count)])
-    return int(ss.generate_state(1, dtype=np.uint32)[0])
-
-
-def shard_files(files: Sequence[str], shard_index: int = 0, shard_count: int = 1) -> list[str]:
-    """This process's files: ``files[shard_index::shard_count]``."""
-    if shard_count < 1 or not 0 <= shard_index < shard_count:
-        raise ValueError(f"bad shard {shard_index} of {shard_count}")
-    shard = list(files)[shard_index::shard_count]
-    if not shard:
-        raise ValueError(
-            f"shard {shard_index} of {shard_count} is empty ({len(files)} files in all)"
-        )
-    return shard
-
-
-def index_dataset(
-    num_files: int, *, seed: int, shard_index: int = 0, shard_count: int = 1
-) -> grain.MapDataset:
-    """Infinite stream of indices into a shard's file list, a new permutation of
-    ``range(num_files)`` every epoch: ``range -> seed -> shuffle -> repeat``. The
-    returned dataset carries the pipeline seed for downstream random transforms."""
+def index_dataset(num_files: int, *, seed: int) -> grain.MapDataset:
+    """Infinite stream of file indices, a new permutation of ``range(num_files)`` every
+    epoch: ``range -> seed -> shuffle -> repeat``."""
     return (
         grain.MapDataset.range(num_files)
-        .seed(_pipeline_seed(seed, shard_index, shard_count))
+        .seed(int(seed) % 2**32)
         .shuffle()
-        .repeat()  # infinite; grain folds the epoch into the shuffle/random_map seeds
+        .repeat()  # infinite; grain folds the epoch into the shuffle seed
     )
 
 
@@ -122,30 +117,44 @@ def build_dataset(
     *,
     image_size: int,
     mask_ratio: float,
-    local_batch_size: int,
+    global_batch_size: int,
     seed: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.MapDataset:
-    """Infinite, shuffled (per epoch), augmented and batched dataset of this shard.
+    """Infinite, shuffled (per epoch), augmented dataset of this process's batch slices.
+
+    Every process shuffles the same global file order and cuts the same global batches;
+    each decodes only its ``global_batch_size // process_count`` elements of each. The
+    concatenated slices of all processes therefore equal the single-process batch
+    exactly, and a run is the same computation on one host or many.
 
     Batches are dicts of numpy arrays: ``img_a``/``img_b`` uint8 (b, S, S, 3),
     ``mask_a``/``mask_b`` bool (b, g, g), ``loc_a``/``loc_b`` float32 (b, g, g, 2),
-    ``bad_images`` int32 (b,), with ``g = S // 32``.
+    ``bad_images`` int32 (b,), with ``g = S // 32`` and ``b`` the local batch size.
     """
-    if local_batch_size < 1:
-        raise ValueError(f"local_batch_size must be >= 1, got {local_batch_size}")
-    shard = shard_files(files, shard_index, shard_count)
-    if len(shard) < local_batch_size:
-        log.warning(
-            "shard %d holds %d files, fewer than local_batch_size=%d: batches repeat files",
-            shard_index, len(shard), local_batch_size,
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"bad process {process_index} of {process_count}")
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of the "
+            f"{process_count} processes"
         )
-    transform = DecodeAndMakeViews(shard, image_size, mask_ratio)
+    if not files:
+        raise ValueError("no image files to build a dataset from")
+    if len(files) < global_batch_size:
+        log.warning(
+            "%d files, fewer than the global batch of %d: batches repeat files",
+            len(files), global_batch_size,
+        )
+    transform = DecodeProcessSlice(
+        files, image_size=image_size, mask_ratio=mask_ratio, seed=seed,
+        process_index=process_index, process_count=process_count,
+    )
     return (
-        index_dataset(len(shard), seed=seed, shard_index=shard_index, shard_count=shard_count)
-        .random_map(transform)
-        .batch(local_batch_size, drop_remainder=True)
+        index_dataset(len(files), seed=seed)
+        .batch(global_batch_size, drop_remainder=True)
+        .map_with_index(transform)
     )
 
 

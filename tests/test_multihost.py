@@ -1,0 +1,76 @@
+"""Two JAX processes x 4 CPU devices run the same computation as one process with 8 devices."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from cmid_jax import checkpointing, train
+from configs import vitb
+from conftest import REPO
+
+FLAGS = ['--config.total_steps=8', '--config.log_every_steps=1', '--config.checkpoint_every_steps=4']
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]
+
+
+def launch_two_processes(workdir) -> None:
+    port = free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
+                   JAX_PROCESS_ID=str(pid), XLA_FLAGS='--xla_force_host_platform_device_count=4')
+        procs.append(subprocess.Popen(
+            [sys.executable, '-m', 'cmid_jax.main', '--config=configs/vitb.py:smoke',
+             f'--workdir={workdir}', *FLAGS],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        rows = [json.loads(line) for line in f]
+    return {r['step']: [r[k] for k in ('loss', 'loss_mim', 'loss_global', 'loss_local')]
+            for r in rows}
+
+
+def test_two_processes_equal_one_process_and_resume(tmp_path):
+    config = vitb.get_config('smoke')
+    config.total_steps, config.log_every_steps, config.checkpoint_every_steps = 8, 1, 4
+    single = tmp_path / 'single'
+    train.train_and_evaluate(config, str(single))
+
+    multi = tmp_path / 'multi'
+    launch_two_processes(multi)
+    ref, got = losses(single), losses(multi)
+    assert sorted(got) == list(range(1, 9))
+    for step in ref:
+        np.testing.assert_allclose(got[step], ref[step], rtol=1e-5, atol=1e-5, err_msg=str(step))
+    _, a, _ = checkpointing.restore_train_state(str(single))
+    _, b, _ = checkpointing.restore_train_state(str(multi))
+    for key in ('params', 'teacher_params', 'batch_stats', 'queue', 'center'):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
+                     a[key], b[key])
+
+    # A crash after the cooperative checkpoint of step 4: both processes resume from it.
+    shutil.rmtree(multi / 'ckpt' / '8')
+    os.remove(multi / 'metrics.jsonl')
+    launch_two_processes(multi)
+    resumed = losses(multi)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for step in resumed:
+        np.testing.assert_allclose(resumed[step], ref[step], rtol=1e-5, atol=1e-5)
+    _, c, _ = checkpointing.restore_train_state(str(multi))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
+                 a['params'], c['params'])
