@@ -77,6 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.train_fraction = 0.5
     c.eval.batch_size = 128
 
+    # Steps with a non-finite loss or gradient are never applied; more than this many stop the run.
+    c.max_nonfinite_steps = 0
+
     c.log_every_steps = 50
     c.images_every_steps = 1000  # Reconstruction grids (input, mask, prediction, target).
     c.checkpoint_every_steps = 1000

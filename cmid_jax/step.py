@@ -45,6 +45,7 @@ class Trainer:
         queue = l2_normalize(jax.random.normal(k_queue, (self.config.loss.queue_size, m.proj_dim)))
         return {
             'step': jnp.zeros((), jnp.int32),
+            'nonfinite_steps': jnp.zeros((), jnp.int32),
             'params': params,
             'batch_stats': batch_stats,
             'teacher_params': teacher_params,
@@ -84,10 +85,17 @@ class Trainer:
         if self.loss_cfg.use_global:
             queue, queue_ptr = objective.enqueue(queue, queue_ptr, aux['new_keys'])
 
-        new_state = dict(state, step=step + 1, params=params,
-                         batch_stats=aux['student_batch_stats'], teacher_params=teacher_params,
-                         teacher_batch_stats=aux['teacher_batch_stats'], opt_state=opt_state,
-                         queue=queue, queue_ptr=queue_ptr, center=aux['center'])
+        updated = dict(state, params=params, batch_stats=aux['student_batch_stats'],
+                       teacher_params=teacher_params,
+                       teacher_batch_stats=aux['teacher_batch_stats'], opt_state=opt_state,
+                       queue=queue, queue_ptr=queue_ptr, center=aux['center'])
+        # A non-finite step leaves the state as it was (the loop then stops, or skips and counts
+        # it), so a NaN never reaches the weights, the teacher or a checkpoint.
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        new_state['step'] = step + 1
+        new_state['nonfinite_steps'] = state['nonfinite_steps'] + (~finite).astype(jnp.int32)
         metrics = {
             'loss': loss,
             **{f'loss_{k}': v for k, v in aux['terms'].items()},
@@ -95,7 +103,8 @@ class Trainer:
             'ema_momentum': momentum,
             'teacher_temp': teacher_temp,
             'embedding_std': aux['embedding_std'],
-            'grad_norm': optax.tree.norm(grads),
+            'grad_norm': grad_norm,
+            'nonfinite_steps': new_state['nonfinite_steps'],
         }
         if self.loss_cfg.use_mim:
             metrics['recon_psnr'] = objective.masked_psnr(

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import threading
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -90,19 +88,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = metrics_lib.Progress(total_steps, first_step)
     bad_images = 0
     logged = {}
+    previous = None  # (step, metrics) checked one step late, so the check never stalls the device.
     preemption = PreemptionSignal(enabled=num_processes == 1)
     try:
         for step in range(first_step + 1, total_steps + 1):
             batch = next(data_iter)
             bad_images += int(np.sum(batch.pop('bad_images')))
             state, step_metrics = train_step(state, parallel.global_batch(batch, batch_sharding))
+            if previous is not None:
+                _check_finite(*previous, config.max_nonfinite_steps)
+            previous = step, step_metrics
             preempted = preemption.received or (
                 num_processes > 1 and ckpt.manager.reached_preemption(step))
             save_due = ckpt.manager.should_save(step) or step == total_steps or preempted
             if step % config.log_every_steps == 0 or save_due or step == first_step + 1:
                 # Reading metrics back syncs with the device, so it happens only here.
+                _check_finite(step, step_metrics, config.max_nonfinite_steps)
                 logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                _check_finite(step, logged)
                 logged['bad_images'] = bad_images
                 writer.write_scalars(step, logged)
                 line, rate = progress.line(step, logged)
@@ -147,9 +149,14 @@ class PreemptionSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(step: int, scalars: dict) -> None:
-    bad = {k: v for k, v in scalars.items() if not math.isfinite(v)}
-    if bad:
-        raise FloatingPointError(
-            f'Non-finite values at step {step}: {bad}; all terms: {json.dumps(scalars)}. '
-            'The last checkpoint was left untouched and this state was not saved.')
+def _check_finite(step: int, step_metrics: dict, allowed: int) -> None:
+    """Stops the run once more than `allowed` steps had a non-finite loss or gradient."""
+    if int(step_metrics['nonfinite_steps']) <= allowed:
+        return
+    terms = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    raise FloatingPointError(
+        f'Non-finite loss or gradient at step {step} (loss={terms["loss"]}, '
+        f'mim={terms["loss_mim"]}, global={terms["loss_global"]}, local={terms["loss_local"]}, '
+        f'grad_norm={terms["grad_norm"]}); {int(terms["nonfinite_steps"])} such steps so far, '
+        f'max_nonfinite_steps={allowed}. The update was not applied and not saved; the last '
+        f'checkpoint is untouched. All metrics: {json.dumps(terms)}')

@@ -113,3 +113,29 @@ def test_short_pretraining_on_aid_lowers_the_loss(tmp_path):
     assert loss[-30:].mean() < loss[:30].mean() - 0.4
     assert mim[-30:].mean() < 0.8 * mim[:30].mean()
     assert rows[-1]['bad_images'] == 0
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    config = vitb.get_config('smoke')
+    config.total_steps, config.checkpoint_every_steps = 6, 2
+    config.optim.base_lr = 1e30  # The first update blows the weights up; step 2 is non-finite.
+    with pytest.raises(FloatingPointError, match=r'Non-finite loss or gradient at step 2 \(loss=nan'):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert checkpointing.Checkpointer(str(tmp_path), every_steps=2, keep=3).manager.all_steps() == [1]
+    _, state, _ = checkpointing.restore_train_state(str(tmp_path))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
+
+
+def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
+    config = vitb.get_config('smoke')
+    config.total_steps, config.checkpoint_every_steps, config.log_every_steps = 6, 1, 1
+    config.keep_checkpoints = 6
+    config.optim.base_lr = 1e30
+    config.max_nonfinite_steps = 10
+    train.train_and_evaluate(config, str(tmp_path))
+    assert [r['nonfinite_steps'] for r in metrics(tmp_path)] == [0, 1, 2, 3, 4, 5]
+    _, after_1, _ = checkpointing.restore_train_state(str(tmp_path), step=1)
+    _, after_6, _ = checkpointing.restore_train_state(str(tmp_path), step=6)
+    # Skipped steps never touch the weights, the teacher or the queue.
+    for key in ('params', 'teacher_params', 'queue', 'center'):
+        jax.tree.map(np.testing.assert_array_equal, after_1[key], after_6[key])
