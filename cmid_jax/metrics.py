@@ -13,20 +13,26 @@ import os
 import time
 from typing import Mapping
 
+import numpy as np
+
 
 class JsonlWriter:
-    """Appends one JSON object per write: {"step": N, name: value, ...}."""
+    """Appends one JSON object per write: {"step": N, name: value, ...}.
+
+    Each record is one `write` call on an O_APPEND descriptor, so a killed process leaves whole
+    lines only. After a crash and resume, steps after the restored checkpoint appear again; the
+    later line for a step is the one that belongs to the finished run.
+    """
 
     def __init__(self, path: str):
-        self._file = open(path, 'a', encoding='utf-8')
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        self._file.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
-                         + '\n')
-        self._file.flush()
+        record = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
+        os.write(self._fd, (json.dumps(record) + '\n').encode())
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)
 
 
 class MetricWriter:
@@ -47,6 +53,12 @@ class MetricWriter:
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         for w in self._writers:
             w.write_scalars(step, scalars)
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """(N, H, W, C) uint8 images to TensorBoard; the JSONL file keeps scalars only."""
+        for w in self._writers:
+            if hasattr(w, 'write_images'):
+                w.write_images(step, images)
 
     def close(self) -> None:
         for w in self._writers:

@@ -16,6 +16,7 @@ from cmid_jax import checkpointing, metrics as metrics_lib, optim, parallel
 from cmid_jax.data import demo_data_path
 from cmid_jax.data.files import list_images
 from cmid_jax.data.pipeline import build_dataset, make_iterator
+from cmid_jax.evaluation.periodic import PeriodicEvals
 from cmid_jax.step import Trainer
 
 
@@ -82,9 +83,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = jax.jit(trainer.init_state, out_shardings=replicated)(jax.random.key(config.seed))
     train_step = trainer.jit_train_step(replicated, batch_sharding, replicated)
 
-    # --- Loop --------------------------------------------------------------------------------
+    # --- Evals -------------------------------------------------------------------------------
     writer = metrics_lib.MetricWriter(workdir, is_main_process=process == 0)
+    evals = PeriodicEvals(config, mesh, workdir, writer, total_steps)
     first_step = int(jax.device_get(state['step']))
+    if evals.knn is not None and first_step == 0:
+        evals.run_knn(0, state)  # The untrained baseline: the first point of the kNN curve.
+
+    # --- Loop --------------------------------------------------------------------------------
     progress = metrics_lib.Progress(total_steps, first_step)
     bad_images = 0
     logged = {}
@@ -94,7 +100,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for step in range(first_step + 1, total_steps + 1):
             batch = next(data_iter)
             bad_images += int(np.sum(batch.pop('bad_images')))
-            state, step_metrics = train_step(state, parallel.global_batch(batch, batch_sharding))
+            batch = parallel.global_batch(batch, batch_sharding)
+            state, step_metrics = train_step(state, batch)
             if previous is not None:
                 _check_finite(*previous, config.max_nonfinite_steps)
             previous = step, step_metrics
@@ -110,6 +117,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 line, rate = progress.line(step, logged)
                 logged['steps_per_second'] = rate
                 logging.info('%s%s', line, f' ({bad_images} bad images skipped)' if bad_images else '')
+            if not preempted:  # A preempted run must save before its grace period ends.
+                logged.update(evals(step, state, batch))
             if save_due:
                 ckpt.save(step, state, data_iter, force=step == total_steps or preempted)
             if preempted:

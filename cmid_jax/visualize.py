@@ -101,13 +101,16 @@ def _nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
 
 
 def plot_knn_curve(eval_jsonl_or_metrics_jsonl: str, out_png: str, *,
-                   size: tuple[int, int] = (720, 420), title: str = 'top-1 accuracy'
+                   size: tuple[int, int] = (720, 420), title: str | None = None
                    ) -> dict[str, list[tuple[int, float]]]:
     """Plots top-1 (%) against step for every series in the file; returns the series plotted."""
     series = read_accuracy_series(eval_jsonl_or_metrics_jsonl)
     if not series:
         raise ValueError(f'no accuracy records (knn_top1_* or protocol/top1) in '
                          f'{eval_jsonl_or_metrics_jsonl}')
+    if title is None:
+        only_knn = all(name.startswith('knn') for name in series)
+        title = 'kNN top-1 accuracy' if only_knn else 'top-1 accuracy'
     width, height = size
     left, right, top, bottom = 60, 20, 36, 44
     img = Image.new('RGB', size, 'white')

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from cmid_jax import checkpointing, evaluate, parallel, train, visualize
-from cmid_jax.data.pipeline import build_dataset, make_iterator
-from cmid_jax.data.files import list_images
+from cmid_jax.data.files import list_images, load_image
+from cmid_jax.data.views import make_views
 from cmid_jax.evaluation import (FinetuneRecipe, knn_scores, knn_top1, linear_probe_top1,
                                  load_split, make_online_knn, make_reconstruction_fn,
                                  split_per_class)
@@ -181,23 +181,29 @@ def pretrained(tmp_path_factory):
     return workdir, str(data)
 
 
-def test_evaluate_protocols_beat_chance(pretrained, capsys):
+@pytest.fixture(scope='module')
+def offline(pretrained):
+    """kNN and linear probe of both backbones through the `evaluate` API."""
     workdir, data = pretrained
-    results = {}
-    for which in ('student', 'teacher'):
-        # The CLI once, through argparse, for the printed JSON line.
-        out = evaluate.main([f'--workdir={workdir}', f'--data={data}', '--protocol=knn',
-                             f'--which={which}'])
-        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
-        results[f'knn_{which}'] = out
-        results[f'linear_{which}'] = evaluate.evaluate(workdir, data, 'linear', which=which)
+    results = {f'{p}_{w}': evaluate.evaluate(workdir, data, p, which=w)
+               for p in ('knn', 'linear') for w in ('student', 'teacher')}
     print({k: v['top1'] for k, v in results.items()})
-    for name, r in results.items():
+    return results
+
+
+def test_evaluate_protocols_beat_chance(pretrained, offline, capsys):
+    workdir, data = pretrained
+    for name, r in offline.items():
         assert r['num_classes'] == 5 and r['num_train'] == 100 and r['num_test'] == 100, name
         assert r['step'] == 40
         assert r['top1'] > 0.4, (name, r['top1'])  # chance is 0.2
-    lines = Path(workdir, 'eval.jsonl').read_text().splitlines()
-    assert [json.loads(l)['protocol'] for l in lines] == ['knn', 'linear'] * 2
+    # The CLI: argparse, one printed JSON line, the same result, appended to eval.jsonl.
+    out = evaluate.main([f'--workdir={workdir}', f'--data={data}', '--protocol=knn',
+                         '--which=teacher', '--train-fraction=0.5', '--seed=0'])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    assert out['top1'] == offline['knn_teacher']['top1']
+    last = json.loads(Path(workdir, 'eval.jsonl').read_text().splitlines()[-1])
+    assert last == out
 
 
 def test_finetune_runs_one_epoch(pretrained):
@@ -209,7 +215,7 @@ def test_finetune_runs_one_epoch(pretrained):
     assert r['top1'] > 0.2
 
 
-def test_online_hooks_on_the_training_mesh(pretrained):
+def test_online_hooks_on_the_training_mesh(pretrained, offline):
     """make_online_knn and the reconstruction grid as train.py uses them: replicated state on an
     8-device mesh; the online kNN agrees with the offline one on the same split."""
     workdir, data = pretrained
@@ -219,16 +225,14 @@ def test_online_hooks_on_the_training_mesh(pretrained):
     replicated, batch_sharding = parallel.shardings(mesh)
     state = jax.device_put(state, replicated)
     online = make_online_knn(config, mesh=mesh)(state)
-    offline = [json.loads(l) for l in Path(workdir, 'eval.jsonl').read_text().splitlines()]
     for which in ('student', 'teacher'):
-        ref = next(r['top1'] for r in offline if r['protocol'] == 'knn' and r['which'] == which)
+        ref = offline[f'knn_{which}']['top1']
         assert abs(online[f'knn_top1_{which}'] - ref) <= 0.02, (which, online, ref)
 
-    it = make_iterator(build_dataset(list_images(data), image_size=64, mask_ratio=0.6,
-                                     local_batch_size=16, seed=0), num_workers=0)
-    batch = next(it)
-    it.close()
-    batch.pop('bad_images')
+    # A train batch in the pipeline's format, built directly from the views module.
+    rng = np.random.default_rng(0)
+    views = [make_views(load_image(f), rng, 64, 0.6) for f in list_images(data)[::12][:16]]
+    batch = {k: np.stack([v[k] for v in views]) for k in views[0]}
     out = jax.device_get(make_reconstruction_fn(config, out_sharding=replicated)(
         state, parallel.global_batch(batch, batch_sharding)))
     grid = visualize.reconstruction_grid(out, out['reconstruction'], config.data.mean,

@@ -139,3 +139,49 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
     # Skipped steps never touch the weights, the teacher or the queue.
     for key in ('params', 'teacher_params', 'queue', 'center'):
         jax.tree.map(np.testing.assert_array_equal, after_1[key], after_6[key])
+
+
+def test_sigkill_during_checkpointing_never_loses_a_complete_checkpoint(tmp_path):
+    """SIGKILL at random moments (a save is in flight at almost every step); every relaunch
+    resumes from a complete checkpoint and the finished run equals an uninterrupted one."""
+    flags = ['--config.total_steps=40', '--config.log_every_steps=1',
+             '--config.checkpoint_every_steps=1', '--config.keep_checkpoints=2']
+    workdir = tmp_path / 'killed'
+    rng = np.random.default_rng(0)
+    resumed_from = []
+    for attempt in range(3):
+        proc = subprocess.Popen(cli(workdir, *flags), cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        target = 8 * (attempt + 1) + int(rng.integers(0, 5))
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            rows = metrics(workdir) if os.path.exists(workdir / 'metrics.jsonl') else []
+            if rows and rows[-1]['step'] >= target:
+                break
+            time.sleep(0.05)
+        proc.kill()
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
+        if attempt:
+            assert 'Resumed from the checkpoint of step' in stderr
+            resumed_from.append(int(stderr.split('Resumed from the checkpoint of step ')[1].split()[0]))
+        latest = checkpointing.Checkpointer(str(workdir), every_steps=1, keep=2).latest_step()
+        _, state, step = checkpointing.restore_train_state(str(workdir))
+        assert step == latest and int(state['step']) == latest
+    assert len(resumed_from) == 2 and resumed_from[0] < resumed_from[1]
+
+    done = subprocess.run(cli(workdir, *flags), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    config = vitb.get_config('smoke')
+    config.total_steps, config.log_every_steps, config.checkpoint_every_steps = 40, 1, 1000
+    straight = tmp_path / 'straight'
+    train.train_and_evaluate(config, str(straight))
+    _, a, _ = checkpointing.restore_train_state(str(workdir))
+    _, b, _ = checkpointing.restore_train_state(str(straight))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+                 a['params'], b['params'])
+    last = {r['step']: r['loss'] for r in metrics(workdir)}  # later lines win
+    np.testing.assert_allclose([last[s] for s in range(1, 41)],
+                               [r['loss'] for r in metrics(straight)], rtol=1e-6)

@@ -83,7 +83,6 @@ class FeatureExtractor:
             fmap, _ = nets.apply('backbone', variables, x, train=False)
             return jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
 
-        self.image_size = int(config.data.image_size)
         if mesh is None:
             self._images_sharding = None
             self._fn = jax.jit(features)

@@ -3,9 +3,9 @@
 Recipe (defaults; `epochs`, `batch_size` and `lr` are arguments):
 * start from the chosen backbone's parameters and BatchNorm statistics; the head
   (features -> classes) starts at zero, as in big_vision fine-tuning;
-* AdamW (b1 0.9, b2 0.999), peak lr 1e-4 for batch 64, weight decay 0.05 on tensors with ndim > 1
-  only (as in pretraining), gradients clipped to global norm 1; linear warm-up over the first 10%
-  of the steps, then cosine decay to 0;
+* AdamW (b1 0.9, b2 0.999), peak lr 1e-4 (not scaled with the batch size), weight decay 0.05
+  on tensors with ndim > 1 only (as in pretraining), gradients clipped to global norm 1; linear
+  warm-up over the first 10% of the steps, then cosine decay to 0;
 * 10 epochs of `len(train) // batch_size` steps (remainder dropped; a new seeded order every
   epoch), batch size capped at the train-split size;
 * augmentation: RandomResizedCrop to `config.data.image_size` (scale 0.08-1, ratio 3/4-4/3, the

@@ -1,0 +1,60 @@
+"""The evaluations the train loop runs every so many steps: online kNN and reconstruction grids.
+
+Every process runs the jitted computations (they are collective on a multi-host mesh); only
+process 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cmid_jax import visualize
+from cmid_jax.evaluation.online import make_online_knn
+from cmid_jax.evaluation.reconstruction import make_reconstruction_fn
+
+
+class PeriodicEvals:
+    """Built once (the labelled split is decoded into memory, the functions jitted)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, workdir: str, writer,
+                 total_steps: int):
+        self.config, self.writer, self.total_steps = config, writer, total_steps
+        self.is_main = jax.process_index() == 0
+        self.images_dir = os.path.join(workdir, 'images')
+        self.metrics_path = os.path.join(workdir, 'metrics.jsonl')
+        self.knn = make_online_knn(config, mesh=mesh) if config.eval.path else None
+        self.reconstruct = None
+        if config.loss.use_mim and config.images_every_steps:
+            self.reconstruct = make_reconstruction_fn(config,
+                                                      out_sharding=NamedSharding(mesh, P()))
+
+    def _due(self, step: int, every: int) -> bool:
+        return step % every == 0 or step == self.total_steps
+
+    def run_knn(self, step: int, state: dict) -> dict[str, float]:
+        scores = self.knn(state)
+        self.writer.write_scalars(step, scores)
+        logging.info('step %d: %s', step, ' '.join(f'{k}={v:.4f}' for k, v in scores.items()))
+        if self.is_main:
+            visualize.plot_knn_curve(self.metrics_path, os.path.join(self.images_dir, 'knn.png'))
+        return scores
+
+    def __call__(self, step: int, state: dict, batch: dict) -> dict[str, float]:
+        """Runs whatever is due after `step`; returns the scalars it logged."""
+        scores = {}
+        if self.knn is not None and self._due(step, self.config.eval.every_steps):
+            scores = self.run_knn(step, state)
+        if self.reconstruct is not None and self._due(step, self.config.images_every_steps):
+            views = jax.device_get(self.reconstruct(state, batch))
+            if self.is_main:
+                grid = visualize.reconstruction_grid(views, views['reconstruction'],
+                                                     self.config.data.mean, self.config.data.std)
+                visualize.save_png(os.path.join(self.images_dir, f'reconstruction_{step:08d}.png'),
+                                   grid)
+                self.writer.write_images(step, {'reconstruction': grid[None]})
+        return scores
