@@ -53,47 +53,88 @@ def test_config_errors_name_the_field(overrides, message):
     assert message in str(e.value)
 
 
-def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
-    """Preempt a CLI run, relaunch it, and compare with one uninterrupted run step by step."""
-    flags = ['--config.total_steps=150', '--config.log_every_steps=1',
-             '--config.checkpoint_every_steps=1000']
-    interrupted = tmp_path / 'interrupted'
-    proc = subprocess.Popen(cli(interrupted, *flags), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if os.path.exists(interrupted / 'metrics.jsonl') and len(metrics(interrupted)) >= 10:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
-    assert 'Preempted (SIGTERM)' in stderr
-    stopped_at = metrics(interrupted)[-1]['step']
-    assert 10 <= stopped_at < 150
-    assert checkpointing.Checkpointer(str(interrupted), every_steps=1, keep=1).latest_step() == stopped_at
+RUN_FLAGS = ['--config.total_steps=40', '--config.log_every_steps=1']
 
-    resumed = subprocess.run(cli(interrupted, *flags), cwd=REPO, capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f'Resumed from the checkpoint of step {stopped_at}' in resumed.stderr
 
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    """The reference: the 40-step smoke run in one go (in-process)."""
     config = vitb.get_config('smoke')
-    config.total_steps, config.log_every_steps, config.checkpoint_every_steps = 150, 1, 1000
-    straight = tmp_path / 'straight'
-    train.train_and_evaluate(config, str(straight))
+    config.total_steps, config.log_every_steps, config.checkpoint_every_steps = 40, 1, 1000
+    workdir = tmp_path_factory.mktemp('uninterrupted')
+    train.train_and_evaluate(config, str(workdir))
+    _, state, _ = checkpointing.restore_train_state(str(workdir))
+    return state, {r['step']: r for r in metrics(workdir)}
 
-    by_step = {r['step']: r for r in metrics(straight)}
-    after = [r for r in metrics(interrupted) if r['step'] > stopped_at]
-    assert [r['step'] for r in after] == list(range(stopped_at + 1, 151))
-    for r in after:
+
+def assert_same_run(workdir, uninterrupted):
+    ref_state, ref_rows = uninterrupted
+    last = {r['step']: r for r in metrics(workdir)}  # After a crash, the later line of a step wins.
+    assert sorted(last) == list(range(1, 41))
+    for step, r in last.items():
         for k in ('loss', 'loss_mim', 'loss_global', 'loss_local'):
-            np.testing.assert_allclose(r[k], by_step[r['step']][k], rtol=1e-6, err_msg=f"{k} {r['step']}")
-    _, a, _ = checkpointing.restore_train_state(str(interrupted))
-    _, b, _ = checkpointing.restore_train_state(str(straight))
+            np.testing.assert_allclose(r[k], ref_rows[step][k], rtol=1e-6, err_msg=f'{k} {step}')
+    _, state, _ = checkpointing.restore_train_state(str(workdir))
     for key in ('params', 'teacher_params', 'queue', 'center', 'opt_state'):
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
-                     a[key], b[key])
+                     state[key], ref_state[key])
+
+
+def wait_for_step(proc, workdir, step):
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        rows = metrics(workdir) if os.path.exists(workdir / 'metrics.jsonl') else []
+        if rows and rows[-1]['step'] >= step:
+            return
+        time.sleep(0.05)
+
+
+def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, uninterrupted):
+    workdir = tmp_path / 'preempted'
+    flags = [*RUN_FLAGS, '--config.checkpoint_every_steps=1000']
+    proc = subprocess.Popen(cli(workdir, *flags), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, workdir, 5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert 'Preempted (SIGTERM)' in stderr
+    stopped_at = metrics(workdir)[-1]['step']
+    assert 5 <= stopped_at < 40
+    assert checkpointing.Checkpointer(str(workdir), every_steps=1, keep=1).latest_step() == stopped_at
+
+    resumed = subprocess.run(cli(workdir, *flags), cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f'Resumed from the checkpoint of step {stopped_at}' in resumed.stderr
+    assert_same_run(workdir, uninterrupted)
+
+
+def test_sigkill_during_checkpointing_never_loses_a_complete_checkpoint(tmp_path, uninterrupted):
+    """SIGKILL at random moments (a save is in flight at almost every step); every relaunch
+    resumes from a complete checkpoint and the finished run equals an uninterrupted one."""
+    workdir = tmp_path / 'killed'
+    flags = [*RUN_FLAGS, '--config.checkpoint_every_steps=1', '--config.keep_checkpoints=2']
+    rng = np.random.default_rng(0)
+    resumed_from = []
+    for attempt in range(2):
+        proc = subprocess.Popen(cli(workdir, *flags), cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        wait_for_step(proc, workdir, 10 * (attempt + 1) + int(rng.integers(0, 5)))
+        proc.kill()
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
+        if attempt:
+            resumed_from.append(int(stderr.split('Resumed from the checkpoint of step ')[1].split()[0]))
+        latest = checkpointing.Checkpointer(str(workdir), every_steps=1, keep=2).latest_step()
+        _, state, step = checkpointing.restore_train_state(str(workdir))
+        assert step == latest and int(state['step']) == latest > 0
+
+    done = subprocess.run(cli(workdir, *flags), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert resumed_from and 'Resumed from the checkpoint of step' in done.stderr
+    assert_same_run(workdir, uninterrupted)
 
 
 def test_short_pretraining_on_aid_lowers_the_loss(tmp_path):
@@ -140,48 +181,3 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
     for key in ('params', 'teacher_params', 'queue', 'center'):
         jax.tree.map(np.testing.assert_array_equal, after_1[key], after_6[key])
 
-
-def test_sigkill_during_checkpointing_never_loses_a_complete_checkpoint(tmp_path):
-    """SIGKILL at random moments (a save is in flight at almost every step); every relaunch
-    resumes from a complete checkpoint and the finished run equals an uninterrupted one."""
-    flags = ['--config.total_steps=40', '--config.log_every_steps=1',
-             '--config.checkpoint_every_steps=1', '--config.keep_checkpoints=2']
-    workdir = tmp_path / 'killed'
-    rng = np.random.default_rng(0)
-    resumed_from = []
-    for attempt in range(3):
-        proc = subprocess.Popen(cli(workdir, *flags), cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-        target = 8 * (attempt + 1) + int(rng.integers(0, 5))
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            rows = metrics(workdir) if os.path.exists(workdir / 'metrics.jsonl') else []
-            if rows and rows[-1]['step'] >= target:
-                break
-            time.sleep(0.05)
-        proc.kill()
-        _, stderr = proc.communicate(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
-        if attempt:
-            assert 'Resumed from the checkpoint of step' in stderr
-            resumed_from.append(int(stderr.split('Resumed from the checkpoint of step ')[1].split()[0]))
-        latest = checkpointing.Checkpointer(str(workdir), every_steps=1, keep=2).latest_step()
-        _, state, step = checkpointing.restore_train_state(str(workdir))
-        assert step == latest and int(state['step']) == latest
-    assert len(resumed_from) == 2 and resumed_from[0] < resumed_from[1]
-
-    done = subprocess.run(cli(workdir, *flags), cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-
-    config = vitb.get_config('smoke')
-    config.total_steps, config.log_every_steps, config.checkpoint_every_steps = 40, 1, 1000
-    straight = tmp_path / 'straight'
-    train.train_and_evaluate(config, str(straight))
-    _, a, _ = checkpointing.restore_train_state(str(workdir))
-    _, b, _ = checkpointing.restore_train_state(str(straight))
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
-                 a['params'], b['params'])
-    last = {r['step']: r['loss'] for r in metrics(workdir)}  # later lines win
-    np.testing.assert_allclose([last[s] for s in range(1, 41)],
-                               [r['loss'] for r in metrics(straight)], rtol=1e-6)
