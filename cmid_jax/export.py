@@ -1,12 +1,13 @@
 """Exports the backbone of a cmid_jax checkpoint as a PyTorch state_dict plus JSON metadata.
 
     python -m cmid_jax.export --workdir=runs/r50 --out=r50_cmid.pth
-    python -m cmid_jax.export --workdir=runs/vitb --step=20000 --which=teacher --out=vitb.safetensors
+    python -m cmid_jax.export --workdir=runs/vitb --step=2000 --which=teacher --out=vit.safetensors
 
 The weights go to `--out` (`.pth`/`.pt`: `torch.save`, needs PyTorch; `.safetensors`: needs only
 the `safetensors` package) and everything needed to rebuild and feed the model to `OUT.json`:
 the PyTorch constructor (timm or torchvision name or class and its kwargs, strict-loadable; for
-ResNets also the torchvision alternative, which misses only `fc.*`), the input size, band names,
+ResNets also the torchvision alternative, which misses only `fc.*`; None for the CPU-smoke ResNet
+'nano', whose 16-channel stem no torch library builds), the input size, band names,
 the per-band mean/std of `(pixels / 255 - mean) / std`, the step, which network and the resolved
 config. The default is the student backbone of the latest step, the network the official CMID
 release deploys (cmid-method.md 10.1). `load_torch_model(OUT.json)` rebuilds the PyTorch module.
@@ -27,11 +28,12 @@ from absl import app, flags, logging
 import numpy as np
 
 from cmid_jax import checkpointing
+from cmid_jax.data.bands import num_bands, type_max
 from cmid_jax.models import TORCH_NAMES, official, resnet, swin, vit
 
 FORMAT = 'cmid_jax.backbone/1'
 WEIGHT_SUFFIXES = {'.pth': 'pth', '.pt': 'pth', '.safetensors': 'safetensors'}
-RGB_BANDS = ('red', 'green', 'blue')  # the pipeline decodes 3-band RGB images
+RGB_BANDS = ('red', 'green', 'blue')  # data.bands=None: 8-bit RGB
 
 
 def _spec(library: str, *, kwargs: dict[str, Any], features: str, model_name: str | None = None,
@@ -47,35 +49,36 @@ def _spec(library: str, *, kwargs: dict[str, Any], features: str, model_name: st
     return dict(spec, features=features, **extra)
 
 
-def _resnet_models(variant: str, img_size: int, layout: str | None) -> list[dict[str, Any]]:
+def _resnet_models(variant: str, *, img_size: int, in_chans: int,
+                   layout: str | None) -> list[dict[str, Any]]:
     del img_size  # any multiple of 32
     _no_layout_choice('resnet', layout)
     stage_sizes, width = resnet.VARIANTS[variant]
-    layers = list(stage_sizes)
+    if width != 64:  # timm and torchvision both fix the stem at 64 channels
+        return []
     name = TORCH_NAMES.get(('resnet', variant))
     features = 'model.forward_features(x): (B, C, H/32, W/32), the layer4 map'
+    # torchvision always builds the classifier: load with strict=False (or set fc=Identity).
+    tv = dict(features='conv1, bn1, relu, maxpool, layer1..layer4: (B, C, H/32, W/32)',
+              missing_keys=['fc.bias', 'fc.weight'])
+    layers = list(stage_sizes)
     if name:
-        models = [_spec('timm', model_name=name, kwargs=dict(in_chans=3, num_classes=0),
-                        features=features)]
-    else:  # timm's ResNet takes any stage widths (torchvision fixes them at 64..512)
+        models = [_spec('timm', model_name=name, kwargs=dict(in_chans=in_chans, num_classes=0),
+                        features=features),
+                  _spec('torchvision', model_name=name, kwargs={}, **tv)]
+    else:
         models = [_spec('timm', cls='timm.models.resnet.ResNet',
                         object_kwargs=dict(block='timm.models.resnet.Bottleneck'),
-                        kwargs=dict(layers=layers, stem_width=width,
-                                    channels=[width * 2 ** s for s in range(len(layers))],
-                                    in_chans=3, num_classes=0),
-                        features=features)]
-    if width == 64:
-        # torchvision always builds the classifier: load with strict=False (or set fc=Identity).
-        tv = dict(features='conv1, bn1, relu, maxpool, layer1..layer4: (B, C, H/32, W/32)',
-                  missing_keys=['fc.bias', 'fc.weight'])
-        models.append(_spec('torchvision', model_name=name, kwargs={}, **tv) if name else
-                      _spec('torchvision', cls='torchvision.models.resnet.ResNet',
-                            object_kwargs=dict(block='torchvision.models.resnet.Bottleneck'),
-                            kwargs=dict(layers=layers), **tv))
-    return models
+                        kwargs=dict(layers=layers, in_chans=in_chans, num_classes=0),
+                        features=features),
+                  _spec('torchvision', cls='torchvision.models.resnet.ResNet',
+                        object_kwargs=dict(block='torchvision.models.resnet.Bottleneck'),
+                        kwargs=dict(layers=layers), **tv)]
+    return models if in_chans == 3 else models[:1]  # torchvision ResNets take 3 bands only
 
 
-def _vit_models(variant: str, img_size: int, layout: str | None) -> list[dict[str, Any]]:
+def _vit_models(variant: str, *, img_size: int, in_chans: int,
+                layout: str | None) -> list[dict[str, Any]]:
     _no_layout_choice('vit', layout)
     name = TORCH_NAMES.get(('vit', variant))
     v = vit.VARIANTS[variant]
@@ -83,33 +86,34 @@ def _vit_models(variant: str, img_size: int, layout: str | None) -> list[dict[st
                 'after the final norm (cmid_jax drops the cls token)')
     if name:
         return [_spec('timm', model_name=name, features=features,
-                      kwargs=dict(img_size=img_size, in_chans=3, num_classes=0))]
+                      kwargs=dict(img_size=img_size, in_chans=in_chans, num_classes=0))]
     return [_spec('timm', cls='timm.models.vision_transformer.VisionTransformer',
                   features=features,
                   kwargs=dict(img_size=img_size, patch_size=v['patch_size'],
                               embed_dim=v['embed_dim'], depth=v['depth'],
-                              num_heads=v['num_heads'], in_chans=3, num_classes=0))]
+                              num_heads=v['num_heads'], in_chans=in_chans, num_classes=0))]
 
 
-def _swin_models(variant: str, img_size: int, layout: str | None) -> list[dict[str, Any]]:
+def _swin_models(variant: str, *, img_size: int, in_chans: int,
+                 layout: str | None) -> list[dict[str, Any]]:
     v = swin.VARIANTS[variant]
     shape = dict(embed_dim=v['embed_dim'], depths=list(v['depths']),
-                 num_heads=list(v['num_heads']))
+                 num_heads=list(v['num_heads']), window_size=v['window_size'])
     if layout in (None, 'timm'):
         name = TORCH_NAMES.get(('swin', variant))
         features = 'model.forward_features(x): (B, H/32, W/32, C) after the final norm'
         if name:
             return [_spec('timm', model_name=name, features=features,
-                          kwargs=dict(img_size=img_size, in_chans=3, num_classes=0))]
+                          kwargs=dict(img_size=img_size, in_chans=in_chans, num_classes=0))]
         return [_spec('timm', cls='timm.models.swin_transformer.SwinTransformer',
                       features=features,
-                      kwargs=dict(img_size=img_size, patch_size=4, window_size=7, **shape,
-                                  in_chans=3, num_classes=0))]
+                      kwargs=dict(img_size=img_size, patch_size=4, **shape, in_chans=in_chans,
+                                  num_classes=0))]
     # The official CMID (mmcls) layout is what mmseg / mmdet read; not loaded by our tests.
     return [_spec('mmseg', cls='mmseg.models.backbones.SwinTransformer',
-                  kwargs=dict(pretrain_img_size=img_size, embed_dims=shape['embed_dim'],
-                              depths=shape['depths'], num_heads=shape['num_heads'],
-                              window_size=7, patch_size=4, out_indices=[3]),
+                  kwargs=dict(pretrain_img_size=img_size, in_channels=in_chans,
+                              embed_dims=shape['embed_dim'], depths=shape['depths'], num_heads=shape['num_heads'],
+                              window_size=shape['window_size'], patch_size=4, out_indices=[3]),
                   features='out_indices=(3,): the norm3 map, (B, C, H/32, W/32)',
                   note='mmseg / mmdet load it through init_cfg=dict(type="Pretrained", '
                        'checkpoint=...), non-strictly (cmid-method.md 10.4)')]
@@ -120,8 +124,9 @@ def _no_layout_choice(arch: str, layout: str | None) -> None:
         raise ValueError(f'layout={layout!r} is only a choice for Swin, not {arch!r}')
 
 
-# arch -> (variant, img_size, layout) -> PyTorch constructors, the strict-loadable one first.
-TORCH_MODELS: dict[str, Callable[[str, int, str | None], list[dict[str, Any]]]] = {
+# arch -> f(variant, *, img_size, in_chans, layout) -> PyTorch constructors, the strict-loadable
+# one first; [] when no torch library builds that variant.
+TORCH_MODELS: dict[str, Callable[..., list[dict[str, Any]]]] = {
     'resnet': _resnet_models,
     'vit': _vit_models,
     'swin': _swin_models,
@@ -201,28 +206,36 @@ def export_backbone(workdir: str, out: str, step: int | None = None, which: str 
     arch, variant, size = config.model.arch, config.model.variant, config.data.image_size
     if arch not in TORCH_MODELS:
         raise ValueError(f'no PyTorch export for arch {arch!r}; known: {sorted(TORCH_MODELS)}')
-    models = TORCH_MODELS[arch](variant, size, layout)
+    in_chans = num_bands(config.data)
+    models = TORCH_MODELS[arch](variant, img_size=size, in_chans=in_chans, layout=layout)
+    if not models:
+        logging.warning('No timm/torchvision model has the widths of %s %r; the weights keep the '
+                        'key layout of the larger variants.', arch, variant)
     state_dict = backbone_state_dict(state, arch, which, layout)
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_weights(state_dict, out, {'arch': arch, 'variant': variant, 'which': which,
                                    'step': str(step)})
-    channels = len(config.data.mean)
+    bands = config.data.get('bands')
+    scale = type_max(config.data.get('dtype') or 'uint8')  # configs from before bands: 8-bit
     metadata = {
         'format': FORMAT,
         'weights': os.path.basename(out),
         'weights_format': fmt,
         'weights_sha256': _sha256(out),
         'num_tensors': len(state_dict),
-        'torch_model': models[0],
+        'torch_model': models[0] if models else None,  # None: no PyTorch counterpart
         'torch_model_alternatives': models[1:],
         'input': {
             'size': [size, size],
             'layout': 'NCHW',
-            'bands': list(config.data.get('bands', RGB_BANDS[:channels])),
+            'channels': in_chans,
+            # Names or 0-based indices into the source files' bands, as configured.
+            'bands': list(RGB_BANDS if bands is None else bands),
+            'pixel_dtype': config.data.get('dtype') or 'uint8',
             'mean': list(config.data.mean),
             'std': list(config.data.std),
-            'normalisation': 'x = (pixels / 255 - mean) / std, per band',
+            'normalisation': f'x = (pixels / {scale:g} - mean) / std, per band',
         },
         'arch': arch,
         'variant': variant,
@@ -245,7 +258,7 @@ def _import_object(dotted: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def build_torch_model(spec: Mapping[str, Any]):
+def build_torch_model(spec: Mapping[str, Any]) -> Any:
     """The (randomly initialised) PyTorch module one `torch_model` metadata entry describes."""
     kwargs = dict(spec['kwargs'])
     kwargs.update({k: _import_object(v) for k, v in spec.get('object_kwargs', {}).items()})
@@ -268,7 +281,7 @@ def read_weights(path: str) -> dict[str, Any]:
     return _import_torch().load(path, map_location='cpu', weights_only=True)
 
 
-def load_torch_model(metadata_path: str, alternative: int | None = None):
+def load_torch_model(metadata_path: str, alternative: int | None = None) -> Any:
     """Builds the exported backbone in PyTorch and loads its weights, in eval mode.
 
     `alternative` picks an entry of `torch_model_alternatives` (e.g. 0 = torchvision for a
@@ -279,6 +292,9 @@ def load_torch_model(metadata_path: str, alternative: int | None = None):
         meta = json.load(f)
     spec = meta['torch_model'] if alternative is None else (
         meta['torch_model_alternatives'][alternative])
+    if spec is None:
+        raise ValueError(f"{metadata_path}: {meta['arch']} {meta['variant']!r} has no PyTorch "
+                         'model to load into')
     model = build_torch_model(spec)
     weights = os.path.join(os.path.dirname(os.path.abspath(metadata_path)), meta['weights'])
     missing, unexpected = model.load_state_dict(read_weights(weights), strict=False)

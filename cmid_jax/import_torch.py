@@ -17,7 +17,8 @@ Two kinds of file are understood (`.pth`/`.pt` via torch, or `.safetensors`):
 In both cases the optimizer starts fresh (the official Adan state is not converted: its decay is
 prox-style and its layout is torch's) and the step starts at 0, so continued pretraining runs its
 own schedule (lr warm-up and cosine, EMA momentum, teacher temperature) from the config. The grain
-iterator starts afresh too (the checkpoint holds no `data` item).
+iterator starts afresh too (the checkpoint holds no `data` item). Resume with `cmid_jax.main` and
+the same config and overrides (the head widths and queue size must match the imported state).
 
 Everything is checked against the config before anything is written: an architecture or width
 mismatch raises one ValueError that lists every unknown key, missing key and shape mismatch, and
@@ -48,8 +49,8 @@ from cmid_jax.models import official
 from cmid_jax.models.common import as_numpy
 from cmid_jax.step import Trainer
 
-# A backbone-only file may carry these prefixes (extract.py strips the first; DDP adds the last).
-_BACKBONE_PREFIXES = (official.BACKBONE_PREFIXES['student'], 'module.')
+# A state_dict saved from a DistributedDataParallel wrapper has every key under this prefix.
+_DDP_PREFIX = 'module.'
 # Classifier heads of plain timm / torchvision state_dicts; not part of a backbone.
 _CLASSIFIER_PREFIXES = ('fc.', 'head.')
 # One tell-tale key per backbone layout, to name the arch of a mismatching file.
@@ -114,15 +115,19 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     not_tensors = sorted(k for k, v in obj.items() if not hasattr(v, 'shape'))
     if not_tensors:
         raise ValueError(f'{path}: entries that are not tensors: {not_tensors}')
-    return {k: as_numpy(v) for k, v in obj.items()}, info
+    return {k: as_numpy(v) for k, v in _strip_common_prefix(obj, _DDP_PREFIX).items()}, info
+
+
+def _strip_common_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
 
 
 def backbone_only(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """A backbone-only state_dict without prefixes or classifier; returns it and dropped keys."""
-    sd = dict(state_dict)
-    for prefix in _BACKBONE_PREFIXES:
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    """A backbone-only state_dict without its `online_encoder.model.` prefix (if it has one) and
+    without a classifier; returns it and the dropped classifier keys."""
+    sd = _strip_common_prefix(state_dict, official.BACKBONE_PREFIXES['student'])
     dropped = sorted(k for k in sd if k.startswith(_CLASSIFIER_PREFIXES))
     if dropped:
         logging.info('Dropping the classifier of a plain timm/torchvision state_dict: %s', dropped)
@@ -160,9 +165,13 @@ def _has_checkpoints(workdir: str) -> bool:
 
 def _check_like(state: dict, abstract: dict) -> None:
     """The imported state must have exactly the shapes and dtypes `main` restores into."""
-    shapes = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), np.dtype(x.dtype)), tree)
-    if shapes(state) != shapes(abstract):
-        raise AssertionError('imported state does not match Trainer.abstract_state')
+    spec = lambda tree: {jax.tree_util.keystr(p): (tuple(x.shape), np.dtype(x.dtype))
+                         for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    got, want = spec(state), spec(abstract)
+    if got != want:
+        diff = sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))
+        raise AssertionError(f'imported state differs from Trainer.abstract_state at {diff[:20]}: '
+                             f'{[(got.get(k), want.get(k)) for k in diff[:20]]}')
 
 
 def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdir: str, *,
@@ -190,6 +199,7 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
     full = official.is_full_checkpoint(state_dict)
     kind = 'full' if full else 'backbone'
     dropped: list[str] = []
+    parts: dict[str, Any] = {}  # train-state entries the checkpoint determines
 
     # --- Validate and convert (nothing is written before this succeeds) ---------------------
     try:
@@ -205,16 +215,18 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
         raise ValueError(f'{checkpoint}: {_mismatch_header(config, state_dict, kind)}\n{err}'
                          ) from None
 
-    state = jax.device_get(jax.jit(trainer.init_state)(jax.random.key(config.seed)))
-    if full:
-        state.update(parts)
-    else:
+    # Whatever the checkpoint does not determine starts as in a fresh run with this config; jit
+    # drops the unused parts of the init (e.g. the backbone, for a full checkpoint).
+    fresh = jax.jit(lambda key: {k: v for k, v in trainer.init_state(key).items()
+                                 if k not in parts})
+    state = dict(jax.device_get(fresh(jax.random.key(config.seed))), **parts)
+    if not full:
         for which in official.STATE_KEYS.values():
             for coll, value in zip(which, (variables['params'], variables.get('batch_stats', {}))):
                 state[coll] = dict(state[coll], backbone=value)
     # Fresh optimizer and step 0: continued pretraining runs its own schedule.
     state['step'] = np.zeros((), np.int32)
-    state['opt_state'] = trainer.tx.init(state['params'])
+    state['opt_state'] = jax.device_get(jax.jit(trainer.tx.init)(state['params']))
     _check_like(state, trainer.abstract_state)
 
     # --- Write -----------------------------------------------------------------------------
