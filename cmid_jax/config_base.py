@@ -24,11 +24,34 @@ def default_config() -> ml_collections.ConfigDict:
     # Epochs drive the lr warm-up and the teacher-temperature schedule. None = images // batch_size.
     c.steps_per_epoch = ml_collections.config_dict.placeholder(int)
 
+    # Sources, bands and value scale: cmid_jax/data/sources.py and cmid_jax/data/bands.py.
     c.data = ml_collections.ConfigDict()
     c.data.path = ml_collections.config_dict.placeholder(str)  # None = the demo tiles in the package.
+    # None = data.path: a folder of images / scenes, or ArrayRecord shards from cmid_jax.prepare
+    # (found by their manifest.json). 'tfds:NAME[/CONFIG]:SPLIT' = a TFDS dataset prepared in the
+    # array_record format, with data.path as its data_dir (None = TFDS's default).
+    c.data.source = ml_collections.config_dict.placeholder(str)
+    # 0 = whole images. N > 0 = cut every scene under data.path into a grid of NxN windows read
+    # on the fly (windowed GeoTIFF reads); needs N >= image_size, and N = image_size keeps the
+    # native resolution (larger tiles are resized to image_size, like whole images).
+    c.data.tile_size = 0
+    c.data.max_nodata = 0.25  # Tiles with a larger fraction of nodata pixels are replaced.
+    # None = 8-bit RGB (first 3 bands; non-uint8 data stretched per image). A tuple of 0-based
+    # band indices or band names, e.g. (3, 2, 1, 7) or ('red', 'green', 'blue'), reads those
+    # bands with their raw uint8 / uint16 values; the model's input channels follow.
+    c.data.bands = ml_collections.config_dict.placeholder(tuple)
     c.data.image_size = 224
+    # Per band, in units of value / type maximum (uint8: /255, uint16: /65535), the scale the
+    # device divides by before normalising. data.stats (JSON from cmid_jax.data_stats) replaces
+    # both.
     c.data.mean = RS_MEAN
     c.data.std = RS_STD
+    c.data.stats = ml_collections.config_dict.placeholder(str)
+    # (black, white) raw values for noise and solarize; None = from data.stats, else 0 and the
+    # type maximum (255: the official 8-bit augmentations).
+    c.data.value_range = ml_collections.config_dict.placeholder(tuple)
+    c.data.rgb = ml_collections.config_dict.placeholder(bool)  # Colour ops; None = iff 3 bands.
+    c.data.dtype = ml_collections.config_dict.placeholder(str)  # Set from the data: uint8/uint16.
     c.data.num_workers = 2  # grain worker processes per host; 0 decodes in the main process.
 
     c.mask = ml_collections.ConfigDict()

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from cmid_jax import losses
+from cmid_jax.data.bands import type_max
 from cmid_jax.models.cmid import Networks
 
 
@@ -39,7 +40,12 @@ def upsample_mask(block_mask: jax.Array, factor: int) -> jax.Array:
 
 
 def normalize(images_uint8: jax.Array, mean, std) -> jax.Array:
-    x = images_uint8.astype(jnp.float32) / 255.0
+    """Pixels -> [0, 1] by their type's maximum (uint8 / 255 as ever, uint16 / 65535), then
+    per band (x - mean) / std; `mean` / `std` are `config.data.mean/std`, one value per band."""
+    if len(mean) != images_uint8.shape[-1] or len(std) != images_uint8.shape[-1]:
+        raise ValueError(f'data.mean / data.std have {len(mean)} / {len(std)} values, but the '
+                         f'images have {images_uint8.shape[-1]} bands')
+    x = images_uint8.astype(jnp.float32) / type_max(images_uint8.dtype)
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 

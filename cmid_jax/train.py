@@ -13,8 +13,7 @@ import ml_collections
 import numpy as np
 
 from cmid_jax import checkpointing, metrics as metrics_lib, optim, parallel
-from cmid_jax.data import demo_data_path
-from cmid_jax.data.files import list_images
+from cmid_jax.data import describe_source, is_rgb, open_source, resolve_data_config
 from cmid_jax.data.pipeline import build_dataset, make_iterator
 from cmid_jax.evaluation.periodic import PeriodicEvals
 from cmid_jax.step import Trainer
@@ -52,23 +51,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check_config(config, jax.device_count(), num_processes)
 
     # --- Input pipeline ----------------------------------------------------------------------
-    data_path = config.data.path or demo_data_path()
-    files = list_images(data_path)
     config = config.copy_and_resolve_references()  # The resolved copy is what config.json records.
-    config.data.path = data_path
+    # Image files, GeoTIFF tiles, ArrayRecord shards or TFDS (cmid_jax/data/sources.py); the
+    # resolved bands, pixel type, mean/std and value range travel in config.json.
+    source = open_source(config.data)
+    resolve_data_config(config.data, source)
     steps_per_epoch = config.steps_per_epoch = (
-        config.steps_per_epoch or max(len(files) // config.batch_size, 1))
+        config.steps_per_epoch or max(len(source) // config.batch_size, 1))
     total_steps = config.total_steps = config.total_steps or config.epochs * steps_per_epoch
     os.makedirs(workdir, exist_ok=True)
     if process == 0:
         with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
             f.write(config.to_json_best_effort(indent=2))
-    dataset = build_dataset(files, image_size=config.data.image_size, mask_ratio=config.mask.ratio,
+    dataset = build_dataset(source, image_size=config.data.image_size, mask_ratio=config.mask.ratio,
                             global_batch_size=config.batch_size, seed=config.seed,
-                            process_index=process, process_count=num_processes)
+                            process_index=process, process_count=num_processes,
+                            value_range=config.data.value_range, rgb=is_rgb(config.data))
     data_iter = make_iterator(dataset, num_workers=config.data.num_workers)
-    logging.info('%d images under %s; %d steps of %d images (%d per epoch).', len(files),
-                 data_path, total_steps, config.batch_size, steps_per_epoch)
+    logging.info('%s; %d steps of %d (%d per epoch).', describe_source(config.data, source),
+                 total_steps, config.batch_size, steps_per_epoch)
 
     # --- Model, optimizer and state ----------------------------------------------------------
     trainer = Trainer.create(config, optim.Schedule(total_steps, steps_per_epoch))

@@ -1,30 +1,40 @@
-"""Data loading for CMID pretraining: file discovery/decoding, the two views, grain."""
+"""Data loading for CMID pretraining: sources (files, GeoTIFF tiles, ArrayRecord, TFDS), bands
+and value scale, the two views, and the grain pipeline. Start at :mod:`cmid_jax.data.sources`."""
 
 from __future__ import annotations
 
-import os
-
-from cmid_jax.data.files import IMAGE_EXTENSIONS, ImageError, list_images, load_image
-from cmid_jax.data.pipeline import DecodeProcessSlice, build_dataset, make_iterator
+from cmid_jax.data.bands import is_rgb, num_bands, type_max
+from cmid_jax.data.errors import ImageError, TileRejected
+from cmid_jax.data.files import IMAGE_EXTENSIONS, demo_data_path, list_images, load_image
+from cmid_jax.data.pipeline import (
+    DecodeProcessSlice,
+    FileSource,
+    Source,
+    build_dataset,
+    make_iterator,
+)
+from cmid_jax.data.sources import describe_source, open_source, resolve_data_config
 from cmid_jax.data.views import block_mask, location_grid, make_views
-
-
-def demo_data_path() -> str:
-    """Folder of the built-in demo tiles (Landsat-8 uint16 TIFFs, public domain; see
-    ``cmid_jax/demo_data/ATTRIBUTION.md``)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_data")
-
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageError",
     "DecodeProcessSlice",
+    "FileSource",
+    "Source",
+    "TileRejected",
     "block_mask",
     "build_dataset",
     "demo_data_path",
+    "describe_source",
+    "is_rgb",
     "list_images",
     "load_image",
     "location_grid",
     "make_iterator",
     "make_views",
+    "num_bands",
+    "open_source",
+    "resolve_data_config",
+    "type_max",
 ]

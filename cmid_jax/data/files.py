@@ -36,6 +36,9 @@ import logging
 
 import numpy as np
 
+from cmid_jax.data.bands import valid_mask
+from cmid_jax.data.errors import ImageError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -44,16 +47,10 @@ _TIFF_EXTENSIONS = (".tif", ".tiff")
 _MAX_BANDS_FIRST = 16
 
 
-class ImageError(ValueError):
-    """An image file could not be decoded. ``path`` and ``reason`` are attributes."""
-
-    def __init__(self, path: str, reason: str):
-        self.path = str(path)
-        self.reason = str(reason)
-        super().__init__(f"cannot read image {self.path!r}: {self.reason}")
-
-    def __reduce__(self):  # keep picklable across grain worker processes
-        return (type(self), (self.path, self.reason))
+def demo_data_path() -> str:
+    """Folder of the built-in demo tiles (Landsat-8 uint16 TIFFs, public domain; see
+    ``cmid_jax/demo_data/ATTRIBUTION.md``)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_data")
 
 
 def _is_image_name(name: str) -> bool:
@@ -128,8 +125,9 @@ def stretch_to_uint8(bands: np.ndarray, valid: np.ndarray | None = None) -> np.n
     return out
 
 
-def _to_rgb_uint8(arr: np.ndarray, path: str) -> np.ndarray:
-    """(H, W) / (H, W, C) array of any dtype -> (H, W, 3) uint8 (rules above)."""
+def to_rgb_uint8(arr: np.ndarray, path: str, nodata: float | None = None) -> np.ndarray:
+    """(H, W) / (H, W, C) array of any dtype -> (H, W, 3) uint8 (rules above). ``nodata`` is
+    the file's nodata value (None: 0)."""
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0 or arr.shape[2] == 0:
@@ -141,10 +139,7 @@ def _to_rgb_uint8(arr: np.ndarray, path: str) -> np.ndarray:
     if arr.dtype == np.uint8:
         rgb = arr[:, :, :3]
     else:
-        valid = np.any(arr != 0, axis=2)
-        if arr.dtype.kind == "f":
-            valid &= ~np.isnan(arr).any(axis=2)
-        rgb = stretch_to_uint8(arr[:, :, :3], valid)
+        rgb = stretch_to_uint8(arr[:, :, :3], valid_mask(arr, nodata))
     if rgb.shape[2] < 3:  # 1 or 2 bands: grey from band 0
         rgb = np.repeat(rgb[:, :, :1], 3, axis=2)
     return np.ascontiguousarray(rgb, dtype=np.uint8)
@@ -177,7 +172,7 @@ def _load_tiff(path: str) -> np.ndarray:
     arr = _band_last(np.asarray(arr))
     if arr.ndim not in (2, 3):
         raise ImageError(path, f"unsupported TIFF array shape {arr.shape}")
-    return _to_rgb_uint8(arr, path)
+    return to_rgb_uint8(arr, path)
 
 
 def _load_tiff_8bit_pil(path: str) -> np.ndarray | None:
@@ -203,7 +198,7 @@ def _load_pil(path: str) -> np.ndarray:
     with Image.open(path) as im:
         im.load()  # force a full decode: truncated files raise here
         if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-            return _to_rgb_uint8(np.asarray(im), path)
+            return to_rgb_uint8(np.asarray(im), path)
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
@@ -228,4 +223,3 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     if out.ndim != 3 or out.shape[2] != 3 or out.shape[0] < 1 or out.shape[1] < 1:
         raise ImageError(p, f"decoded to unexpected shape {out.shape}")
     return out
-

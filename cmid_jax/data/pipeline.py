@@ -2,8 +2,15 @@
 
 ``build_dataset`` returns an infinite, batched ``grain.MapDataset``:
 
-    range(num_files) -> .seed(s) -> .shuffle() -> .repeat() -> .batch(global_batch)
+    range(len(source)) -> .seed(s) -> .shuffle() -> .repeat() -> .batch(global_batch)
     -> .map_with_index(DecodeProcessSlice)
+
+The elements are those of a :class:`Source`: image files (:class:`FileSource`, the default),
+(scene, window) tiles of GeoTIFF scenes (:class:`cmid_jax.data.tiles.TileSource`), records of
+a prepared ArrayRecord set (:class:`cmid_jax.data.records.RecordSource`) or of a TFDS dataset
+(:class:`cmid_jax.data.tfds_source.TfdsSource`); :func:`cmid_jax.data.sources.open_source`
+picks one from the config. All of them get the same shuffling, batching, per-process slicing,
+augmentation and resumable state.
 
 * Several processes: every host computes the same shuffled file order and global
   batches (the file list is sorted by :func:`cmid_jax.data.files.list_images`) and
@@ -17,7 +24,10 @@
   between epochs and the pipeline is deterministic and resumable bit-identically.
 * Bad files: an undecodable file is replaced by the next file(s) of the list (up to
   ``MAX_DECODE_TRIES`` files in all); ``bad_images`` (int32) counts the files skipped
-  for that element.
+  for that element. Sources with ``retry_random`` (tiles) draw replacements at random
+  from the element's generator instead, since a bad or nodata region of a scene spans
+  many neighbouring windows. A tile rejected for nodata (``TileRejected``) is replaced
+  the same way but is not counted as bad.
 
 ``make_iterator`` turns it into a checkpointable ``grain.DatasetIterator`` (optionally
 with ``mp_prefetch`` worker processes).
@@ -27,11 +37,20 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import grain
 import numpy as np
 
+from cmid_jax.data import raster
+from cmid_jax.data.bands import (
+    ALL_BANDS,
+    check_bands_setting,
+    compact,
+    compact_dtype,
+    resolve_bands,
+)
+from cmid_jax.data.errors import ImageError, TileRejected
 from cmid_jax.data.files import load_image
 from cmid_jax.data.views import check_image_size, make_views
 
@@ -40,22 +59,108 @@ log = logging.getLogger(__name__)
 MAX_DECODE_TRIES = 16
 
 
+class Source(Protocol):
+    """Random-access elements of a dataset, each an (H, W, C) uint8 / uint16 array."""
+
+    unit: str  # what an element is, for logs: 'images', 'tiles', 'records'
+    retry_random: bool  # replace a bad element by a random one (True) or by the next one
+    dtype: np.dtype  # pixel type of every element
+    num_bands: int  # C of every element
+
+    def __len__(self) -> int: ...
+
+    def read(self, index: int) -> np.ndarray:
+        """Raises ImageError (skipped and counted) or TileRejected (skipped, not counted)."""
+
+    def describe(self, index: int) -> str:
+        """Where element ``index`` comes from, for messages."""
+
+
+class FileSource:
+    """Whole image files, one element each.
+
+    ``bands`` None: 8-bit RGB through :func:`cmid_jax.data.files.load_image` (unchanged).
+    Otherwise the selected bands with their raw values (:mod:`cmid_jax.data.bands`), or every
+    band for ``ALL_BANDS`` (as many as the first usable file has). The pixel type is that of the
+    first usable file (readable, with the bands); a file of another type, band count or without
+    the bands is skipped like an unreadable one. Files are only opened when read (a folder of millions of tiles costs
+    nothing up front).
+    """
+
+    unit = "images"
+    retry_random = False
+
+    def __init__(self, files: Sequence[str], bands: Sequence[int | str] | str | None = None):
+        self.files = list(files)
+        if not self.files:
+            raise ValueError("no image files to build a dataset from")
+        self.bands = bands if bands == ALL_BANDS else check_bands_setting(bands)
+        if self.bands is None:
+            self.dtype, self.num_bands = np.dtype(np.uint8), 3
+            return
+        info = self._first_usable()
+        self.dtype = compact_dtype(info.dtype)
+        self.num_bands = info.count if self.bands == ALL_BANDS else len(self.bands)
+
+    def _first_usable(self) -> raster.RasterInfo:
+        """Header of the first file that reads and has the requested bands."""
+        failures = []
+        for path in self.files[:MAX_DECODE_TRIES]:
+            try:
+                info = raster.read_info(path)
+                if self.bands != ALL_BANDS:
+                    resolve_bands(self.bands, info.band_names, path)
+                return info
+            except ImageError as e:
+                failures.append(str(e))
+        raise ValueError(f"none of the first {len(failures)} image files can be read with "
+                         f"data.bands={self.bands!r}:\n  " + "\n  ".join(failures))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def describe(self, index: int) -> str:
+        return self.files[index]
+
+    def read(self, index: int) -> np.ndarray:
+        path = self.files[index]
+        if self.bands is None:
+            return load_image(path)
+        info = raster.read_info(path)
+        if self.bands == ALL_BANDS:
+            if info.count != self.num_bands:
+                raise ImageError(path, f"has {info.count} bands, the first usable file has "
+                                       f"{self.num_bands}")
+            indices = range(info.count)
+        else:
+            indices = resolve_bands(self.bands, info.band_names, path)
+        image = compact(raster.read_raster(path, indices), path)
+        if image.dtype != self.dtype:
+            raise ImageError(
+                path, f"pixel type {image.dtype} differs from the dataset's {self.dtype} "
+                f"(set by the first usable file)")
+        return image
+
+
 class DecodeProcessSlice(grain.transforms.MapWithIndex):
-    """Decode this process's slice of one global batch of file indices and build the views.
+    """Decode this process's slice of one global batch of element indices and build the views.
 
     Element ``j`` of the slice sits at position ``pos = process_index * b + j`` of global
     batch ``k``; its augmentations come from ``np.random.default_rng([seed, k, pos])``, so
     a global batch is the same whatever the number of processes that share it.
 
-    If decoding fails, the following files (wrapping around) are tried, at most
-    ``max_tries`` files in all; ``bad_images`` holds the number of files skipped. If all
-    of them fail a ``RuntimeError`` naming them is raised. Module-level and picklable, so
-    it works with spawned grain worker processes.
+    If decoding fails, the following elements (wrapping around; random ones for a source
+    with ``retry_random``) are tried, at most ``max_tries`` in all; ``bad_images`` holds the
+    number of unreadable elements skipped. If all of them fail a ``RuntimeError`` naming them
+    is raised. Module-level and picklable, so it works with spawned grain worker processes.
+
+    ``source`` is a :class:`Source` or a list of image paths (a :class:`FileSource` in 8-bit
+    RGB mode). ``value_range`` and ``rgb`` go to :func:`~cmid_jax.data.views.make_views`.
     """
 
     def __init__(
         self,
-        files: Sequence[str],
+        source: Source | Sequence[str],
         *,
         image_size: int,
         mask_ratio: float,
@@ -63,8 +168,12 @@ class DecodeProcessSlice(grain.transforms.MapWithIndex):
         process_index: int = 0,
         process_count: int = 1,
         max_tries: int = MAX_DECODE_TRIES,
+        value_range: tuple[float, float] | None = None,
+        rgb: bool | None = None,
     ):
-        self.files = list(files)
+        self.source = as_source(source)
+        self.value_range = None if value_range is None else tuple(map(float, value_range))
+        self.rgb = rgb
         self.image_size = check_image_size(image_size)
         self.mask_ratio = float(mask_ratio)
         self.seed = int(seed) % 2**32
@@ -81,24 +190,44 @@ class DecodeProcessSlice(grain.transforms.MapWithIndex):
         ]
         return {key: np.stack([v[key] for v in views]) for key in views[0]}
 
-    def decode(self, file_index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        n = len(self.files)
+    def decode(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        source = self.source
+        n = len(source)
+        tries = self.max_tries if source.retry_random else min(self.max_tries, n)
         failures: list[str] = []
-        for k in range(min(self.max_tries, n)):
-            path = self.files[(file_index + k) % n]
+        rejected = 0
+        for k in range(tries):
+            if k == 0:
+                i = index
+            else:
+                i = int(rng.integers(n)) if source.retry_random else (index + k) % n
             try:
-                image = load_image(path)
-            except Exception as e:  # ImageError or anything else a decoder throws
-                log.warning("skipping unreadable image %s: %s", path, e)
-                failures.append(f"{path} ({type(e).__name__}: {e})")
+                image = source.read(i)
+            except TileRejected as e:
+                log.debug("replacing %s", e)
+                rejected += 1
                 continue
-            out = make_views(image, rng, self.image_size, self.mask_ratio)
-            out["bad_images"] = np.int32(k)
+            except Exception as e:  # ImageError or anything else a decoder throws
+                where = source.describe(i)
+                log.warning("skipping unreadable %s: %s", where, e)
+                failures.append(f"{where} ({type(e).__name__}: {e})")
+                continue
+            out = make_views(image, rng, self.image_size, self.mask_ratio,
+                             value_range=self.value_range, rgb=self.rgb)
+            out["bad_images"] = np.int32(len(failures))
             return out
         raise RuntimeError(
-            f"{len(failures)} consecutive image files could not be decoded:\n  "
-            + "\n  ".join(failures)
+            f"no usable element in {tries} tries from {source.describe(index)}: "
+            f"{len(failures)} unreadable, {rejected} rejected as mostly nodata "
+            f"(data.max_nodata). Unreadable:\n  " + "\n  ".join(failures)
         )
+
+
+def as_source(source: Source | Sequence[str]) -> Source:
+    """A list of paths becomes an 8-bit RGB :class:`FileSource`; a source is returned as is."""
+    if hasattr(source, "read") and hasattr(source, "describe"):
+        return source
+    return FileSource(source)
 
 
 def index_dataset(num_files: int, *, seed: int) -> grain.MapDataset:
@@ -113,7 +242,7 @@ def index_dataset(num_files: int, *, seed: int) -> grain.MapDataset:
 
 
 def build_dataset(
-    files: Sequence[str],
+    files: Source | Sequence[str],
     *,
     image_size: int,
     mask_ratio: float,
@@ -121,6 +250,8 @@ def build_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    value_range: tuple[float, float] | None = None,
+    rgb: bool | None = None,
 ) -> grain.MapDataset:
     """Infinite, shuffled (per epoch), augmented dataset of this process's batch slices.
 
@@ -129,9 +260,11 @@ def build_dataset(
     concatenated slices of all processes therefore equal the single-process batch
     exactly, and a run is the same computation on one host or many.
 
-    Batches are dicts of numpy arrays: ``img_a``/``img_b`` uint8 (b, S, S, 3),
-    ``mask_a``/``mask_b`` bool (b, g, g), ``loc_a``/``loc_b`` float32 (b, g, g, 2),
-    ``bad_images`` int32 (b,), with ``g = S // 32`` and ``b`` the local batch size.
+    ``files`` is a list of image paths (8-bit RGB, as before) or any :class:`Source`.
+    Batches are dicts of numpy arrays: ``img_a``/``img_b`` (b, S, S, C) of the source's pixel
+    type (uint8 RGB by default), ``mask_a``/``mask_b`` bool (b, g, g), ``loc_a``/``loc_b``
+    float32 (b, g, g, 2), ``bad_images`` int32 (b,), with ``g = S // 32`` and ``b`` the local
+    batch size.
     """
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"bad process {process_index} of {process_count}")
@@ -142,17 +275,19 @@ def build_dataset(
         )
     if not files:
         raise ValueError("no image files to build a dataset from")
-    if len(files) < global_batch_size:
+    source = as_source(files)
+    if len(source) < global_batch_size:
         log.warning(
-            "%d files, fewer than the global batch of %d: batches repeat files",
-            len(files), global_batch_size,
+            "%d %s, fewer than the global batch of %d: batches repeat them",
+            len(source), source.unit, global_batch_size,
         )
     transform = DecodeProcessSlice(
-        files, image_size=image_size, mask_ratio=mask_ratio, seed=seed,
+        source, image_size=image_size, mask_ratio=mask_ratio, seed=seed,
         process_index=process_index, process_count=process_count,
+        value_range=value_range, rgb=rgb,
     )
     return (
-        index_dataset(len(files), seed=seed)
+        index_dataset(len(source), seed=seed)
         .batch(global_batch_size, drop_remainder=True)
         .map_with_index(transform)
     )

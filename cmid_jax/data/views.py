@@ -24,6 +24,18 @@ re-implemented here without OpenCV / albumentations:
   (pre-resized) source image, columns mirrored for a flipped crop (see
   :func:`location_grid`; this fixes the official bug Q1).
 
+Any band count, uint8 or uint16 (see :mod:`cmid_jax.data.bands`). The numbers above are those of
+8-bit RGB; for other data the ops are defined by :class:`Levels` (the data's black and white
+values, default ``0`` and the type maximum, so 8-bit data are unchanged):
+
+* brightness and contrast act on all bands jointly (contrast blends towards the mean of the luma
+  for RGB, of all bands otherwise); saturation, hue and ToGray only run on RGB (``rgb=True``),
+  but their random draws are always made (so both crops are the same for any band count);
+* GaussNoise's standard deviation is scaled by ``(white - black) / 255``;
+* Solarize inverts ``x -> black + white - x`` above ``black + (white - black) * 128 / 255``;
+* every op rounds to whole numbers and clips to ``[0, type maximum]``;
+* the pre-step resize of non-RGB or uint16 images is PIL bicubic per band (``L`` / ``F`` mode).
+
 No normalisation is done here (it happens on device).
 """
 
@@ -34,6 +46,8 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+
+from cmid_jax.data.bands import type_max
 
 MASK_PATCH_SIZE = 32
 CROP_SCALE = (0.3, 1.0)
@@ -54,6 +68,28 @@ P_GRAY = 0.2
 P_FLIP = 0.5
 # ITU-R 601 luma, as OpenCV COLOR_RGB2GRAY.
 _GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class Levels(NamedTuple):
+    """Value levels the photometric ops work with, in the data's raw units."""
+
+    black: float = 0.0
+    white: float = 255.0  # noise and solarize scale with white - black
+    ceiling: float = 255.0  # largest value of the pixel type; results are clipped to [0, ceiling]
+
+
+EIGHT_BIT = Levels()
+
+
+def levels_for(dtype, value_range: tuple[float, float] | None = None) -> Levels:
+    """Levels of ``dtype`` data whose black and white are ``value_range`` (None: 0 and the type
+    maximum)."""
+    ceiling = type_max(dtype)
+    black, white = (0.0, ceiling) if value_range is None else map(float, value_range)
+    if not 0 <= black < white:
+        raise ValueError(
+            f"data.value_range={value_range!r} must be (black, white), 0 <= black < white")
+    return Levels(black, white, ceiling)
 
 
 class Crop(NamedTuple):
@@ -78,12 +114,21 @@ def check_image_size(image_size: int) -> int:
 
 def pre_resize(image: np.ndarray, size: int) -> np.ndarray:
     """Official pre-step: resize the whole image to size x size (PIL bicubic) if its
-    width differs from ``size``; otherwise return it unchanged."""
+    width differs from ``size``; otherwise return it unchanged. 8-bit RGB is resized as
+    one PIL image (as before); other images band by band (uint8 in PIL mode ``L``, uint16
+    in ``F``, then rounded and clipped)."""
     if image.shape[1] == size:
         return image
-    return np.asarray(
-        Image.fromarray(image).resize((size, size), resample=Image.BICUBIC), dtype=np.uint8
-    )
+    if image.dtype == np.uint8 and image.shape[2] == 3:
+        return np.asarray(
+            Image.fromarray(image).resize((size, size), resample=Image.BICUBIC), dtype=np.uint8
+        )
+    out = np.empty((size, size, image.shape[2]), image.dtype)
+    for b in range(image.shape[2]):
+        band = image[:, :, b] if image.dtype == np.uint8 else image[:, :, b].astype(np.float32)
+        resized = np.asarray(Image.fromarray(band).resize((size, size), resample=Image.BICUBIC))
+        out[:, :, b] = _round_to(resized, image.dtype)
+    return out
 
 
 def sample_crop_box(
@@ -139,7 +184,8 @@ def resized_crop(
 ) -> np.ndarray:
     """Crop ``image[top:top+h, left:left+w]`` and resize it to ``size x size`` with
     bilinear interpolation (OpenCV INTER_LINEAR semantics, no antialiasing; the crop
-    borders are clamped, pixels outside the crop are never read). Returns uint8."""
+    borders are clamped, pixels outside the crop are never read). Returns the image's
+    own pixel type."""
     crop = image[top : top + h, left : left + w]
     if h == size and w == size:
         return np.ascontiguousarray(crop)
@@ -150,7 +196,7 @@ def resized_crop(
     rows = crop[y0] * (1.0 - fy) + crop[y1] * fy  # separable: rows, then columns
     fx = fx[None, :, None]
     out = rows[:, x0] * (1.0 - fx) + rows[:, x1] * fx
-    return _to_uint8(out)
+    return _round_to(out, image.dtype)
 
 
 def location_grid(
@@ -190,31 +236,35 @@ def block_mask(rng: np.random.Generator, grid: int, ratio: float = 0.6) -> np.nd
 
 
 # ----------------------------------------------------------------------- photometric
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+def _round_to(x: np.ndarray, dtype) -> np.ndarray:
+    """Round + clip float values to the grid of the pixel type ``dtype``."""
+    return np.clip(np.rint(x), 0, type_max(dtype)).astype(dtype)
 
 
-def _q(x: np.ndarray) -> np.ndarray:
-    """Round + clip to the uint8 grid, staying float32."""
-    return np.clip(np.rint(x), 0.0, 255.0).astype(np.float32, copy=False)
+def _q(x: np.ndarray, ceiling: float = 255.0) -> np.ndarray:
+    """Round + clip to the pixel grid [0, ceiling], staying float32."""
+    return np.clip(np.rint(x), 0.0, ceiling).astype(np.float32, copy=False)
 
 
 def _gray(x: np.ndarray) -> np.ndarray:
     return x @ _GRAY_WEIGHTS
 
 
-def adjust_brightness(x: np.ndarray, factor: float) -> np.ndarray:
-    return _q(x * np.float32(factor))
+def adjust_brightness(x: np.ndarray, factor: float, levels: Levels = EIGHT_BIT) -> np.ndarray:
+    return _q(x * np.float32(factor), levels.ceiling)
 
 
-def adjust_contrast(x: np.ndarray, factor: float) -> np.ndarray:
-    mean = np.float32(_gray(x).mean())
-    return _q(x * np.float32(factor) + mean * np.float32(1.0 - factor))
+def adjust_contrast(
+    x: np.ndarray, factor: float, levels: Levels = EIGHT_BIT, rgb: bool = True
+) -> np.ndarray:
+    """Blend towards the mean grey level (luma for RGB, the mean of all bands otherwise)."""
+    mean = np.float32(_gray(x).mean() if rgb else x.mean())
+    return _q(x * np.float32(factor) + mean * np.float32(1.0 - factor), levels.ceiling)
 
 
-def adjust_saturation(x: np.ndarray, factor: float) -> np.ndarray:
+def adjust_saturation(x: np.ndarray, factor: float, levels: Levels = EIGHT_BIT) -> np.ndarray:
     gray = _gray(x)[..., None]
-    return _q(x * np.float32(factor) + gray * np.float32(1.0 - factor))
+    return _q(x * np.float32(factor) + gray * np.float32(1.0 - factor), levels.ceiling)
 
 
 def _rgb_to_hsv(x: np.ndarray):
@@ -246,21 +296,23 @@ def _hsv_to_rgb(h, s, v):
     return v[..., None] - vs * w
 
 
-def adjust_hue(x: np.ndarray, factor: float) -> np.ndarray:
+def adjust_hue(x: np.ndarray, factor: float, levels: Levels = EIGHT_BIT) -> np.ndarray:
     """Rotate the hue by ``factor`` of a full turn (albumentations: factor*360 deg)."""
     if factor == 0:
         return x
     h, s, v = _rgb_to_hsv(x)
     h = h + np.float32(factor)
-    return _q(_hsv_to_rgb(h - np.floor(h), s, v))
+    return _q(_hsv_to_rgb(h - np.floor(h), s, v), levels.ceiling)
 
 
-_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+_COLOUR_ONLY = (2, 3)  # saturation, hue: meaningless unless the bands are R, G, B
 
 
-def color_jitter(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def color_jitter(
+    x: np.ndarray, rng: np.random.Generator, levels: Levels = EIGHT_BIT, rgb: bool = True
+) -> np.ndarray:
     """albumentations 1.x ColorJitter(0.4, 0.4, 0.2, 0.1): draw the four factors,
-    then apply the ops in a random order."""
+    then apply the ops in a random order (saturation and hue only for RGB)."""
     factors = (
         float(rng.uniform(*BRIGHTNESS)),
         float(rng.uniform(*CONTRAST)),
@@ -268,7 +320,12 @@ def color_jitter(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         float(rng.uniform(*HUE)),
     )
     for op in rng.permutation(4):
-        x = _JITTER_OPS[op](x, factors[op])
+        if op == 0:
+            x = adjust_brightness(x, factors[0], levels)
+        elif op == 1:
+            x = adjust_contrast(x, factors[1], levels, rgb)
+        elif rgb:
+            x = (adjust_saturation, adjust_hue)[op - 2](x, factors[op], levels)
     return x
 
 
@@ -279,7 +336,9 @@ def gaussian_kernel(ksize: int, sigma: float) -> np.ndarray:
     return (g / g.sum()).astype(np.float32)
 
 
-def gaussian_blur(x: np.ndarray, ksize: int, sigma: float) -> np.ndarray:
+def gaussian_blur(
+    x: np.ndarray, ksize: int, sigma: float, levels: Levels = EIGHT_BIT
+) -> np.ndarray:
     """Separable Gaussian blur with reflect-101 borders (OpenCV default)."""
     kern = gaussian_kernel(ksize, sigma)
     r = ksize // 2
@@ -292,7 +351,7 @@ def gaussian_blur(x: np.ndarray, ksize: int, sigma: float) -> np.ndarray:
     out = kern[0] * pad[:, 0:w]
     for i in range(1, ksize):
         out += kern[i] * pad[:, i : i + w]
-    return _q(out)
+    return _q(out, levels.ceiling)
 
 
 def sample_blur_kernel(rng: np.random.Generator) -> int:
@@ -304,36 +363,60 @@ def sample_blur_kernel(rng: np.random.Generator) -> int:
     return k
 
 
-def gauss_noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def gauss_noise(
+    x: np.ndarray, rng: np.random.Generator, levels: Levels = EIGHT_BIT
+) -> np.ndarray:
+    """Gaussian noise, variance U[10, 50] on the 0-255 scale of the data's black-white span."""
     var = float(rng.uniform(*NOISE_VAR))
-    noise = rng.standard_normal(x.shape, dtype=np.float32) * np.float32(math.sqrt(var))
-    return _q(x + noise)
+    std = math.sqrt(var) * (levels.white - levels.black) / 255.0
+    noise = rng.standard_normal(x.shape, dtype=np.float32) * np.float32(std)
+    return _q(x + noise, levels.ceiling)
 
 
-def solarize(x: np.ndarray, threshold: int = SOLARIZE_THRESHOLD) -> np.ndarray:
-    return np.where(x >= threshold, 255.0 - x, x).astype(np.float32)
+def solarize(
+    x: np.ndarray, threshold: float | None = None, levels: Levels = EIGHT_BIT
+) -> np.ndarray:
+    """Invert ``x -> black + white - x`` at and above ``threshold`` (None: 128/255 of the way
+    from black to white: 128 for 8-bit data)."""
+    if threshold is None:
+        threshold = levels.black + (levels.white - levels.black) * SOLARIZE_THRESHOLD / 255.0
+    inverted = np.float32(levels.black + levels.white) - x
+    return _q(np.where(x >= threshold, inverted, x), levels.ceiling)
 
 
-def to_gray(x: np.ndarray) -> np.ndarray:
-    g = _q(_gray(x))
+def to_gray(x: np.ndarray, levels: Levels = EIGHT_BIT) -> np.ndarray:
+    g = _q(_gray(x), levels.ceiling)
     return np.repeat(g[..., None], 3, axis=-1)
 
 
-def photometric_b(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Crop-B photometric chain on a uint8 (H, W, 3) image; returns uint8."""
+def photometric_b(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    levels: Levels | None = None,
+    rgb: bool | None = None,
+) -> np.ndarray:
+    """Crop-B photometric chain on an (H, W, C) uint8 / uint16 image; returns the same type.
+
+    ``levels`` None = :func:`levels_for` the image type; ``rgb`` None = ``C == 3``. The draws
+    before the noise are the same for any band count; the noise takes one per pixel and band.
+    """
+    if levels is None:
+        levels = levels_for(image.dtype)
+    if rgb is None:
+        rgb = image.shape[2] == 3
     x = image.astype(np.float32)
     if rng.random() < P_COLOR_JITTER:
-        x = color_jitter(x, rng)
+        x = color_jitter(x, rng, levels, rgb)
     ksize = sample_blur_kernel(rng)  # GaussianBlur p = 1.0
     sigma = float(rng.uniform(*BLUR_SIGMA))
-    x = gaussian_blur(x, ksize, sigma)
+    x = gaussian_blur(x, ksize, sigma, levels)
     if rng.random() < P_NOISE:
-        x = gauss_noise(x, rng)
+        x = gauss_noise(x, rng, levels)
     if rng.random() < P_SOLARIZE:
-        x = solarize(x)
-    if rng.random() < P_GRAY:
-        x = to_gray(x)
-    return _to_uint8(x)
+        x = solarize(x, levels=levels)
+    if rng.random() < P_GRAY and rgb:
+        x = to_gray(x, levels)
+    return _round_to(x, image.dtype)
 
 
 # ------------------------------------------------------------------------------ views
@@ -355,21 +438,28 @@ def make_views(
     rng: np.random.Generator,
     image_size: int = 224,
     mask_ratio: float = 0.6,
+    *,
+    value_range: tuple[float, float] | None = None,
+    rgb: bool | None = None,
 ) -> dict[str, np.ndarray]:
-    """Both CMID views of one (H, W, 3) uint8 image.
+    """Both CMID views of one (H, W, C) uint8 or uint16 image (a 2-D image is grey RGB).
 
-    Returns ``img_a``/``img_b`` uint8 (S, S, 3), ``mask_a``/``mask_b`` bool (g, g) and
-    ``loc_a``/``loc_b`` float32 (g, g, 2) with ``g = S // 32``. Draw order from ``rng``:
-    crop A (box, flip), crop B (box, flip, photometric), mask A, mask B.
+    Returns ``img_a``/``img_b`` (S, S, C) of the image's type, ``mask_a``/``mask_b`` bool
+    (g, g) and ``loc_a``/``loc_b`` float32 (g, g, 2) with ``g = S // 32``. Draw order from
+    ``rng``: crop A (box, flip), crop B (box, flip, photometric), mask A, mask B.
+    ``value_range`` is the data's (black, white) for the photometric ops (None: 0 and the
+    type maximum); ``rgb`` whether colour ops apply (None: ``C == 3``).
     """
     size = check_image_size(image_size)
     image = np.asarray(image_uint8)
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+    if image.ndim != 3 or image.shape[2] < 1 or image.dtype not in (np.uint8, np.uint16):
         raise ValueError(
-            f"make_views expects an (H, W, 3) uint8 image, got {image.shape} {image.dtype}"
+            f"make_views expects an (H, W, C) uint8 or uint16 image, got {image.shape} "
+            f"{image.dtype}"
         )
+    levels = levels_for(image.dtype, value_range)
     image = pre_resize(image, size)
     height, width = image.shape[:2]
     grid = size // MASK_PATCH_SIZE
@@ -377,7 +467,7 @@ def make_views(
     crop_a = sample_crop(rng, height, width)
     img_a = apply_crop(image, crop_a, size)
     crop_b = sample_crop(rng, height, width)
-    img_b = photometric_b(apply_crop(image, crop_b, size), rng)
+    img_b = photometric_b(apply_crop(image, crop_b, size), rng, levels, rgb)
     mask_a = block_mask(rng, grid, mask_ratio)
     mask_b = block_mask(rng, grid, mask_ratio)
     return {

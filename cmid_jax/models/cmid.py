@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cmid_jax.data.bands import num_bands
 from cmid_jax.models import build_backbone
 from cmid_jax.models.heads import LocalHead, MIMDecoder, Projector
 
@@ -28,6 +29,7 @@ class Networks:
     local_head: LocalHead
     decoder: MIMDecoder
     grid: int  # Side of the mask / local-matching grid: image_size // mask.patch_size.
+    in_chans: int = 3  # Input bands (config.data.bands); the MIM decoder rebuilds as many.
 
     def apply(self, name: str, variables: dict, *args, train: bool, **kwargs) -> tuple[Any, dict]:
         """Applies sub-network `name`; returns (output, updated batch_stats or {})."""
@@ -52,20 +54,22 @@ def build_networks(config: ml_collections.ConfigDict) -> Networks:
     backbone = build_backbone(m.arch, m.variant, img_size=config.data.image_size, dtype=dtype,
                                                         attention_impl=m.attention_impl)
     use_bn = m.local_use_bn if m.local_use_bn is not None else m.arch == 'resnet'
+    in_chans = num_bands(config.data)
     return Networks(
             backbone=backbone,
             projector=Projector(m.proj_hidden_dim, m.proj_dim, dtype=dtype),
             local_head=LocalHead(m.local_hidden_dim, m.local_bottleneck_dim, m.local_prototypes,
                                                       use_bn=use_bn, dtype=dtype),
-            decoder=MIMDecoder(stride=backbone.feature_stride, dtype=dtype),
+            decoder=MIMDecoder(stride=backbone.feature_stride, out_chans=in_chans, dtype=dtype),
             grid=config.data.image_size // config.mask.patch_size,
+            in_chans=in_chans,
     )
 
 
 def init_student(nets: Networks, rng: jax.Array, image_size: int) -> tuple[dict, dict]:
     """Returns (params, batch_stats) of a freshly initialised student."""
     k_bb, k_proj, k_loc, k_dec = jax.random.split(rng, 4)
-    x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    x = jnp.zeros((2, image_size, image_size, nets.in_chans), jnp.float32)
     bb = nets.backbone.init(k_bb, x, train=False)
     fmap = jax.eval_shape(lambda v: nets.backbone.apply(v, x, train=False), bb)
     width = fmap.shape[-1]

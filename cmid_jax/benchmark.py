@@ -1,0 +1,247 @@
+"""Throughput of the real CMID train step: compile, warm up, time N steps, print one JSON line.
+
+    python -m cmid_jax.benchmark --config=configs/vitb.py --config.model.attention_impl=cudnn
+    python -m cmid_jax.benchmark --config=configs/resnet50.py --data=pipeline \
+        --config.data.path=IMAGES
+
+`--data=synthetic` (default) feeds one device-resident batch to every step, so the number is the
+step itself; `--data=pipeline` runs the grain pipeline of `cmid_jax.train` on `--config.data.path`
+(default: the bundled demo tiles), so the input cost shows. MFU uses the analytic model FLOPs of
+`cmid_jax.flops` against the dense bf16 peak of the device (null on CPU and unknown devices).
+Field meanings and the GPU commands: experiments/benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import queue
+import sys
+import threading
+import time
+from typing import Callable, Iterator, Sequence
+
+import flax
+import jax
+import jaxlib
+import ml_collections
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from cmid_jax import flops, optim, parallel, train
+from cmid_jax.data import is_rgb, open_source, resolve_data_config
+from cmid_jax.data.pipeline import Source, build_dataset, make_iterator
+from cmid_jax.step import Trainer
+from cmid_jax.synthetic import synthetic_batch
+
+DATA_SOURCES = ('synthetic', 'pipeline')
+
+
+def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
+    """Parses `argv` (program name first) into flags of their own, not absl's global FLAGS.
+
+    A private FlagValues lets tests call `main` in-process and keeps `--config` from clashing with
+    the flag of the same name that `cmid_jax.main` defines.
+    """
+    fv = flags.FlagValues()
+    # `sys_argv`: the `--config.*` overrides are found in `argv`, not in the process's sys.argv.
+    config_flags.DEFINE_config_file('config', None, 'Experiment config file.', flag_values=fv,
+                                    lock_config=True, sys_argv=list(argv))
+    flags.DEFINE_enum('data', 'synthetic', DATA_SOURCES,
+                      'synthetic: one device-resident batch reused; pipeline: the grain pipeline.',
+                      flag_values=fv)
+    flags.DEFINE_integer('steps', 20, 'Timed steps.', lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.', lower_bound=0,
+                         flag_values=fv)
+    flags.mark_flag_as_required('config', flag_values=fv)
+    fv(list(argv))
+    return fv
+
+
+def synthetic_batches(config: ml_collections.ConfigDict, batch_sharding) -> Iterator[dict]:
+    """The same device-resident batch forever: no host work or transfer inside the timed loop.
+
+    The batch is 8-bit RGB, the default input; multi-band configs need `--data=pipeline`.
+    """
+    local = synthetic_batch(config.seed, config.batch_size // jax.process_count(),
+                            config.data.image_size, config.mask.ratio)
+    batch = parallel.global_batch(local, batch_sharding)
+    while True:
+        yield batch
+
+
+def pipeline_batches(config: ml_collections.ConfigDict, source: Source,
+                     batch_sharding) -> Iterator[dict]:
+    """Batches of the training input pipeline, decoded, augmented and transferred per step.
+
+    `config.data` must already be resolved against `source` (`resolve_data_config`), as in training.
+    """
+    dataset = build_dataset(source, image_size=config.data.image_size, mask_ratio=config.mask.ratio,
+                            global_batch_size=config.batch_size, seed=config.seed,
+                            process_index=jax.process_index(), process_count=jax.process_count(),
+                            value_range=config.data.value_range, rgb=is_rgb(config.data))
+    data_iter = make_iterator(dataset, num_workers=config.data.num_workers)
+    try:
+        while True:
+            batch = next(data_iter)
+            batch.pop('bad_images')
+            yield parallel.global_batch(batch, batch_sharding)
+    finally:
+        data_iter.close()
+
+
+def time_steps(step: Callable, state: dict, batches: Iterator[dict], steps: int
+               ) -> tuple[dict, float, list[float]]:
+    """Runs `steps` steps; returns (state, total seconds, per-step seconds).
+
+    The loop only dispatches. A watcher thread waits on each step's loss in turn and stamps when it
+    became ready, which gives per-step times (for the median) without a host sync between steps.
+    """
+    pending: queue.Queue = queue.Queue()
+    ready: list[float] = []
+
+    def watch():
+        for _ in range(steps):
+            jax.block_until_ready(pending.get())
+            ready.append(time.perf_counter())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, next(batches))
+        pending.put(metrics['loss'])
+    jax.block_until_ready(state)
+    total = time.perf_counter() - start
+    watcher.join()
+    return state, total, list(np.diff([start] + ready))
+
+
+def xla_flops_per_device(compiled) -> float | None:
+    """XLA's FLOP count of one device's program, if the backend reports one.
+
+    On one device that is the whole step, norms, optimizer and losses included. Under SPMD each
+    device also repeats the replicated work (optimizer, EMA), so it is not the global count / N.
+    """
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # Not every backend / version implements it; it is informative only.
+        return None
+    if isinstance(analysis, (list, tuple)):  # Older jax versions return one dict per program.
+        analysis = analysis[0] if analysis else None
+    count = (analysis or {}).get('flops')
+    return float(count) if count else None
+
+
+def peak_memory_bytes() -> int | None:
+    """Largest `peak_bytes_in_use` over this process's devices; None where not reported (CPU)."""
+    peaks = []
+    for device in jax.local_devices():
+        try:
+            stats = device.memory_stats()
+        except Exception:  # Some backends raise instead of returning None.
+            stats = None
+        if stats and 'peak_bytes_in_use' in stats:
+            peaks.append(int(stats['peak_bytes_in_use']))
+    return max(peaks) if peaks else None
+
+
+def versions() -> dict[str, str]:
+    return {'python': platform.python_version(), 'jax': jax.__version__,
+            'jaxlib': jaxlib.__version__, 'flax': flax.__version__}
+
+
+def run_benchmark(config: ml_collections.ConfigDict, *, data: str = 'synthetic', steps: int = 20,
+                  warmup: int = 3, config_name: str | None = None) -> dict:
+    """Benchmarks the train step of `config`; returns the result record (see the README)."""
+    if data not in DATA_SOURCES:
+        raise ValueError(f'data={data!r}; expected one of {DATA_SOURCES}')
+    # --- Mesh, as in training -------------------------------------------------------------------
+    mesh = parallel.make_mesh()
+    replicated, batch_sharding = parallel.shardings(mesh)
+    train.check_config(config, jax.device_count(), jax.process_count())
+    config = config.copy_and_resolve_references()
+
+    # --- Input --------------------------------------------------------------------------------
+    if data == 'pipeline':
+        # As in training: the source fixes the bands, pixel type and statistics the step sees.
+        source = open_source(config.data)
+        resolve_data_config(config.data, source)
+        batches = pipeline_batches(config, source, batch_sharding)
+    else:
+        batches = synthetic_batches(config, batch_sharding)
+
+    # --- Model, state and step ------------------------------------------------------------------
+    # The schedules change values, not the cost of a step; any valid lengths do.
+    schedule = optim.Schedule(config.total_steps or warmup + steps, config.steps_per_epoch or 1)
+    trainer = Trainer.create(config, schedule)
+    state = jax.jit(trainer.init_state, out_shardings=replicated)(jax.random.key(config.seed))
+    try:
+        first = next(batches)
+        start = time.perf_counter()
+        step = trainer.jit_train_step(replicated, batch_sharding, replicated).lower(
+            state, first).compile()
+        compile_s = time.perf_counter() - start
+
+        # --- Warm-up, then the timed steps --------------------------------------------------------
+        for i in range(warmup):
+            state, _ = step(state, first if i == 0 else next(batches))
+        jax.block_until_ready(state)
+        _, total_s, step_s = time_steps(step, state, batches, steps)
+    finally:
+        batches.close()
+
+    # --- Record -------------------------------------------------------------------------------
+    device = jax.devices()[0]
+    mean_s = total_s / steps
+    model_flops = flops.step_flops(flops.StepShape.from_config(config), config.batch_size)
+    achieved = model_flops['per_step'] / mean_s
+    peak = flops.peak_flops(device.device_kind) if device.platform != 'cpu' else None
+    m = config.model
+    return {
+        'implementation': 'jax',
+        'config': config_name,
+        'arch': m.arch,
+        'variant': m.variant,
+        'image_size': config.data.image_size,
+        'compute_dtype': m.compute_dtype,
+        'attention_impl': m.attention_impl if m.arch == 'vit' else None,
+        'data': data,
+        'platform': device.platform,
+        'device_kind': device.device_kind,
+        'device_count': jax.device_count(),
+        'process_count': jax.process_count(),
+        'global_batch': config.batch_size,
+        'warmup_steps': warmup,
+        'timed_steps': steps,
+        'step_time_ms_mean': 1e3 * mean_s,
+        'step_time_ms_median': 1e3 * float(np.median(step_s)),
+        'images_per_sec': config.batch_size / mean_s,  # Source images; each gives two crops.
+        'model_flops_per_image': model_flops['per_image'],
+        'model_flops_per_step': model_flops['per_step'],
+        'xla_flops_per_device': xla_flops_per_device(step),
+        'achieved_tflops': achieved / 1e12,
+        'peak_tflops_per_device': peak / 1e12 if peak else None,
+        'mfu': achieved / (peak * jax.device_count()) if peak else None,
+        'peak_memory_bytes': peak_memory_bytes(),
+        'compile_time_s': compile_s,
+        'versions': versions(),
+    }
+
+
+def main(argv: Sequence[str]) -> None:
+    """Parses `argv` (program name first), runs the benchmark and prints its JSON line."""
+    fv = parse_flags(argv)
+    overrides = config_flags.get_override_values(fv['config'])
+    config_name = ' '.join([config_flags.get_config_filename(fv['config'])]
+                           + [f'--config.{k}={v}' for k, v in overrides.items()])
+    result = run_benchmark(fv.config, data=fv.data, steps=fv.steps, warmup=fv.warmup,
+                           config_name=config_name)
+    if jax.process_index() == 0:  # One line per run, also on several hosts.
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+    parallel.maybe_initialize_distributed()
+    main(sys.argv)

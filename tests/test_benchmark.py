@@ -1,0 +1,132 @@
+"""Benchmark CLI on CPU, and the analytic FLOPs against published counts and XLA's own count."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from cmid_jax import benchmark, flops
+from cmid_jax.models import build_backbone
+from configs import vitb
+from conftest import REPO
+
+FIELDS = {
+    'implementation', 'config', 'arch', 'variant', 'image_size', 'compute_dtype', 'attention_impl',
+    'data', 'platform', 'device_kind', 'device_count', 'process_count', 'global_batch',
+    'warmup_steps', 'timed_steps', 'step_time_ms_mean', 'step_time_ms_median', 'images_per_sec',
+    'model_flops_per_image', 'model_flops_per_step', 'xla_flops_per_device', 'achieved_tflops',
+    'peak_tflops_per_device', 'mfu', 'peak_memory_bytes', 'compile_time_s', 'versions',
+}
+
+
+_CACHE_OPTIONS = {'jax_compilation_cache_dir': None,
+                  'jax_persistent_cache_min_compile_time_secs': 0,
+                  'jax_persistent_cache_min_entry_size_bytes': -1}
+
+
+@pytest.fixture(scope='module')
+def compilation_cache_dir(tmp_path_factory):
+    """A throwaway persistent compilation cache for this module, then the previous settings.
+
+    Both data sources compile the same init and train step; loading them from the cache for the
+    second run roughly halves this file's CPU time.
+    """
+    saved = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+    # The cache is switched on or off once per process, at the first compilation: reset it.
+    compilation_cache.reset_cache()
+    options = dict(_CACHE_OPTIONS, jax_compilation_cache_dir=str(tmp_path_factory.mktemp('xla')))
+    for name, value in options.items():
+        jax.config.update(name, value)
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+@pytest.mark.parametrize('data', ['synthetic', 'pipeline'])
+def test_benchmark_prints_one_sane_json_line(data, capsys, compilation_cache_dir):
+    config = f'{REPO}/configs/vitb.py:smoke'
+    benchmark.main(['benchmark', f'--config={config}', f'--data={data}', '--steps=2',
+                    '--warmup=1'])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1, lines
+    r = json.loads(lines[0])
+    assert set(r) == FIELDS
+    assert (r['implementation'], r['config'], r['data']) == ('jax', config, data)
+    assert (r['arch'], r['variant'], r['image_size']) == ('vit', 'mu/16', 64)
+    assert (r['platform'], r['device_count'], r['global_batch']) == ('cpu', 8, 8)
+    assert (r['warmup_steps'], r['timed_steps']) == (1, 2)
+    for key in ('step_time_ms_mean', 'step_time_ms_median', 'compile_time_s', 'achieved_tflops'):
+        assert r[key] > 0, key
+    mean_s = r['step_time_ms_mean'] / 1e3
+    assert r['images_per_sec'] == pytest.approx(r['global_batch'] / mean_s, rel=1e-9)
+    expected = flops.step_flops(flops.StepShape.from_config(vitb.get_config('smoke')), 8)
+    assert r['model_flops_per_step'] == expected['per_step'] == 8 * r['model_flops_per_image']
+    assert r['achieved_tflops'] == pytest.approx(r['model_flops_per_step'] / mean_s / 1e12)
+    # A CPU has no bf16 peak in the table, so MFU is undefined; it reports no memory stats either.
+    assert r['peak_tflops_per_device'] is None and r['mfu'] is None
+    assert r['peak_memory_bytes'] is None
+    assert r['xla_flops_per_device'] is None or r['xla_flops_per_device'] > 0
+    assert r['versions']['jax'] == jax.__version__
+
+
+def test_config_overrides_and_flags_parse_without_global_flags():
+    config = f'--config={REPO}/configs/vitb.py'
+    fv = benchmark.parse_flags(['benchmark', config, '--config.batch_size=16',
+                                '--config.model.attention_impl=cudnn', '--data=pipeline'])
+    assert (fv.config.batch_size, fv.config.model.attention_impl) == (16, 'cudnn')
+    assert (fv.data, fv.steps, fv.warmup) == ('pipeline', 20, 3)
+    with pytest.raises(Exception, match='steps'):
+        benchmark.parse_flags(['benchmark', config, '--steps=0'])
+
+
+# --- analytic FLOPs ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('arch, variant, published_gmac', [
+    ('vit', 'B/16', 17.58),  # jax-practices §14 (fvcore / timm count at 224 px).
+    ('resnet', '50', 4.11),  # jax-practices §14.
+    ('swin', 'B', 15.4),  # Swin paper, Table 1 (FLOPs there are multiply-adds).
+], ids=['vit-b16', 'resnet50', 'swin-b'])
+def test_backbone_forward_flops_match_published_counts(arch, variant, published_gmac):
+    gmac = flops.backbone(arch, variant, 224).forward_flops / 2e9
+    assert gmac == pytest.approx(published_gmac, rel=0.02)
+
+
+@pytest.mark.parametrize('arch, variant', [('vit', 'Ti/16'), ('resnet', 'tiny')])
+def test_backbone_forward_flops_agree_with_xla(arch, variant):
+    """XLA also counts norms and activations (+) and skips padded conv taps (-): within 10%."""
+    model = build_backbone(arch, variant, img_size=64)
+    x = jnp.zeros((2, 64, 64, 3), jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+    ours = 2 * flops.backbone(arch, variant, 64).forward_flops
+    assert benchmark.xla_flops_per_device(compiled) == pytest.approx(ours, rel=0.10)
+
+
+def test_head_flops_of_the_official_vit_b_recipe():
+    shape = flops.StepShape.from_config(vitb.get_config())
+    c, hid, out, lh, lb, protos, m = 768, 2048, 256, 2048, 256, 2048, 20
+    assert flops.head_flops(shape) == {
+        'decoder': 2 * 14 * 14 * c * 16 * 16 * 3,
+        'projector': 2 * (c * hid + hid * out),
+        'infonce': 2 * out * (1 + 65536),
+        'local_head': 2 * m * (c * lh + lh * lh + lh * lb + lb * protos),
+    }
+    step = flops.step_flops(shape, 256)
+    assert step['per_step'] == 256 * 2 * (3 * step['student_forward_per_crop']
+                                          + step['teacher_forward_per_crop'])
+    # Two crops, student fwd+bwd and teacher fwd: ~8 backbone forwards per source image.
+    assert step['per_image'] / step['backbone_forward_per_crop'] == pytest.approx(8, rel=0.02)
+
+
+def test_peak_flops_table():
+    assert flops.peak_flops('NVIDIA H100 80GB HBM3') == 989e12
+    assert flops.peak_flops('NVIDIA H100 PCIe') == 756e12
+    assert flops.peak_flops('NVIDIA H200') == 989e12
+    assert flops.peak_flops('NVIDIA A100-SXM4-80GB') == 312e12
+    assert flops.peak_flops('TPU v5 lite') == 197e12
+    assert flops.peak_flops('TPU v5p') == 459e12
+    assert flops.peak_flops('TPU v6 lite') == 918e12
+    assert flops.peak_flops('cpu') is None
