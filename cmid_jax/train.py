@@ -58,7 +58,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     resolve_data_config(config.data, source)
     steps_per_epoch = config.steps_per_epoch = (
         config.steps_per_epoch or max(len(source) // config.batch_size, 1))
-    total_steps = config.total_steps = config.total_steps or config.epochs * steps_per_epoch
+    if config.total_steps is None:
+        config.total_steps = config.epochs * steps_per_epoch
+    total_steps = config.total_steps
     os.makedirs(workdir, exist_ok=True)
     if process == 0:
         with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
@@ -82,6 +84,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info('Resumed from the checkpoint of step %d in %s.', latest, workdir)
     else:
         state = jax.jit(trainer.init_state, out_shardings=replicated)(jax.random.key(config.seed))
+        if total_steps == 0:  # Saves the initial weights: the random-init evaluation baseline.
+            ckpt.save(0, state, data_iter, force=True)
     train_step = trainer.jit_train_step(replicated, batch_sharding, replicated)
 
     # --- Evals -------------------------------------------------------------------------------

@@ -23,12 +23,6 @@ _COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (140, 86, 75), (227, 119, 194), (127, 127, 127))
 
 
-def _denormalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    pixels = (np.asarray(x, np.float32) * np.asarray(std, np.float32)
-              + np.asarray(mean, np.float32)) * 255.0
-    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-
-
 def _tile(rows: Sequence[np.ndarray], gap: int) -> np.ndarray:
     """rows of (n, S, S, 3) uint8 -> one (R*S + (R-1)*gap, n*S + (n-1)*gap, 3) image."""
     n, s = rows[0].shape[:2]
@@ -40,14 +34,31 @@ def _tile(rows: Sequence[np.ndarray], gap: int) -> np.ndarray:
     return out
 
 
+def _display_range(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band (low, high) mapped to black and white: the type range for 8-bit RGB, else the
+    2nd-98th percentile of the inputs, so that uint16 or multispectral scenes are visible."""
+    if images.dtype == np.uint8 and images.shape[-1] == 3:
+        return np.zeros(3, np.float32), np.ones(3, np.float32)
+    x = _fraction(images)[..., :3]
+    lo, hi = np.percentile(x, [2, 98], axis=(0, 1, 2))
+    return lo.astype(np.float32), np.maximum(hi, lo + 1e-6).astype(np.float32)
+
+
+def _fraction(images: np.ndarray) -> np.ndarray:
+    """Pixels as a fraction of their type's maximum: the units `data.mean` / `data.std` use."""
+    scale = np.iinfo(images.dtype).max if np.issubdtype(images.dtype, np.integer) else 1.0
+    return images.astype(np.float32) / np.float32(scale)
+
+
 def reconstruction_grid(batch_views: Mapping[str, np.ndarray], reconstruction: np.ndarray,
                         mean: Sequence[float], std: Sequence[float], *, view: str = 'a',
                         max_images: int = 8, gap: int = 2) -> np.ndarray:
     """uint8 (4*S + 3*gap, n*S + (n-1)*gap, 3) grid: input, masked input, prediction, target.
 
-    `batch_views` holds `img_<view>` (B, S, S, 3) uint8 and `mask_<view>` (B, g, g) bool (as the
-    data pipeline or `make_reconstruction_fn` give them); `reconstruction` is the decoder's
-    (B, S, S, 3) output in normalised pixel space; `mean` / `std` are `config.data.mean/std`.
+    `batch_views` holds `img_<view>` (B, S, S, bands) uint8 or uint16 and `mask_<view>` (B, g, g)
+    bool (as the data pipeline or `make_reconstruction_fn` give them); `reconstruction` is the
+    decoder's (B, S, S, bands) output in normalised pixel space; `mean` / `std` are
+    `config.data.mean/std`. The first three bands are shown (one band as grey).
     """
     images = np.asarray(batch_views[f'img_{view}'])[:max_images]
     mask = np.asarray(batch_views[f'mask_{view}'])[:max_images].astype(bool)
@@ -56,11 +67,20 @@ def reconstruction_grid(batch_views: Mapping[str, np.ndarray], reconstruction: n
         raise ValueError(f'mask grid {mask.shape[1:]} does not tile {size}-px images')
     factor = size // mask.shape[1]
     pixel_mask = np.repeat(np.repeat(mask, factor, axis=1), factor, axis=2)[..., None]
-    channel_mean = np.rint(images.astype(np.float32).mean(axis=(1, 2), keepdims=True))
-    masked = np.where(pixel_mask, channel_mean, images).astype(np.uint8)
-    prediction = _denormalize(np.asarray(reconstruction)[:n], mean, std)
-    composite = np.where(pixel_mask, prediction, images)
-    return _tile([images, masked, composite, images], gap)
+    x = _fraction(images)
+    prediction = (np.asarray(reconstruction, np.float32)[:n] * np.asarray(std, np.float32)
+                  + np.asarray(mean, np.float32))
+    lo, hi = _display_range(images)
+
+    def to_uint8(a):
+        a = a[..., :3] if a.shape[-1] >= 3 else np.repeat(a[..., :1], 3, axis=-1)
+        return np.clip(np.rint((a - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+
+    shown = to_uint8(x)
+    channel_mean = np.rint(shown.astype(np.float32).mean(axis=(1, 2), keepdims=True))
+    masked = np.where(pixel_mask, channel_mean, shown).astype(np.uint8)
+    composite = np.where(pixel_mask, to_uint8(prediction), shown)
+    return _tile([shown, masked, composite, shown], gap)
 
 
 def save_png(path: str, image: np.ndarray) -> None:

@@ -394,8 +394,7 @@ def test_two_training_steps_on_a_4_band_geotiff_folder(tmp_path):
     config.data.tile_size = 128  # 4 x 5 windows of the 403 x 515 tile
     config.data.bands = ("red", "green", "blue", 3)
     config.total_steps = 2
-    # TODO(visualize): reconstruction grids assume 3 uint8 bands; off until they show N bands.
-    config.images_every_steps = 0
+    config.images_every_steps = 2  # The reconstruction grid shows the first three bands.
     stats = compute_stats(open_source(config.data), samples=100, seed=0)
     stats["bands"] = list(config.data.bands)
     write_stats(stats, str(tmp_path / "stats.json"))
@@ -406,3 +405,6 @@ def test_two_training_steps_on_a_4_band_geotiff_folder(tmp_path):
     assert saved["bands"] == ["red", "green", "blue", 3] and saved["dtype"] == "uint8"
     assert saved["mean"] == pytest.approx(stats["mean"]) and len(saved["std"]) == 4
     assert saved["value_range"] == [0.0, 255.0]
+    from PIL import Image
+    grid = Image.open(tmp_path / "run" / "images" / "reconstruction_00000002.png")
+    assert grid.mode == "RGB" and grid.size == (8 * 64 + 7 * 2, 4 * 64 + 3 * 2)
