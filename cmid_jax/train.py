@@ -42,6 +42,19 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, num_proces
         raise ValueError('Invalid config: ' + '; '.join(problems) + '.')
 
 
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes workdir/config.json atomically (a crash never leaves half a file)."""
+    path = os.path.join(workdir, 'config.json')
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path + '.tmp', 'w', encoding='utf-8') as f:
+            f.write(config.to_json_best_effort(indent=2))
+        os.replace(path + '.tmp', path)
+    except OSError as e:
+        raise OSError(f'Cannot write to the workdir {workdir!r} ({e.strerror or e}); choose a '
+                      'writable folder with free space. Nothing in it was changed.') from e
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
     # --- Mesh --------------------------------------------------------------------------------
@@ -61,14 +74,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.total_steps is None:
         config.total_steps = config.epochs * steps_per_epoch
     total_steps = config.total_steps
-    os.makedirs(workdir, exist_ok=True)
     if process == 0:
-        with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-            f.write(config.to_json_best_effort(indent=2))
+        write_config(workdir, config)
     dataset = build_dataset(source, image_size=config.data.image_size, mask_ratio=config.mask.ratio,
                             global_batch_size=config.batch_size, seed=config.seed,
                             process_index=process, process_count=num_processes,
                             value_range=config.data.value_range, rgb=is_rgb(config.data))
+    # Decoding one batch now makes unreadable data fail before anything is compiled.
+    dataset[0]
     data_iter = make_iterator(dataset, num_workers=config.data.num_workers)
     logging.info('%s; %d steps of %d (%d per epoch).', describe_source(config.data, source),
                  total_steps, config.batch_size, steps_per_epoch)

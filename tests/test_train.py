@@ -181,3 +181,21 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
     for key in ('params', 'teacher_params', 'queue', 'center'):
         jax.tree.map(np.testing.assert_array_equal, after_1[key], after_6[key])
 
+
+
+def test_unreadable_data_and_unwritable_workdir_fail_before_compiling(tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(train.Trainer, 'create', lambda *a, **k: compiled.append(1))
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    for i in range(20):
+        (bad / f'img_{i:02d}.jpg').write_text('not a jpeg')
+    config = vitb.get_config('smoke')
+    config.data.path = str(bad)
+    with pytest.raises(RuntimeError, match='img_00.jpg'):
+        train.train_and_evaluate(config, str(tmp_path / 'run'))
+    (tmp_path / 'file').write_text('a file where the workdir should be')
+    config.data.path = None
+    with pytest.raises(OSError, match="Cannot write to the workdir .*file/run"):
+        train.train_and_evaluate(config, str(tmp_path / 'file' / 'run'))
+    assert not compiled
