@@ -142,8 +142,8 @@ def test_output_shapes_and_attributes():
 
 
 def test_build_backbone_errors_and_torch_names():
-    with pytest.raises(ValueError, match=r"'swin'.*resnet.*vit"):
-        build_backbone('swin', 'B', img_size=224)
+    with pytest.raises(ValueError, match=r"'convnext'.*resnet.*vit.*swin"):
+        build_backbone('convnext', 'B', img_size=224)
     with pytest.raises(ValueError, match=r"'101'"):
         build_backbone('resnet', '101', img_size=224)
     with pytest.raises(ValueError, match=r"'L/16'"):

@@ -44,13 +44,19 @@ Array = jax.Array
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # mmcls arch 'base' = timm swin_base_patch4_window7_224.
-    'B': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    # Tests and CPU smoke runs (224 px: every stage map must be >= the 7x7 window). Two blocks per
-    # stage, so shifted windows and the no-shift 7x7 last stage are both exercised.
-    'tiny-test': dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
+    'B': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=7),
+    # Test-only, at 224 px: the window-7 geometry of Swin-B (shifted 56/28/14 maps, unshifted 7x7
+    # last stage) at a quarter of its width and two blocks per stage.
+    'tiny-test': dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7),
+    # Smoke and demo runs on a CPU: window 2, so inputs from 64 px work (at 64 px the 2x2 last stage
+    # is one unshifted window, as the 7x7 one of Swin-B at 224 px; a window-7 model needs 224 px and
+    # costs several times more per CPU step). One block per stage except the deepest, stage 2 (18 in
+    # Swin-B), which keeps a shifted-window block; blocks dominate the compile time. No torch name.
+    'nano': dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=2),
 }
 
-# Additive logit mask between windows regions, as mmcls / timm (-100, not -inf: exp underflows to 0).
+# Logit offset between tokens of different regions in a shifted window, as mmcls / timm (not -inf:
+# exp(-100) already underflows to 0, and a row can never be fully masked).
 _MASK_VALUE = -100.0
 
 
@@ -76,7 +82,9 @@ def relative_position_index(window: int) -> np.ndarray:
     """`(W*W, W*W)` int64 index into the `(2W-1)^2` bias table (MS-Swin / timm / mmcls)."""
     coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing='ij')).reshape(2, -1)
     rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (2, T, T), each in [0, 2W-2]
-    return (rel[0] * (2 * window - 1) + rel[1]).astype(np.int64)
+    index = (rel[0] * (2 * window - 1) + rel[1]).astype(np.int64)
+    index.setflags(write=False)  # cached and shared
+    return index
 
 
 def window_partition(x: Any, window: int) -> Any:
@@ -106,7 +114,9 @@ def shifted_window_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
         for j, ws in enumerate(bounds):
             regions[:, hs, ws, :] = 3 * i + j
     ids = window_partition(regions, window)[0, :, :, 0]  # (nW, T)
-    return np.where(ids[:, None, :] != ids[:, :, None], _MASK_VALUE, 0.0).astype(np.float32)
+    mask = np.where(ids[:, None, :] != ids[:, :, None], _MASK_VALUE, 0.0).astype(np.float32)
+    mask.setflags(write=False)  # cached and shared
+    return mask
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,10 +166,7 @@ class ShiftWindowMSA(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         _, h, w, _ = x.shape
-        ws = self.window_size
-        if min(h, w) < ws:
-            raise ValueError(f'feature map {(h, w)} is smaller than the window {ws}; Swin needs '
-                             f'every stage map >= the window (input >= {32 * ws} px for window {ws})')
+        ws = self.window_size  # min(h, w) >= ws: SwinTransformer checks the input size
         # A map exactly one window wide gains nothing from a shift; the reference skips it there.
         shift = ws // 2 if self.shift and min(h, w) > ws else 0
         pad_b, pad_r = -h % ws, -w % ws
@@ -325,23 +332,25 @@ class SwinTransformer(nn.Module):
 
 
 def build_swin(variant: str, *, dtype: Any = jnp.float32) -> SwinTransformer:
-    """Swin for a variant name ('B', or the test/smoke-size 'tiny-test')."""
+    """Swin for a variant name ('B', or the small 'tiny-test' and 'nano')."""
     if variant not in VARIANTS:
         raise ValueError(f'unknown Swin variant {variant!r}; allowed: {sorted(VARIANTS)}')
     return SwinTransformer(**VARIANTS[variant], dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoint conversion: mmcls/mmseg layout (official CMID weights) and timm >= 0.9 layout
+# Checkpoint conversion: mmcls/mmseg layout (official CMID weights) and current timm layout
 # ------------------------------------------------------------------------------------------------
 #
-# timm (>= 0.9, checked on 1.0.31) differs from mmcls by names only, except for patch merging:
+# timm (checked on 1.0.31) differs from mmcls by names only, except for patch merging:
 #   patch_embed.projection -> patch_embed.proj     stages.{s}.blocks -> layers.{s}.blocks
 #   stages.{s}.downsample  -> layers.{s+1}.downsample (timm merges at the start of the next stage)
 #   attn.w_msa.*           -> attn.*               ffn.layers.0.0 / ffn.layers.1 -> mlp.fc1 / mlp.fc2
 #   norm3                  -> norm                 downsample 4C axis: channel-major -> block-major
 # timm keeps `relative_position_index` and `attn_mask` as non-persistent buffers (not in its
-# state_dict); mmcls persists `relative_position_index`, so the mmcls export includes it.
+# state_dict); mmcls persists `relative_position_index`, so the mmcls export includes it. Older
+# timm (e.g. 0.6.x) used the MS-Swin layout, merging at the end of a stage (`layers.{s}.downsample`,
+# s = 0-2); current timm's checkpoint_filter_fn converts that layout, this module does not.
 
 LAYOUTS = ('mmcls', 'timm')
 
@@ -369,6 +378,11 @@ def _timm_key(mmcls_key: str) -> str:
     for pattern, repl in _MMCLS_TO_TIMM:
         mmcls_key = re.sub(pattern, repl, mmcls_key)
     return mmcls_key
+
+
+def _torch_key(path: tuple[str, ...], layout: str) -> str:
+    key = _mmcls_key(path)
+    return key if layout == 'mmcls' else _timm_key(key)
 
 
 def _merge_perm(four_c: int) -> np.ndarray:
@@ -412,7 +426,7 @@ def _index_buffers(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if path[-1] == 'relative_position_bias_table':
             window = (int(round(np.sqrt(table.shape[0]))) + 1) // 2
             key = _mmcls_key(path)[: -len('bias_table')] + 'index'
-            out[key] = relative_position_index(window)
+            out[key] = relative_position_index(window).copy()  # writable, for torch.from_numpy
     return out
 
 
@@ -422,25 +436,45 @@ def to_torch_state_dict(variables: Mapping[str, Any], layout: str = 'mmcls'
 
     'mmcls': the official CMID / mmcls / mmseg Swin keys (cmid-method.md 10.4), including the int64
     `relative_position_index` buffers; loads into mmseg `SwinTransformer` with strict=False (mmseg
-    adds norm0-2). 'timm': timm >= 0.9 `SwinTransformer(num_classes=0)` keys, strict-loadable.
+    adds norm0-2). 'timm': current timm `SwinTransformer(num_classes=0)` keys, strict-loadable.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
+    _check_layout(layout)
     params = variables['params'] if 'params' in variables else variables
-    sd = {}
-    for path, v in flatten(params).items():
-        key = _mmcls_key(path)
-        sd[key if layout == 'mmcls' else _timm_key(key)] = np.ascontiguousarray(
-            _to_torch_layout(path, np.array(v, dtype=np.float32), layout))  # writable copy
+    sd = {_torch_key(path, layout): np.ascontiguousarray(  # writable copies, for torch.from_numpy
+              _to_torch_layout(path, np.array(v, dtype=np.float32), layout))
+          for path, v in flatten(params).items()}
     if layout == 'mmcls':
         sd.update(_index_buffers(params))
     return dict(sorted(sd.items()))
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
 
 
 def _template(model: SwinTransformer) -> dict[str, Any]:
     size = model.min_image_size  # param shapes do not depend on the input size
     return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                           jnp.zeros((1, size, size, 3), jnp.float32))
+
+
+def _expected(params: Mapping[str, Any], layout: str
+              ) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """torch key -> (param path, torch shape) for a (possibly abstract) param tree."""
+    return {_torch_key(path, layout): (path, _torch_shape(path, leaf.shape))
+            for path, leaf in flatten(params).items()}
+
+
+def torch_state_dict_shapes(model: SwinTransformer, layout: str = 'mmcls'
+                            ) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of `to_torch_state_dict(variables, layout)` for `model`, without allocating."""
+    _check_layout(layout)
+    params = _template(model)['params']
+    shapes = {k: shape for k, (_, shape) in _expected(params, layout).items()}
+    if layout == 'mmcls':
+        shapes.update({k: v.shape for k, v in _index_buffers(params).items()})
+    return dict(sorted(shapes.items()))
 
 
 def detect_layout(state_dict: Mapping[str, Any]) -> str:
@@ -456,16 +490,13 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model: SwinTransformer
     """mmcls (official CMID) or timm Swin state_dict -> Flax `{'params': ...}` for `model`.
 
     The layout is detected from the keys (`detect_layout`). Accepts numpy arrays or torch tensors.
-    mmcls `relative_position_index` buffers are optional and must hold the standard index; strip
+    mmcls `relative_position_index` buffers are optional but must hold the standard index; strip
     heads (`head.*`) and mmseg's extra `norm0-2` before calling. Raises one ValueError listing every
     unknown key, missing key, shape mismatch and invalid buffer.
     """
     layout = detect_layout(state_dict)
     params = _template(model)['params']
-    expected = {}
-    for path, leaf in flatten(params).items():
-        key = _mmcls_key(path)
-        expected[key if layout == 'mmcls' else _timm_key(key)] = (path, _torch_shape(path, leaf.shape))
+    expected = _expected(params, layout)
     buffers = _index_buffers(params) if layout == 'mmcls' else {}
 
     def standard_index(key: str, arr: np.ndarray) -> str | None:
