@@ -55,6 +55,19 @@ def abstract_with_sharding(abstract_state, sharding) -> dict:
                         abstract_state)
 
 
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes workdir/config.json atomically (a crash never leaves half a file)."""
+    path = os.path.join(workdir, 'config.json')
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path + '.tmp', 'w', encoding='utf-8') as f:
+            f.write(config.to_json_best_effort(indent=2))
+        os.replace(path + '.tmp', path)
+    except OSError as e:
+        raise OSError(f'Cannot write to the workdir {workdir!r} ({e.strerror or e}); choose a '
+                      'writable folder with free space. Nothing in it was changed.') from e
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a run wrote to workdir/config.json."""
     path = os.path.join(workdir, 'config.json')

@@ -44,7 +44,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cmid_jax import optim
+from cmid_jax import checkpointing, optim
+from cmid_jax.adapt import adapt_stem
 from cmid_jax.models import official
 from cmid_jax.models.common import as_numpy
 from cmid_jax.step import Trainer
@@ -224,6 +225,10 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
         for which in official.STATE_KEYS.values():
             for coll, value in zip(which, (variables['params'], variables.get('batch_stats', {}))):
                 state[coll] = dict(state[coll], backbone=value)
+    if trainer.nets.in_chans != 3:  # RGB weights into an N-band model: timm's stem rule.
+        for coll in ('params', 'teacher_params'):
+            state[coll] = dict(state[coll],
+                               backbone=adapt_stem(state[coll]['backbone'], trainer.nets.in_chans))
     # Fresh optimizer and step 0: continued pretraining runs its own schedule.
     state['step'] = np.zeros((), np.int32)
     state['opt_state'] = jax.device_get(jax.jit(trainer.tx.init)(state['params']))
@@ -251,8 +256,7 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
     manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     manager.wait_until_finished()
     manager.close()
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-        f.write(config.to_json_best_effort(indent=2))
+    checkpointing.write_config(workdir, config)
     with open(os.path.join(workdir, 'import.json'), 'w', encoding='utf-8') as f:
         json.dump(record, f, indent=2)
     logging.info('Imported the %s checkpoint %s into %s at step 0 (%s).', kind, checkpoint,

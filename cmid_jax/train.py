@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 
@@ -42,19 +41,6 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, num_proces
         raise ValueError('Invalid config: ' + '; '.join(problems) + '.')
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes workdir/config.json atomically (a crash never leaves half a file)."""
-    path = os.path.join(workdir, 'config.json')
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path + '.tmp', 'w', encoding='utf-8') as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(path + '.tmp', path)
-    except OSError as e:
-        raise OSError(f'Cannot write to the workdir {workdir!r} ({e.strerror or e}); choose a '
-                      'writable folder with free space. Nothing in it was changed.') from e
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
     # --- Mesh --------------------------------------------------------------------------------
@@ -75,7 +61,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.total_steps = config.epochs * steps_per_epoch
     total_steps = config.total_steps
     if process == 0:
-        write_config(workdir, config)
+        checkpointing.write_config(workdir, config)
     dataset = build_dataset(source, image_size=config.data.image_size, mask_ratio=config.mask.ratio,
                             global_batch_size=config.batch_size, seed=config.seed,
                             process_index=process, process_count=num_processes,

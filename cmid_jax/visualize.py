@@ -74,7 +74,8 @@ def reconstruction_grid(batch_views: Mapping[str, np.ndarray], reconstruction: n
 
     def to_uint8(a):
         a = a[..., :3] if a.shape[-1] >= 3 else np.repeat(a[..., :1], 3, axis=-1)
-        return np.clip(np.rint((a - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+        a = np.nan_to_num((a - lo) / (hi - lo), nan=0.0)  # A diverged run still gets a picture.
+        return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
 
     shown = to_uint8(x)
     channel_mean = np.rint(shown.astype(np.float32).mean(axis=(1, 2), keepdims=True))

@@ -420,3 +420,22 @@ def test_cli_with_preset_and_overrides(resnet_full_sd, tmp_path):
     config, state, step = checkpointing.restore_train_state(workdir)
     assert step == 0 and config.seed == 7 and config.model.variant == 'nano'
     np.testing.assert_array_equal(state['queue'], resnet_full_sd['queue'].T)
+
+
+def test_rgb_backbone_into_a_four_band_model_adapts_the_stem(tmp_path):
+    """timm's rule: the RGB kernel repeated over the bands and scaled by 3/N, in both networks."""
+    config = smoke_config('vit')
+    sd = official.to_official_state_dict(random_state(config), arch='vit')
+    prefix = official.BACKBONE_PREFIXES['student']
+    extracted = {k[len(prefix):]: torch.from_numpy(v) for k, v in sd.items()
+                 if k.startswith(prefix)}
+    torch.save(extracted, str(tmp_path / 'backbone.pth'))
+    config.data.bands = (0, 1, 2, 3)
+    config.data.mean, config.data.std = (0.3,) * 4, (0.2,) * 4
+    import_torch.import_checkpoint(str(tmp_path / 'backbone.pth'), config, str(tmp_path / 'wd'))
+    _, state, _ = checkpointing.restore_train_state(str(tmp_path / 'wd'))
+    rgb = extracted['patch_embed.proj.weight'].numpy().transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    expected = np.concatenate([rgb, rgb[:, :, :1]], axis=2) * 3 / 4
+    for coll in ('params', 'teacher_params'):
+        kernel = np.asarray(state[coll]['backbone']['patch_embed']['proj']['kernel'])
+        np.testing.assert_allclose(kernel, expected, rtol=1e-6)
