@@ -153,7 +153,7 @@ def demo_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def apply_preset(c: ml_collections.ConfigDict, arg: str | None,
-                                  variants: dict[str, str]) -> ml_collections.ConfigDict:
+                 variants: dict[str, str]) -> ml_collections.ConfigDict:
     """Applies the `get_config(arg)` preset named by `arg` ('' / None, 'smoke' or 'demo').
 
     `variants` maps each preset to the small backbone variant it uses.

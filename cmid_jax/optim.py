@@ -24,7 +24,7 @@ class Schedule:
 
 
 def learning_rate_fn(schedule: Schedule, base_lr: float, min_lr: float, warmup_epochs: float,
-                                          warmup_factor: float):
+                     warmup_factor: float):
     """Per-step cosine from base_lr to min_lr over all steps, times an mmcv-style linear warm-up.
 
     During warm-up the factor ramps linearly from `warmup_factor` at step 0 to 1 at the end of
@@ -44,7 +44,7 @@ def learning_rate_fn(schedule: Schedule, base_lr: float, min_lr: float, warmup_e
 
 
 def ema_momentum(step: jax.Array, total_steps: int, base: float = 0.996,
-                                  final: float = 1.0) -> jax.Array:
+                 final: float = 1.0) -> jax.Array:
     """Teacher momentum: cosine from `base` at step 0 to `final` at `total_steps`."""
     t = jnp.asarray(step, jnp.float32)
     return final - (final - base) * (jnp.cos(jnp.pi * t / total_steps) + 1) / 2
@@ -58,4 +58,4 @@ def weight_decay_mask(params):
 def adan(lr_fn, weight_decay: float) -> optax.GradientTransformation:
     """optax Adan with the official betas (0.98, 0.92, 0.99), eps 1e-8 and decoupled decay."""
     return optax.adan(lr_fn, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=weight_decay,
-                                        mask=weight_decay_mask)
+                      mask=weight_decay_mask)

@@ -45,24 +45,24 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
         return {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}[config.model.compute_dtype]
     except KeyError:
         raise ValueError(f'config.model.compute_dtype={config.model.compute_dtype!r}; expected '
-                                          "'bfloat16' or 'float32'.") from None
+                         "'bfloat16' or 'float32'.") from None
 
 
 def build_networks(config: ml_collections.ConfigDict) -> Networks:
     dtype = compute_dtype(config)
     m = config.model
     backbone = build_backbone(m.arch, m.variant, img_size=config.data.image_size, dtype=dtype,
-                                                        attention_impl=m.attention_impl)
+                              attention_impl=m.attention_impl)
     use_bn = m.local_use_bn if m.local_use_bn is not None else m.arch == 'resnet'
     in_chans = num_bands(config.data)
     return Networks(
-            backbone=backbone,
-            projector=Projector(m.proj_hidden_dim, m.proj_dim, dtype=dtype),
-            local_head=LocalHead(m.local_hidden_dim, m.local_bottleneck_dim, m.local_prototypes,
-                                                      use_bn=use_bn, dtype=dtype),
-            decoder=MIMDecoder(stride=backbone.feature_stride, out_chans=in_chans, dtype=dtype),
-            grid=config.data.image_size // config.mask.patch_size,
-            in_chans=in_chans,
+        backbone=backbone,
+        projector=Projector(m.proj_hidden_dim, m.proj_dim, dtype=dtype),
+        local_head=LocalHead(m.local_hidden_dim, m.local_bottleneck_dim, m.local_prototypes,
+                             use_bn=use_bn, dtype=dtype),
+        decoder=MIMDecoder(stride=backbone.feature_stride, out_chans=in_chans, dtype=dtype),
+        grid=config.data.image_size // config.mask.patch_size,
+        in_chans=in_chans,
     )
 
 
@@ -91,4 +91,4 @@ def teacher_from_student(params: dict, batch_stats: dict) -> tuple[dict, dict]:
     """The teacher starts as an exact copy of the student's EMA'd parts (init_momentum_pairs)."""
     copy = lambda tree: jax.tree.map(jnp.array, tree)
     return ({k: copy(params[k]) for k in TEACHER_KEYS},
-                    {k: copy(v) for k, v in batch_stats.items()})
+            {k: copy(v) for k, v in batch_stats.items()})

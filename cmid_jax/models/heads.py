@@ -28,7 +28,7 @@ def _torch_dense(features: int, fan_in: int, dtype: Any, name: str, use_bias: bo
     bound = 1.0 / (fan_in ** 0.5)
     bias_init = lambda key, shape, dt=jnp.float32: jax.random.uniform(key, shape, dt, -bound, bound)
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                                    kernel_init=torch_default_kernel_init, bias_init=bias_init, name=name)
+                    kernel_init=torch_default_kernel_init, bias_init=bias_init, name=name)
 
 
 def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:
@@ -49,7 +49,7 @@ class MIMDecoder(nn.Module):
     @nn.compact
     def __call__(self, fmap: jax.Array) -> jax.Array:
         x = _torch_dense(self.stride * self.stride * self.out_chans, fmap.shape[-1], self.dtype,
-                                          'decoder_pred')(fmap)
+                         'decoder_pred')(fmap)
         return pixel_shuffle(x.astype(jnp.float32), self.stride)
 
 
@@ -86,7 +86,7 @@ class LocalHead(nn.Module):
             x = _torch_dense(self.hidden_dim, fan_in, self.dtype, f'fc{i + 1}')(x)
             if self.use_bn:
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                                  dtype=self.dtype, param_dtype=jnp.float32, name=f'bn{i + 1}')(x)
+                                 dtype=self.dtype, param_dtype=jnp.float32, name=f'bn{i + 1}')(x)
             x = nn.gelu(x, approximate=False)
             fan_in = self.hidden_dim
         x = _torch_dense(self.bottleneck_dim, fan_in, self.dtype, 'fc3')(x)
