@@ -34,6 +34,17 @@ def torch_default_bias_init(fan_in: int) -> Callable[..., Array]:
     return init
 
 
+def patch_conv(x: Array, patch_size: int, embed_dim: int, dtype: Any, name: str) -> Array:
+    """A p x p stride-p conv with bias at torch's default init (timm and mmcv patch embeddings).
+
+    Call it inside a compact method: the conv becomes a child `name` of the calling module.
+    """
+    p = patch_size
+    return nn.Conv(embed_dim, (p, p), strides=(p, p), padding='VALID', use_bias=True, dtype=dtype,
+                   param_dtype=jnp.float32, kernel_init=torch_default_kernel_init,
+                   bias_init=torch_default_bias_init(p * p * x.shape[-1]), name=name)(x)
+
+
 def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     """Nested dict -> `{path tuple: leaf}`."""
     out = {}

@@ -14,21 +14,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-def torch_default_kernel_init(key, shape, dtype=jnp.float32):
-    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which is what torch's kaiming_uniform(a=sqrt(5)) gives."""
-    fan_in = 1
-    for d in shape[:-1]:
-        fan_in *= d
-    bound = 1.0 / jnp.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+from cmid_jax.models.common import torch_default_bias_init, torch_default_kernel_init
 
 
 def _torch_dense(features: int, fan_in: int, dtype: Any, name: str, use_bias: bool = True):
-    bound = 1.0 / (fan_in ** 0.5)
-    bias_init = lambda key, shape, dt=jnp.float32: jax.random.uniform(key, shape, dt, -bound, bound)
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=torch_default_kernel_init, bias_init=bias_init, name=name)
+                    kernel_init=torch_default_kernel_init,
+                    bias_init=torch_default_bias_init(fan_in), name=name)
 
 
 def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict,
+from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict, patch_conv,
                                     torch_default_bias_init, torch_default_kernel_init, unflatten)
 
 Array = jax.Array
@@ -257,11 +257,7 @@ class PatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        p = self.patch_size
-        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding='VALID', use_bias=True,
-                    dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=torch_default_kernel_init,
-                    bias_init=torch_default_bias_init(p * p * x.shape[-1]), name='projection')(x)
+        x = patch_conv(x, self.patch_size, self.embed_dim, self.dtype, 'projection')
         return _layer_norm(self.dtype, 'norm')(x)
 
 

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict,
-                                    torch_default_bias_init, torch_default_kernel_init, unflatten)
+from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict, patch_conv,
+                                    unflatten)
 
 Array = jax.Array
 
@@ -134,12 +134,8 @@ class PatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        p = self.patch_size
         # timm leaves the patch conv at torch's default init.
-        return nn.Conv(
-            self.embed_dim, (p, p), strides=(p, p), padding='VALID', use_bias=True,
-            dtype=self.dtype, param_dtype=jnp.float32, kernel_init=torch_default_kernel_init,
-            bias_init=torch_default_bias_init(p * p * x.shape[-1]), name='proj')(x)
+        return patch_conv(x, self.patch_size, self.embed_dim, self.dtype, 'proj')
 
 
 class VisionTransformer(nn.Module):
