@@ -17,10 +17,10 @@ RS_STD = (0.1359, 0.1352, 0.1407)
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seed = 0  # Model init, data order and augmentations.
     c.batch_size = 256  # Global batch of source images (each gives two crops).
     c.total_steps = ml_collections.config_dict.placeholder(int)  # None = epochs * steps_per_epoch.
-    c.epochs = 200
+    c.epochs = 200  # Run length when total_steps is None (official: 200 on MillionAID).
     # Epochs drive the lr warm-up and the teacher-temperature schedule. None = images // batch_size.
     c.steps_per_epoch = ml_collections.config_dict.placeholder(int)
 
@@ -40,13 +40,13 @@ def default_config() -> ml_collections.ConfigDict:
     # band indices or band names, e.g. (3, 2, 1, 7) or ('red', 'green', 'blue'), reads those
     # bands with their raw uint8 / uint16 values; the model's input channels follow.
     c.data.bands = ml_collections.config_dict.placeholder(tuple)
-    c.data.image_size = 224
+    c.data.image_size = 224  # Crop side in pixels; a multiple of mask.patch_size.
     # Per band, in units of value / type maximum (uint8: /255, uint16: /65535), the scale the
     # device divides by before normalising. data.stats (JSON from cmid_jax.data_stats) replaces
     # both.
     c.data.mean = RS_MEAN
-    c.data.std = RS_STD
-    c.data.stats = ml_collections.config_dict.placeholder(str)
+    c.data.std = RS_STD  # Per band, same units as data.mean.
+    c.data.stats = ml_collections.config_dict.placeholder(str)  # JSON from cmid_jax.data_stats.
     # (black, white) raw values for noise and solarize; None = from data.stats, else 0 and the
     # type maximum (255: the official 8-bit augmentations).
     c.data.value_range = ml_collections.config_dict.placeholder(tuple)
@@ -60,53 +60,53 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.arch = 'vit'  # 'vit' or 'resnet'.
-    c.model.variant = 'B/16'
+    c.model.variant = 'B/16'  # vit: mu/16, Ti/16, S/16, B/16; resnet: 50, tiny, nano; swin: B, ...
     c.model.attention_impl = 'xla'  # 'xla' everywhere; 'cudnn' for fused attention on NVIDIA GPUs.
     c.model.compute_dtype = 'bfloat16'  # Activations; params, optimizer, teacher and losses stay float32.
-    c.model.proj_hidden_dim = 2048
-    c.model.proj_dim = 256
-    c.model.local_hidden_dim = 2048
-    c.model.local_bottleneck_dim = 256
-    c.model.local_prototypes = 2048
+    c.model.proj_hidden_dim = 2048  # Global projector C-2048-256 (no BN).
+    c.model.proj_dim = 256  # Width of the InfoNCE embeddings and queue keys.
+    c.model.local_hidden_dim = 2048  # Local head C-2048-2048-256, then the prototypes.
+    c.model.local_bottleneck_dim = 256  # L2-normalised bottleneck before the prototypes.
+    c.model.local_prototypes = 2048  # Weight-normed prototypes (DINO output width).
     c.model.local_use_bn = ml_collections.config_dict.placeholder(bool)  # None = BN for CNNs only.
 
     c.loss = ml_collections.ConfigDict()
     c.loss.use_mim = True  # Each term can be switched off for ablations.
-    c.loss.use_global = True
-    c.loss.use_local = True
-    c.loss.temperature = 0.2
-    c.loss.queue_size = 65536
-    c.loss.num_matches = 20
-    c.loss.student_temp = 0.1
-    c.loss.teacher_temp_warmup = 0.04
-    c.loss.teacher_temp = 0.07
-    c.loss.teacher_temp_warmup_epochs = 50
-    c.loss.center_momentum = 0.9
+    c.loss.use_global = True  # MoCo InfoNCE against the queue.
+    c.loss.use_local = True  # DINO cross-entropy on matched grid cells.
+    c.loss.temperature = 0.2  # InfoNCE temperature.
+    c.loss.queue_size = 65536  # Negative keys, shared by all devices and hosts.
+    c.loss.num_matches = 20  # Best nearest-neighbour matched cells per crop pair (of grid^2).
+    c.loss.student_temp = 0.1  # Local-loss student temperature.
+    c.loss.teacher_temp_warmup = 0.04  # Teacher temperature at epoch 0 ...
+    c.loss.teacher_temp = 0.07  # ... and after the warm-up.
+    c.loss.teacher_temp_warmup_epochs = 50  # Linear teacher-temperature warm-up, in epochs.
+    c.loss.center_momentum = 0.9  # EMA of the teacher-output centre.
 
     c.optim = ml_collections.ConfigDict()
     c.optim.base_lr = 4e-3  # Scaled by batch_size / 256.
-    c.optim.min_lr = 1e-6
-    c.optim.weight_decay = 0.02
-    c.optim.warmup_epochs = 10
-    c.optim.warmup_factor = 0.01
-    c.optim.ema_momentum = 0.996
+    c.optim.min_lr = 1e-6  # End of the per-step cosine.
+    c.optim.weight_decay = 0.02  # Adan decoupled decay, on tensors with ndim > 1 only.
+    c.optim.warmup_epochs = 10  # Linear lr warm-up ...
+    c.optim.warmup_factor = 0.01  # ... from this fraction of the lr.
+    c.optim.ema_momentum = 0.996  # Teacher EMA momentum at step 0 (cosine to 1).
 
     # Online kNN evaluation during pretraining on a labelled class-per-folder dataset.
     c.eval = ml_collections.ConfigDict()
     c.eval.path = ml_collections.config_dict.placeholder(str)  # None = no online evaluation.
-    c.eval.every_steps = 1000
-    c.eval.k = 20
-    c.eval.temperature = 0.07
-    c.eval.train_fraction = 0.5
-    c.eval.batch_size = 128
+    c.eval.every_steps = 1000  # Online kNN interval.
+    c.eval.k = 20  # Neighbours that vote.
+    c.eval.temperature = 0.07  # Votes weighted by exp(cosine / temperature).
+    c.eval.train_fraction = 0.5  # Seeded per-class split of eval.path.
+    c.eval.batch_size = 128  # Feature-extraction batch.
 
     # Steps with a non-finite loss or gradient are never applied; more than this many stop the run.
     c.max_nonfinite_steps = 0
 
-    c.log_every_steps = 50
+    c.log_every_steps = 50  # Metrics and the progress line.
     c.images_every_steps = 1000  # Reconstruction grids (input, mask, prediction, target).
-    c.checkpoint_every_steps = 1000
-    c.keep_checkpoints = 3
+    c.checkpoint_every_steps = 1000  # Async orbax saves; the last step is always saved.
+    c.keep_checkpoints = 3  # Older checkpoints are deleted.
     return c
 
 
