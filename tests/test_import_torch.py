@@ -280,14 +280,19 @@ def test_training_resumes_from_imported_workdir(tmp_path):
 # ------------------------------------------------------------------------------ backbone-only
 
 
-def test_extracted_backbone_initialises_student_and_teacher(tmp_path):
-    config = smoke_config('vit')
+def extracted_vit_backbone(config, path) -> dict:
+    """What extract.py writes: the student backbone keys with their prefix stripped."""
     sd = official.to_official_state_dict(random_state(config), arch='vit')
     prefix = official.BACKBONE_PREFIXES['student']
-    # extract.py: the student backbone keys with their prefix stripped.
     extracted = {k[len(prefix):]: torch.from_numpy(v) for k, v in sd.items()
                  if k.startswith(prefix)}
-    torch.save(extracted, str(tmp_path / 'backbone.pth'))
+    torch.save(extracted, str(path))
+    return extracted
+
+
+def test_extracted_backbone_initialises_student_and_teacher(tmp_path):
+    config = smoke_config('vit')
+    extracted = extracted_vit_backbone(config, tmp_path / 'backbone.pth')
     record = import_torch.import_checkpoint(str(tmp_path / 'backbone.pth'), config,
                                             str(tmp_path / 'wd'))
     assert record['kind'] == 'backbone' and record['dropped_keys'] == []
@@ -425,11 +430,7 @@ def test_cli_with_preset_and_overrides(resnet_full_sd, tmp_path):
 def test_rgb_backbone_into_a_four_band_model_adapts_the_stem(tmp_path):
     """timm's rule: the RGB kernel repeated over the bands and scaled by 3/N, in both networks."""
     config = smoke_config('vit')
-    sd = official.to_official_state_dict(random_state(config), arch='vit')
-    prefix = official.BACKBONE_PREFIXES['student']
-    extracted = {k[len(prefix):]: torch.from_numpy(v) for k, v in sd.items()
-                 if k.startswith(prefix)}
-    torch.save(extracted, str(tmp_path / 'backbone.pth'))
+    extracted = extracted_vit_backbone(config, tmp_path / 'backbone.pth')
     config.data.bands = (0, 1, 2, 3)
     config.data.mean, config.data.std = (0.3,) * 4, (0.2,) * 4
     import_torch.import_checkpoint(str(tmp_path / 'backbone.pth'), config, str(tmp_path / 'wd'))
