@@ -113,7 +113,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 num_processes > 1 and ckpt.manager.reached_preemption(step))
             save_due = ckpt.manager.should_save(step) or step == total_steps or preempted
             if step % config.log_every_steps == 0 or save_due or step == first_step + 1:
-                # Reading metrics back syncs with the device, so it happens only here.
+                # Reading every metric back is a full sync; per step only the NaN flag is read.
                 _check_finite(step, step_metrics, config.max_nonfinite_steps)
                 logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 logged['bad_images'] = bad_images
