@@ -39,7 +39,7 @@ class Checkpointer:
         A checkpoint without a data item (written by `import_torch`) starts the iterator afresh.
         """
         args = {'state': ocp.args.StandardRestore(abstract_state)}
-        if os.path.isdir(os.path.join(str(self.manager.directory), str(step), 'data')):
+        if (self.manager.directory / str(step) / 'data').exists():  # epath: local or remote.
             args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self.manager.restore(step, args=ocp.args.Composite(**args))['state']
 
