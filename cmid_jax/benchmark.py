@@ -30,7 +30,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cmid_jax import flops, optim, parallel, train
-from cmid_jax.data import is_rgb, open_source, resolve_data_config
+from cmid_jax.data import open_source, resolve_data_config
 from cmid_jax.data.pipeline import Source, build_dataset, make_iterator
 from cmid_jax.step import Trainer
 from cmid_jax.synthetic import synthetic_batch
@@ -65,7 +65,7 @@ def synthetic_batches(config: ml_collections.ConfigDict, batch_sharding) -> Iter
     The batch is 8-bit RGB, the default input; multi-band configs need `--data=pipeline`.
     """
     local = synthetic_batch(config.seed, config.batch_size // jax.process_count(),
-                            config.data.image_size, config.mask.ratio)
+                            config.data.image_size)
     batch = parallel.global_batch(local, batch_sharding)
     while True:
         yield batch
@@ -73,14 +73,13 @@ def synthetic_batches(config: ml_collections.ConfigDict, batch_sharding) -> Iter
 
 def pipeline_batches(config: ml_collections.ConfigDict, source: Source,
                      batch_sharding) -> Iterator[dict]:
-    """Batches of the training input pipeline, decoded, augmented and transferred per step.
+    """Batches of the training input pipeline, decoded, cropped and transferred per step.
 
     `config.data` must already be resolved against `source` (`resolve_data_config`), as in training.
     """
-    dataset = build_dataset(source, image_size=config.data.image_size, mask_ratio=config.mask.ratio,
+    dataset = build_dataset(source, image_size=config.data.image_size,
                             global_batch_size=config.batch_size, seed=config.seed,
-                            process_index=jax.process_index(), process_count=jax.process_count(),
-                            value_range=config.data.value_range, rgb=is_rgb(config.data))
+                            process_index=jax.process_index(), process_count=jax.process_count())
     data_iter = make_iterator(dataset, num_workers=config.data.num_workers)
     try:
         while True:
@@ -116,6 +115,20 @@ def time_steps(step: Callable, state: dict, batches: Iterator[dict], steps: int
     total = time.perf_counter() - start
     watcher.join()
     return state, total, list(np.diff([start] + ready))
+
+
+def time_input(batches: Iterator[dict], steps: int) -> float:
+    """Seconds the pipeline takes to deliver `steps` batches to the devices, with no step running.
+
+    As many batches are taken untimed first, so batches the prefetch buffer filled while the steps
+    ran do not count.
+    """
+    for _ in range(steps):
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(steps):
+        jax.block_until_ready(next(batches))
+    return time.perf_counter() - start
 
 
 def xla_flops_per_device(compiled) -> float | None:
@@ -189,6 +202,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, data: str = 'synthetic',
             state, _ = step(state, first if i == 0 else next(batches))
         jax.block_until_ready(state)
         _, total_s, step_s = time_steps(step, state, batches, steps)
+        input_s = time_input(batches, steps) if data == 'pipeline' else None
     finally:
         batches.close()
 
@@ -218,6 +232,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, data: str = 'synthetic',
         'step_time_ms_mean': 1e3 * mean_s,
         'step_time_ms_median': 1e3 * float(np.median(step_s)),
         'images_per_sec': config.batch_size / mean_s,  # Source images; each gives two crops.
+        # What the host feeds with no step running: the ceiling the pipeline puts on the step.
+        'input_images_per_sec': config.batch_size * steps / input_s if input_s else None,
         'model_flops_per_image': model_flops['per_image'],
         'model_flops_per_step': model_flops['per_step'],
         'xla_flops_per_device': xla_flops_per_device(step),

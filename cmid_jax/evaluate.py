@@ -9,8 +9,11 @@ Protocols (recipes in the docstrings of `cmid_jax/evaluation/{knn,linear,finetun
 `linear` (logistic regression on standardised frozen features, full-batch L-BFGS, L2 1e-3) and
 `finetune` (backbone + linear head, AdamW, cosine, RandomResizedCrop + flip, label smoothing 0.1).
 The split is per class and seeded (`cmid_jax/evaluation/labelled.py`), identical on every
-machine. Prints one JSON line and appends it to `workdir/eval.jsonl`. Works on any workdir with a
-checkpoint, including one written by `cmid_jax.import_torch`.
+machine. The images are read as pretraining read its own, following the workdir's `config.json`
+(`data.bands`, `data.dtype`): 8-bit RGB, or any number of raw uint8 / uint16 bands; an image
+without those bands or of another pixel type is an error naming it. Prints one JSON line and
+appends it to `workdir/eval.jsonl`. Works on any workdir with a checkpoint, including one written
+by `cmid_jax.import_torch`.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ def evaluate(workdir: str, data: str, protocol: str = 'knn', *, which: str = 'st
     config, state, ckpt_step = checkpointing.restore_train_state(workdir, step)
     split = load_split(data, train_fraction, seed)
     size = int(config.data.image_size)
-    train_images = load_images(split.train_files, size)
-    test_images = load_images(split.test_files, size)
+    train_images = load_images(split.train_files, size, config.data)
+    test_images = load_images(split.test_files, size, config.data)
     train_labels, test_labels = np.asarray(split.train_labels), np.asarray(split.test_labels)
     variables = backbone_variables(state, which)
     logging.info('%s / %s on %s: %d classes, %d train / %d test images at %d px.', protocol,

@@ -12,8 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from cmid_jax import losses
-from cmid_jax.data.bands import type_max
+from cmid_jax import augment, losses
+from cmid_jax.data.bands import is_rgb, type_max
 from cmid_jax.models.cmid import Networks
 
 
@@ -39,14 +39,18 @@ def upsample_mask(block_mask: jax.Array, factor: int) -> jax.Array:
     return jnp.repeat(jnp.repeat(m, factor, axis=1), factor, axis=2)
 
 
-def normalize(images_uint8: jax.Array, mean, std) -> jax.Array:
-    """Pixels -> [0, 1] by their type's maximum (uint8 / 255 as ever, uint16 / 65535), then
-    per band (x - mean) / std; `mean` / `std` are `config.data.mean/std`, one value per band."""
-    if len(mean) != images_uint8.shape[-1] or len(std) != images_uint8.shape[-1]:
+def standardize(x: jax.Array, mean, std) -> jax.Array:
+    """Per band `(x - mean) / std` of [0, 1] pixels; `mean` / `std` are `config.data.mean/std`."""
+    if len(mean) != x.shape[-1] or len(std) != x.shape[-1]:
         raise ValueError(f'data.mean / data.std have {len(mean)} / {len(std)} values, but the '
-                         f'images have {images_uint8.shape[-1]} bands')
-    x = images_uint8.astype(jnp.float32) / type_max(images_uint8.dtype)
+                         f'images have {x.shape[-1]} bands')
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def normalize(images: jax.Array, mean, std) -> jax.Array:
+    """Pixels -> [0, 1] by their type's maximum (uint8 / 255 as ever, uint16 / 65535), then
+    standardised per band."""
+    return standardize(images.astype(jnp.float32) / type_max(images.dtype), mean, std)
 
 
 def mean_fill(x: jax.Array, pixel_mask: jax.Array) -> jax.Array:
@@ -56,14 +60,40 @@ def mean_fill(x: jax.Array, pixel_mask: jax.Array) -> jax.Array:
     return x * (1.0 - m) + mean * m
 
 
-def prepare_views(batch: dict, mean, std, mask_patch: int) -> dict:
-    """Device-side preprocessing: normalise both crops and build the student's masked inputs."""
+@dataclasses.dataclass(frozen=True)
+class ViewConfig:
+    """Static (hashable) settings of the device-side view preparation, from `config`."""
+    seed: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    mask_patch: int = 32
+    mask_ratio: float = 0.6
+    value_range: tuple[float, float] | None = None
+    rgb: bool | None = None
+
+    @classmethod
+    def from_config(cls, config) -> 'ViewConfig':
+        d = config.data
+        return cls(seed=config.seed, mean=tuple(d.mean), std=tuple(d.std),
+                   mask_patch=config.mask.patch_size, mask_ratio=config.mask.ratio,
+                   value_range=None if d.value_range is None else tuple(d.value_range),
+                   rgb=is_rgb(d))
+
+
+def prepare_views(batch: dict, step: jax.Array, cfg: ViewConfig) -> dict:
+    """Device-side preprocessing of a pipeline batch for train step `step`: crop B's photometric
+    augmentation and both block masks (`cmid_jax/augment.py`), normalisation, and the student's
+    mean-filled masked inputs."""
+    scale = type_max(batch['img_a'].dtype)
+    pixels = augment.augment_batch(batch, augment.step_key(cfg.seed, step),
+                                   mask_ratio=cfg.mask_ratio, mask_patch=cfg.mask_patch,
+                                   value_range=cfg.value_range, rgb=cfg.rgb)
     views = {}
     for v in ('a', 'b'):
-        x = normalize(batch[f'img_{v}'], mean, std)
-        pm = upsample_mask(batch[f'mask_{v}'], mask_patch)
+        x = standardize(pixels[f'img_{v}'] / scale, cfg.mean, cfg.std)
+        pm = upsample_mask(pixels[f'mask_{v}'], cfg.mask_patch)
         views[v] = dict(target=x, masked=mean_fill(x, pm), pixel_mask=pm,
-                        block_mask=batch[f'mask_{v}'], loc=batch[f'loc_{v}'])
+                        block_mask=pixels[f'mask_{v}'], loc=batch[f'loc_{v}'])
     return views
 
 

@@ -23,6 +23,7 @@ class Trainer:
     lr_fn: object
     schedule: optim.Schedule
     loss_cfg: objective.LossConfig
+    view_cfg: objective.ViewConfig
     config: ml_collections.FrozenConfigDict
 
     @classmethod
@@ -33,6 +34,7 @@ class Trainer:
         return cls(nets=cmid.build_networks(config), tx=optim.adan(lr_fn, o.weight_decay),
                    lr_fn=lr_fn, schedule=schedule,
                    loss_cfg=objective.LossConfig.from_config(config.loss),
+                   view_cfg=objective.ViewConfig.from_config(config),
                    config=ml_collections.FrozenConfigDict(config))
 
     def init_state(self, rng: jax.Array) -> dict:
@@ -60,7 +62,7 @@ class Trainer:
         """One optimizer step followed by the EMA teacher update; returns (state, metrics)."""
         c = self.config
         step = state['step']
-        views = objective.prepare_views(batch, c.data.mean, c.data.std, c.mask.patch_size)
+        views = objective.prepare_views(batch, step, self.view_cfg)
         teacher_temp = losses.teacher_temperature(
             self.schedule.epoch(step), c.loss.teacher_temp_warmup, c.loss.teacher_temp,
             c.loss.teacher_temp_warmup_epochs)

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from cmid_jax import checkpointing, metrics as metrics_lib, optim, parallel
-from cmid_jax.data import describe_source, is_rgb, open_source, resolve_data_config
+from cmid_jax.data import describe_source, open_source, resolve_data_config
 from cmid_jax.data.pipeline import build_dataset, make_iterator
 from cmid_jax.evaluation.periodic import PeriodicEvals
 from cmid_jax.step import Trainer
@@ -62,10 +62,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total_steps = config.total_steps
     if process == 0:
         checkpointing.write_config(workdir, config)
-    dataset = build_dataset(source, image_size=config.data.image_size, mask_ratio=config.mask.ratio,
+    dataset = build_dataset(source, image_size=config.data.image_size,
                             global_batch_size=config.batch_size, seed=config.seed,
-                            process_index=process, process_count=num_processes,
-                            value_range=config.data.value_range, rgb=is_rgb(config.data))
+                            process_index=process, process_count=num_processes)
     # Decoding one batch now makes unreadable data fail before anything is compiled.
     dataset[0]
     data_iter = make_iterator(dataset, num_workers=config.data.num_workers)

@@ -10,8 +10,9 @@ GPU recipe (full AID, 10,000 images at 224 px, labels ignored; 100 epochs of bat
       --config.data.path=/data/AID --config.model.attention_impl=cudnn
   python -m cmid_jax.evaluate --workdir=runs/ablation/resnet_full --data=/data/AID --protocol=knn
 
-CPU recipe (`ARCH,SETTING,cpu`): the small variants at 64 px on the 1,200-image AID subset for
-600 steps of batch 32, a few minutes per run on 2 cores; see experiments/ablation/README.md.
+CPU recipe (`ARCH,SETTING,cpu`): the small variants at 64 px for 600 steps of batch 32 (more
+with --config.total_steps), on the 1,200-image AID subset or the full AID, a few minutes per run
+on 2 cores; see experiments/ablation/README.md.
 """
 
 from cmid_jax import config_base
@@ -39,7 +40,9 @@ def get_config(arg: str = 'resnet,full'):
         c.model.variant = VARIANTS[arch][1]
         c.batch_size = 32
         c.total_steps = 600
-        c.steps_per_epoch = 37  # 1,200 images / 32.
+        # Schedule epochs of 37 steps (1,200 images / 32) on any data, so that runs on the subset
+        # and on the full AID follow the same lr, EMA and temperature schedules.
+        c.steps_per_epoch = 37
         c.data.num_workers = 2
         c.loss.queue_size = 1024
         c.optim.base_lr = 0.05  # Small-batch runs need a larger lr than 4e-3 x 32/256.

@@ -16,6 +16,7 @@ FIELDS = {
     'implementation', 'config', 'arch', 'variant', 'image_size', 'compute_dtype', 'attention_impl',
     'data', 'platform', 'device_kind', 'device_count', 'process_count', 'global_batch',
     'warmup_steps', 'timed_steps', 'step_time_ms_mean', 'step_time_ms_median', 'images_per_sec',
+    'input_images_per_sec',
     'model_flops_per_image', 'model_flops_per_step', 'xla_flops_per_device', 'achieved_tflops',
     'peak_tflops_per_device', 'mfu', 'peak_memory_bytes', 'compile_time_s', 'versions',
 }
@@ -62,6 +63,7 @@ def test_benchmark_prints_one_sane_json_line(data, capsys, compilation_cache_dir
         assert r[key] > 0, key
     mean_s = r['step_time_ms_mean'] / 1e3
     assert r['images_per_sec'] == pytest.approx(r['global_batch'] / mean_s, rel=1e-9)
+    assert (r['input_images_per_sec'] is None) == (data == 'synthetic')
     expected = flops.step_flops(flops.StepShape.from_config(vitb.get_config('smoke')), 8)
     assert r['model_flops_per_step'] == expected['per_step'] == 8 * r['model_flops_per_image']
     assert r['achieved_tflops'] == pytest.approx(r['model_flops_per_step'] / mean_s / 1e12)

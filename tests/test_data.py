@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import shutil
@@ -14,7 +13,6 @@ from PIL import Image
 
 from cmid_jax.data import (
     ImageError,
-    block_mask,
     build_dataset,
     demo_data_path,
     list_images,
@@ -145,31 +143,6 @@ def test_bad_files_raise_image_error(tmp_path, aid_files):
 
 
 # ------------------------------------------------------------------------------ views
-def test_block_mask_counts():
-    rng = np.random.default_rng(0)
-    for size, count in ((224, 30), (128, 10), (64, 3)):
-        g = size // 32
-        m = block_mask(rng, g, 0.6)
-        assert m.shape == (g, g) and m.dtype == np.bool_
-        assert m.sum() == count == math.ceil(g * g * 0.6)
-    freq = np.mean([block_mask(rng, 7, 0.6) for _ in range(2000)], axis=0)
-    assert np.allclose(freq, 30 / 49, atol=0.05)  # uniform over cells
-
-
-def test_masks_independent_between_views():
-    rng = np.random.default_rng(1)
-    image = rng.integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
-    agree, same = [], 0
-    for _ in range(60):
-        v = make_views(image, rng, 224, 0.6)
-        assert v["mask_a"].sum() == 30 and v["mask_b"].sum() == 30
-        agree.append(np.mean(v["mask_a"] == v["mask_b"]))
-        same += np.array_equal(v["mask_a"], v["mask_b"])
-    p = 30 / 49
-    assert same == 0
-    assert abs(np.mean(agree) - (p * p + (1 - p) ** 2)) < 0.04
-
-
 def test_location_grid_hand_values():
     loc = location_grid(10, 20, 70, 140, False, 7)
     assert loc.shape == (7, 7, 2) and loc.dtype == np.float32
@@ -190,49 +163,43 @@ def test_location_grid_hand_values():
 @pytest.mark.parametrize("size", [224, 128, 64])
 def test_make_views_shapes(aid_files, size):
     g = size // 32
-    v = make_views(load_image(aid_files[5]), np.random.default_rng(3), size, 0.6)
-    assert set(v) == {"img_a", "img_b", "mask_a", "mask_b", "loc_a", "loc_b"}
+    v = make_views(load_image(aid_files[5]), np.random.default_rng(3), size)
+    assert set(v) == {"img_a", "img_b", "loc_a", "loc_b"}
     for k in ("img_a", "img_b"):
         assert v[k].shape == (size, size, 3) and v[k].dtype == np.uint8
-    for k in ("mask_a", "mask_b"):
-        assert v[k].shape == (g, g) and v[k].dtype == np.bool_
-        assert v[k].sum() == math.ceil(g * g * 0.6)
     for k in ("loc_a", "loc_b"):
         assert v[k].shape == (g, g, 2) and v[k].dtype == np.float32
         assert np.all(v[k] > 0) and np.all(v[k] < size)  # inside the pre-resized source
-    again = make_views(load_image(aid_files[5]), np.random.default_rng(3), size, 0.6)
+    again = make_views(load_image(aid_files[5]), np.random.default_rng(3), size)
     assert all(np.array_equal(v[k], again[k]) for k in v)  # deterministic per rng
 
 
 def test_image_size_must_be_multiple_of_32():
     with pytest.raises(ValueError, match="multiple of 32"):
-        make_views(np.zeros((64, 64, 3), np.uint8), np.random.default_rng(0), 100, 0.6)
+        make_views(np.zeros((64, 64, 3), np.uint8), np.random.default_rng(0), 100)
 
 
 @needs_data
-def test_crop_a_is_pure_geometric_pil_reference(aid_files):
-    """Crop A == PIL bicubic pre-resize -> crop -> PIL bilinear resize -> flip."""
+def test_crops_are_pure_geometric_pil_reference(aid_files):
+    """Crops A and B == PIL bicubic pre-resize -> crop -> PIL bilinear resize -> flip."""
     source = load_image(aid_files[17])
     pre = np.asarray(Image.fromarray(source).resize((224, 224), Image.BICUBIC))
     seen_flip = set()
     for seed in range(40):
         rng = np.random.default_rng(seed)
-        top, left, h, w = V.sample_crop_box(rng, 224, 224)  # make_views draws crop A first
-        flip = rng.random() < 0.5
-        if flip in seen_flip or h == 224:
+        crops = [(*V.sample_crop_box(rng, 224, 224), rng.random() < 0.5) for _ in "ab"]
+        if crops[0][4] in seen_flip or crops[0][2] == 224:
             continue
-        seen_flip.add(flip)
-        ref = Image.fromarray(np.ascontiguousarray(pre[top : top + h, left : left + w]))
-        ref = ref.resize((224, 224), Image.BILINEAR)
-        if flip:
-            ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
-        ref = np.asarray(ref).astype(int)
-        v = make_views(source, np.random.default_rng(seed), 224, 0.6)
-        diff = np.abs(v["img_a"].astype(int) - ref)
-        assert diff.max() <= 1 and diff.mean() < 0.3  # fixed-point rounding only
-        assert np.array_equal(v["loc_a"], location_grid(top, left, h, w, flip, 7))
-        # crop B is photometrically changed: never equal to its own pure crop
-        assert not np.array_equal(v["img_b"], v["img_a"])
+        seen_flip.add(crops[0][4])
+        v = make_views(source, np.random.default_rng(seed), 224)
+        for view, (top, left, h, w, flip) in zip("ab", crops):  # drawn in this order
+            ref = Image.fromarray(np.ascontiguousarray(pre[top : top + h, left : left + w]))
+            ref = ref.resize((224, 224), Image.BILINEAR)
+            if flip:
+                ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
+            diff = np.abs(v[f"img_{view}"].astype(int) - np.asarray(ref).astype(int))
+            assert diff.max() <= 1 and diff.mean() < 0.3  # fixed-point rounding only
+            assert np.array_equal(v[f"loc_{view}"], location_grid(top, left, h, w, flip, 7))
     assert seen_flip == {True, False}
     # an unflipped full-image crop A is exactly the pre-resized image
     full = V.apply_crop(pre, V.Crop(0, 0, 224, 224, False), 224)
@@ -248,26 +215,6 @@ def test_bilinear_matches_pil_upsampling():
         crop = Image.fromarray(np.ascontiguousarray(img[top : top + h, left : left + w]))
         ref = np.asarray(crop.resize((224, 224), Image.BILINEAR)).astype(int)
         assert np.abs(ours - ref).max() <= 1
-
-
-def test_photometric_ops():
-    rng = np.random.default_rng(2)
-    x = rng.integers(0, 256, size=(32, 32, 3)).astype(np.float32)
-    sol = V.solarize(x)
-    assert np.array_equal(sol[x < 128], x[x < 128])
-    assert np.array_equal(sol[x >= 128], 255 - x[x >= 128])
-    g = V.to_gray(x)
-    assert np.array_equal(g[..., 0], g[..., 1]) and np.array_equal(g[..., 0], g[..., 2])
-    assert np.array_equal(V.adjust_hue(x, 0.0), x)
-    assert np.abs(V.adjust_hue(V.adjust_hue(x, 0.1), -0.1) - x).max() <= 3
-    assert np.array_equal(V.adjust_brightness(x, 1.0), x)
-    k = V.gaussian_kernel(5, 1.0)
-    assert np.isclose(k.sum(), 1) and np.allclose(k, k[::-1])
-    assert np.array_equal(V.gaussian_blur(x, 3, 0.1), x)  # tiny sigma ~ identity
-    sizes = {V.sample_blur_kernel(rng) for _ in range(200)}
-    assert sizes == {3, 5, 7}
-    out = V.photometric_b(x.astype(np.uint8), rng)
-    assert out.dtype == np.uint8 and out.shape == x.shape
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -289,7 +236,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path, aid_files, iters):
     (tmp_path / "good_07_x_text.jpg").write_text("not a jpeg at all\n")
     files = list_images(tmp_path)
     assert len(files) == 12
-    ds = build_dataset(files, image_size=64, mask_ratio=0.6, global_batch_size=12, seed=0)
+    ds = build_dataset(files, image_size=64, global_batch_size=12, seed=0)
     it = iters(ds, num_workers=0)
     for _ in range(2):  # each batch is exactly one epoch: both bad files once
         batch = next(it)
@@ -299,7 +246,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path, aid_files, iters):
 
     only_bad = [str(tmp_path / "good_03_x_truncated.jpg"), str(tmp_path / "good_07_x_text.jpg")]
     with pytest.raises(RuntimeError, match="x_truncated.jpg"):
-        P.DecodeProcessSlice(only_bad, image_size=64, mask_ratio=0.6, seed=0).decode(
+        P.DecodeProcessSlice(only_bad, image_size=64, seed=0).decode(
             0, np.random.default_rng(0))
 
 
@@ -322,7 +269,7 @@ def iters():
 @pytest.fixture(scope="module")
 def demo_ds():
     files = list_images(demo_data_path())
-    return build_dataset(files, image_size=64, mask_ratio=0.6, global_batch_size=4, seed=1)
+    return build_dataset(files, image_size=64, global_batch_size=4, seed=1)
 
 
 def _equal(a, b):
@@ -347,11 +294,10 @@ def test_iterator_resumes_bit_identically(demo_ds, tmp_path, iters):
     it3 = iters(demo_ds, num_workers=0)
     ckptr.restore(tmp_path / "data", args=grain.checkpoint.CheckpointRestore(it3))
     assert all(_equal(a, b) for a, b in zip(ref, [next(it3) for _ in range(3)]))
-    # new epochs bring new augmentations
+    # new epochs bring new crops
     assert not _equal(first[0], ref[0])
     b = ref[0]
     assert b["img_a"].shape == (4, 64, 64, 3) and b["img_a"].dtype == np.uint8
-    assert b["mask_a"].shape == (4, 2, 2) and b["mask_a"].dtype == np.bool_
     assert b["loc_b"].shape == (4, 2, 2, 2) and b["loc_b"].dtype == np.float32
     assert b["bad_images"].shape == (4,) and b["bad_images"].dtype == np.int32
 
@@ -372,7 +318,7 @@ def test_processes_split_each_global_batch(aid_files, monkeypatch):
 
         monkeypatch.setattr(P, "load_image", spy)
         ds = build_dataset(
-            files, image_size=64, mask_ratio=0.6, global_batch_size=20, seed=0,
+            files, image_size=64, global_batch_size=20, seed=0,
             process_index=index, process_count=count,
         )
         batches[key] = [ds[0], ds[1]]  # read in this thread

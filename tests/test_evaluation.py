@@ -231,7 +231,7 @@ def test_online_hooks_on_the_training_mesh(pretrained, offline):
 
     # A train batch in the pipeline's format, built directly from the views module.
     rng = np.random.default_rng(0)
-    views = [make_views(load_image(f), rng, 64, 0.6) for f in list_images(data)[::12][:16]]
+    views = [make_views(load_image(f), rng, 64) for f in list_images(data)[::12][:16]]
     batch = {k: np.stack([v[k] for v in views]) for k in views[0]}
     out = jax.device_get(make_reconstruction_fn(config, out_sharding=replicated)(
         state, parallel.global_batch(batch, batch_sharding)))
@@ -239,4 +239,5 @@ def test_online_hooks_on_the_training_mesh(pretrained, offline):
                                          config.data.std)
     assert grid.shape == (4 * 64 + 6, 8 * 64 + 14, 3)
     np.testing.assert_array_equal(out['img_a'], batch['img_a'][:8])
+    assert out['mask_a'].shape == (8, 2, 2) and np.all(out['mask_a'].sum(axis=(1, 2)) == 3)
     visualize.save_png(os.path.join(workdir, 'images', 'reconstruction.png'), grid)

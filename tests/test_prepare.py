@@ -85,8 +85,7 @@ def test_prepare_tiles_round_trip_and_pipeline(tmp_path):
     data.mean, data.std = (0.1, 0.1), (0.01, 0.01)
     resolve_data_config(data, source)
     assert data.dtype == "uint16" and data.value_range == (0.0, 65535.0)
-    ds = build_dataset(source, image_size=64, mask_ratio=0.6, global_batch_size=6, seed=0,
-                       value_range=data.value_range)
+    ds = build_dataset(source, image_size=64, global_batch_size=6, seed=0)
     batch = ds[0]
     assert batch["img_a"].shape == (6, 64, 64, 2) and batch["img_a"].dtype == np.uint16
     assert batch["bad_images"].sum() == 0
@@ -109,7 +108,7 @@ def test_prepare_images_cli_equals_the_jpeg_pipeline(tmp_path, aid_subset, capsy
         assert np.array_equal(records.read(i), load_image(files[i]))
     # Records keep the file order, so the globally shuffled pipeline gives the very same
     # batches (files, augmentations) as reading the JPEGs.
-    kw = dict(image_size=64, mask_ratio=0.6, global_batch_size=8, seed=4)
+    kw = dict(image_size=64, global_batch_size=8, seed=4)
     from_records, from_files = build_dataset(records, **kw), build_dataset(files, **kw)
     for k in (0, 3):  # the second epoch too
         assert _equal(from_records[k], from_files[k])
@@ -182,7 +181,7 @@ def test_tfds_source_reads_a_locally_built_dataset(tfds_dir):
         assert np.array_equal(source.read(i), load_image(name))  # same PIL decode
     resolve_data_config(data, source)
     assert data.dtype == "uint8" and data.path == str(data_dir)
-    batch = build_dataset(source, image_size=64, mask_ratio=0.6, global_batch_size=4, seed=0)[0]
+    batch = build_dataset(source, image_size=64, global_batch_size=4, seed=0)[0]
     assert batch["img_a"].shape == (4, 64, 64, 3) and batch["bad_images"].sum() == 0
     half = open_source(_data_config(source="tfds:aid_tiny:train[:50%]", path=str(data_dir)))
     assert len(half) == len(files) // 2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmid_jax import objective, optim, parallel
+from cmid_jax import augment, objective, optim, parallel
 from cmid_jax.models.heads import LocalHead, Projector, pixel_shuffle
 from cmid_jax.step import Trainer
 from cmid_jax.synthetic import synthetic_batch
@@ -119,14 +119,23 @@ def test_local_head_matches_torch_conv1d_head_with_batchnorm():
     np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5)
 
 
-def test_mean_fill_and_normalise_match_numpy():
+def test_prepare_views_normalise_and_mean_fill_match_numpy():
     b = synthetic_batch(0, 2, 64)
-    views = objective.prepare_views(b, (0.3, 0.4, 0.5), (0.1, 0.2, 0.3), 32)
-    x = (b['img_a'] / 255.0 - np.array([0.3, 0.4, 0.5])) / np.array([0.1, 0.2, 0.3])
-    m = np.kron(b['mask_a'], np.ones((32, 32)))[..., None]
+    mean, std = np.array([0.3, 0.4, 0.5]), np.array([0.1, 0.2, 0.3])
+    cfg = objective.ViewConfig(seed=4, mean=tuple(mean), std=tuple(std))
+    views = objective.prepare_views(b, jnp.int32(7), cfg)
+    mask = np.asarray(views['a']['block_mask'])
+    assert mask.shape == (2, 2, 2) and np.all(mask.sum(axis=(1, 2)) == 3)
+    x = (b['img_a'] / 255.0 - mean) / std  # crop A: no photometric change
+    m = np.kron(mask, np.ones((32, 32)))[..., None]
     expected = x * (1 - m) + x.mean(axis=(1, 2), keepdims=True) * m
     np.testing.assert_allclose(np.asarray(views['a']['masked']), expected, atol=1e-5)
     np.testing.assert_allclose(np.asarray(views['a']['target']), x, atol=1e-5)
+    # Crop B: the augmented pixels of this step's key, normalised.
+    pixels = augment.augment_batch(b, augment.step_key(4, 7), mask_ratio=0.6, mask_patch=32)
+    np.testing.assert_allclose(np.asarray(views['b']['target']),
+                               (np.asarray(pixels['img_b']) / 255.0 - mean) / std, atol=1e-5)
+    np.testing.assert_array_equal(views['b']['block_mask'], pixels['mask_b'])
 
 
 def test_enqueue_wraps_around_and_inserts_each_key_once():

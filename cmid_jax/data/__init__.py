@@ -14,7 +14,7 @@ from cmid_jax.data.pipeline import (
     make_iterator,
 )
 from cmid_jax.data.sources import describe_source, open_source, resolve_data_config
-from cmid_jax.data.views import block_mask, location_grid, make_views
+from cmid_jax.data.views import location_grid, make_views
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -23,7 +23,6 @@ __all__ = [
     "FileSource",
     "Source",
     "TileRejected",
-    "block_mask",
     "build_dataset",
     "demo_data_path",
     "describe_source",

@@ -10,7 +10,8 @@ The elements are those of a :class:`Source`: image files (:class:`FileSource`, t
 a prepared ArrayRecord set (:class:`cmid_jax.data.records.RecordSource`) or of a TFDS dataset
 (:class:`cmid_jax.data.tfds_source.TfdsSource`); :func:`cmid_jax.data.sources.open_source`
 picks one from the config. All of them get the same shuffling, batching, per-process slicing,
-augmentation and resumable state.
+crops and resumable state. The host only decodes, crops and flips; crop B's photometric chain and
+the block masks are drawn on the device, in the train step (:mod:`cmid_jax.augment`).
 
 * Several processes: every host computes the same shuffled file order and global
   batches (the file list is sorted by :func:`cmid_jax.data.files.list_images`) and
@@ -20,7 +21,7 @@ augmentation and resumable state.
   it is read past its length, which is what ``.repeat()`` does, so every epoch is a
   new permutation of the files (checked in ``tests/test_data.py``).
 * Randomness: every element gets its own ``np.random.Generator`` seeded by
-  ``(seed, batch index, position in the global batch)``, so augmentations differ
+  ``(seed, batch index, position in the global batch)``, so crops differ
   between epochs and the pipeline is deterministic and resumable bit-identically.
 * Bad files: an undecodable file is replaced by the next file(s) of the list (up to
   ``MAX_DECODE_TRIES`` files in all); ``bad_images`` (int32) counts the files skipped
@@ -155,7 +156,7 @@ class DecodeProcessSlice(grain.transforms.MapWithIndex):
     is raised. Module-level and picklable, so it works with spawned grain worker processes.
 
     ``source`` is a :class:`Source` or a list of image paths (a :class:`FileSource` in 8-bit
-    RGB mode). ``value_range`` and ``rgb`` go to :func:`~cmid_jax.data.views.make_views`.
+    RGB mode).
     """
 
     def __init__(
@@ -163,19 +164,13 @@ class DecodeProcessSlice(grain.transforms.MapWithIndex):
         source: Source | Sequence[str],
         *,
         image_size: int,
-        mask_ratio: float,
         seed: int,
         process_index: int = 0,
         process_count: int = 1,
         max_tries: int = MAX_DECODE_TRIES,
-        value_range: tuple[float, float] | None = None,
-        rgb: bool | None = None,
     ):
         self.source = as_source(source)
-        self.value_range = None if value_range is None else tuple(map(float, value_range))
-        self.rgb = rgb
         self.image_size = check_image_size(image_size)
-        self.mask_ratio = float(mask_ratio)
         self.seed = int(seed) % 2**32
         self.process_index = int(process_index)
         self.process_count = int(process_count)
@@ -212,8 +207,7 @@ class DecodeProcessSlice(grain.transforms.MapWithIndex):
                 log.warning("skipping unreadable %s: %s", where, e)
                 failures.append(f"{where} ({type(e).__name__}: {e})")
                 continue
-            out = make_views(image, rng, self.image_size, self.mask_ratio,
-                             value_range=self.value_range, rgb=self.rgb)
+            out = make_views(image, rng, self.image_size)
             out["bad_images"] = np.int32(len(failures))
             return out
         raise RuntimeError(
@@ -245,13 +239,10 @@ def build_dataset(
     files: Source | Sequence[str],
     *,
     image_size: int,
-    mask_ratio: float,
     global_batch_size: int,
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
-    value_range: tuple[float, float] | None = None,
-    rgb: bool | None = None,
 ) -> grain.MapDataset:
     """Infinite, shuffled (per epoch), augmented dataset of this process's batch slices.
 
@@ -261,10 +252,10 @@ def build_dataset(
     exactly, and a run is the same computation on one host or many.
 
     ``files`` is a list of image paths (8-bit RGB, as before) or any :class:`Source`.
-    Batches are dicts of numpy arrays: ``img_a``/``img_b`` (b, S, S, C) of the source's pixel
-    type (uint8 RGB by default), ``mask_a``/``mask_b`` bool (b, g, g), ``loc_a``/``loc_b``
-    float32 (b, g, g, 2), ``bad_images`` int32 (b,), with ``g = S // 32`` and ``b`` the local
-    batch size.
+    Batches are dicts of numpy arrays: ``img_a``/``img_b`` (b, S, S, C) resized, flipped crops
+    of the source's pixel type (uint8 RGB by default), ``loc_a``/``loc_b`` float32 (b, g, g, 2),
+    ``bad_images`` int32 (b,), with ``g = S // 32`` and ``b`` the local batch size. Crop B's
+    photometric augmentation and the block masks are made on the device (:mod:`cmid_jax.augment`).
     """
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"bad process {process_index} of {process_count}")
@@ -282,9 +273,8 @@ def build_dataset(
             len(source), source.unit, global_batch_size,
         )
     transform = DecodeProcessSlice(
-        source, image_size=image_size, mask_ratio=mask_ratio, seed=seed,
+        source, image_size=image_size, seed=seed,
         process_index=process_index, process_count=process_count,
-        value_range=value_range, rgb=rgb,
     )
     return (
         index_dataset(len(source), seed=seed)

@@ -1,8 +1,11 @@
 """Frozen-backbone features for evaluation: image cache, backbone variables, batched extractor.
 
-Images are decoded once with `load_image`, center-resized to `config.data.image_size` (shorter
-side resized with PIL bicubic, then the central square cropped: for square tiles this is the
-pretraining pre-resize) and kept as a uint8 array. Features are the global average pool of the
+Images are read once as pretraining reads its image files (a `FileSource` with the workdir's
+`config.data.bands`: 8-bit RGB through `load_image` when it is None, else the selected raw bands),
+checked against the model's band count and pixel type, center-resized to `config.data.image_size`
+(shorter side resized with PIL bicubic, then the central square cropped: for square images this
+is the pretraining pre-resize, per band for non-RGB / uint16 data) and kept as one
+(N, S, S, bands) uint8 / uint16 array. Features are the global average pool of the
 backbone's last feature map in float32, computed with BatchNorm in inference mode (running
 statistics) and the pretraining normalisation `config.data.mean` / `config.data.std`.
 """
@@ -11,40 +14,83 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-from typing import Sequence
+import types
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from PIL import Image
 
 from cmid_jax import objective
-from cmid_jax.data.files import load_image
+from cmid_jax.data.bands import num_bands
+from cmid_jax.data.errors import ImageError
+from cmid_jax.data.pipeline import FileSource
+from cmid_jax.data.views import bicubic_resize
 from cmid_jax.models import cmid
 
 WHICH = ('student', 'teacher')
 
 
 def center_resize(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3) uint8: bicubic resize of the shorter side, center crop."""
+    """(H, W, C) uint8 / uint16 -> (size, size, C) of the same type: bicubic resize of the shorter
+    side, center crop."""
     h, w = image.shape[:2]
     if (h, w) != (size, size):
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        image = np.asarray(Image.fromarray(image).resize((nw, nh), resample=Image.BICUBIC))
+        image = bicubic_resize(image, nh, nw)  # As pretraining resamples.
         top, left = (nh - size) // 2, (nw - size) // 2
         image = image[top:top + size, left:left + size]
-    return np.ascontiguousarray(image, dtype=np.uint8)
+    return np.ascontiguousarray(image)
 
 
-def load_images(files: Sequence[str], size: int, num_threads: int | None = None) -> np.ndarray:
-    """Decodes and center-resizes every file into one (N, size, size, 3) uint8 array."""
-    out = np.empty((len(files), size, size, 3), np.uint8)
+RGB8 = types.MappingProxyType({'bands': None, 'dtype': 'uint8'})  # `config.data` of 8-bit RGB.
+
+
+class LabelledReader:
+    """`reader(i)`: `files[i]` as pretraining read its images (`FileSource` with `data.bands`).
+
+    A file that lacks a band of `data.bands` or has another pixel type than `data.dtype` cannot
+    feed the model (its stem and `data.mean` / `data.std` expect exactly those), so it raises
+    `ImageError` naming the file, what it has and what the model's data settings expect. In 8-bit
+    RGB mode every readable image fits, converted by `load_image` as in pretraining. `data` is the
+    workdir's `config.data` (a config saved before pixel types were recorded is 8-bit).
+    """
+
+    def __init__(self, files: Sequence[str], data: Mapping = RGB8):
+        bands = data.get('bands')
+        self.bands = None if bands is None else tuple(bands)
+        self.num_bands = num_bands(data)
+        self.dtype = np.dtype(data.get('dtype') or 'uint8')
+        self.files = list(files)
+        self._expects = (f"the model's data settings (config.json) expect data.bands="
+                         f'{self.bands!r} ({self.num_bands} bands) of {self.dtype.name} pixels')
+        try:
+            self._source = FileSource(self.files, self.bands)
+        except ValueError as e:  # None of the first files has the bands.
+            raise ValueError(f'{e}\n{self._expects}') from e
+
+    def __call__(self, index: int) -> np.ndarray:
+        try:
+            image = self._source.read(index)
+        except ImageError as e:
+            raise ImageError(e.path, f'{e.reason}; {self._expects}') from e
+        if image.dtype != self.dtype:
+            raise ImageError(self.files[index], f'has {image.dtype.name} pixels; {self._expects}')
+        return image
+
+
+def load_images(files: Sequence[str], size: int, data: Mapping = RGB8,
+                num_threads: int | None = None) -> np.ndarray:
+    """Reads (`LabelledReader`) and center-resizes every file into one (N, size, size, bands)
+    array of the model's pixel type; `data` is the workdir's `config.data`."""
+    read = LabelledReader(files, data)
+    out = np.empty((len(files), size, size, read.num_bands), read.dtype)
 
     def load(i):
-        out[i] = center_resize(load_image(files[i]), size)
+        out[i] = center_resize(read(i), size)
 
     workers = num_threads or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL.
@@ -101,7 +147,8 @@ class FeatureExtractor:
                                             lambda idx: batch[idx])
 
     def __call__(self, variables: dict, images: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 images -> (N, C) float32 features; the last batch is zero-padded."""
+        """(N, S, S, bands) uint8 / uint16 images -> (N, C) float32 features; the last batch is
+        zero-padded."""
         n, bs = len(images), self.batch_size
         out = []
         for start in range(0, n, bs):

@@ -10,6 +10,7 @@ Recipe (defaults; `epochs`, `batch_size` and `lr` are arguments):
   epoch), batch size capped at the train-split size;
 * augmentation: RandomResizedCrop to `config.data.image_size` (scale 0.08-1, ratio 3/4-4/3, the
   torchvision sampler, bilinear) of the center-resized image, then a horizontal flip with p 0.5;
+  geometric only, so any band count and pixel type (uint8 / uint16) keeps its values' meaning;
 * loss: softmax cross-entropy with label smoothing 0.1; BatchNorm in train mode (batch
   statistics, running averages updated), in the backbone's compute dtype;
 * evaluation: the test split center-resized, BatchNorm in inference mode; reported: top-1 after the
@@ -50,7 +51,8 @@ class FinetuneRecipe:
 
 def augment(images: np.ndarray, rng: np.random.Generator,
             scale: tuple[float, float]) -> np.ndarray:
-    """RandomResizedCrop back to the input size plus a horizontal flip with p 0.5, per image."""
+    """RandomResizedCrop back to the input size plus a horizontal flip with p 0.5, per image; any
+    band count, the images' own pixel type."""
     out = np.empty_like(images)
     size = images.shape[1]
     for i, image in enumerate(images):
@@ -80,8 +82,8 @@ def finetune_top1(config: ml_collections.ConfigDict, variables: dict, train_imag
                                      objective.normalize(images, mean, std), train=train)
         return jnp.mean(fmap.astype(jnp.float32), axis=(1, 2)), new_stats
 
-    width = jax.eval_shape(lambda v, x: pooled(v, x, False)[0], variables,
-                           jax.ShapeDtypeStruct((1,) + train_images.shape[1:], jnp.uint8)).shape[-1]
+    one = jax.ShapeDtypeStruct((1,) + train_images.shape[1:], train_images.dtype)
+    width = jax.eval_shape(lambda v, x: pooled(v, x, False)[0], variables, one).shape[-1]
     params = {'backbone': variables['params'],
               'head': {'w': jnp.zeros((width, num_classes), jnp.float32),
                        'b': jnp.zeros((num_classes,), jnp.float32)}}

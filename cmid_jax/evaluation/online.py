@@ -1,10 +1,11 @@
 """Online kNN monitor for the pretraining loop.
 
 `make_online_knn(config)` does the expensive, one-off work when it is built: the seeded per-class
-split of `config.eval.path` (fraction `config.eval.train_fraction`, seed `config.seed`), the decode
-of every image into a uint8 cache, and the jitted feature extractor. The returned function then
-only runs the student and the teacher backbones over the cached images and the kNN vote
-(`config.eval.k`, `config.eval.temperature`), so it can run every `config.eval.every_steps`.
+split of `config.eval.path` (fraction `config.eval.train_fraction`, seed `config.seed`), the read
+of every image, with the bands and pixel type of `config.data`, into a uint8 / uint16 cache, and
+the jitted feature extractor. The returned function then only runs the student and the teacher
+backbones over the cached images and the kNN vote (`config.eval.k`, `config.eval.temperature`),
+so it can run every `config.eval.every_steps`.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def make_online_knn(config: ml_collections.ConfigDict, *, mesh: Mesh | None = No
     split = load_split(e.path, e.train_fraction, config.seed)
     size = int(config.data.image_size)
     t0 = time.monotonic()
-    train_images = load_images(split.train_files, size)
-    test_images = load_images(split.test_files, size)
+    train_images = load_images(split.train_files, size, config.data)
+    test_images = load_images(split.test_files, size, config.data)
     logging.info('Online kNN on %s: %d classes, %d train / %d test images (split %s), cached '
                  'at %d px in %.1f s (%.0f MB).', e.path, split.num_classes, len(train_images),
                  len(test_images), split.digest(), size, time.monotonic() - t0,

@@ -27,17 +27,19 @@ def make_reconstruction_fn(config: ml_collections.ConfigDict, *, max_images: int
     as `out_sharding` when it is sharded over a mesh, so every process can read the result.
     """
     nets = cmid.build_networks(config)
-    c = config
+    view_cfg = objective.ViewConfig.from_config(config)
 
     def reconstruct(state, batch):
-        views = objective.prepare_views(batch, c.data.mean, c.data.std, c.mask.patch_size)
+        # The masks of the step that has just run (its augmentation key): what the MIM loss saw.
+        views = objective.prepare_views(batch, state['step'] - 1, view_cfg)
         params, stats = state['params'], state['batch_stats']
         fmap, _ = nets.apply('backbone', {'params': params['backbone'],
                                           'batch_stats': stats.get('backbone', {})},
                              views['a']['masked'], train=True, mask=views['a']['block_mask'],
                              mask_token=params['mask_token'])
         rec, _ = nets.apply('decoder', {'params': params['decoder']}, fmap, train=True)
-        return {'img_a': batch['img_a'][:max_images], 'mask_a': batch['mask_a'][:max_images],
+        return {'img_a': batch['img_a'][:max_images],
+                'mask_a': views['a']['block_mask'][:max_images],
                 'reconstruction': rec[:max_images]}
 
     return jax.jit(reconstruct, out_shardings=out_sharding)

@@ -17,6 +17,8 @@ cross-entropy and centring; timm Adan (prox weight decay, as the official code);
 teacher's backbone, projector and local head; enqueue of both teacher keys. Sizes and constants
 come from `cmid_jax.config_base.default_config()`. Losses run in float32 outside autocast, as in
 cmid_jax (D4). The batch is synthetic, device-resident and reused (uint8, normalised on device).
+Crop B's photometric chain and the block masks are the official data loader's work (CPU worker
+processes), so they are not part of this step; `cmid_jax.benchmark` times them inside its step.
 
 Prints one JSON line with the fields of `python -m cmid_jax.benchmark` (see README.md here).
 """
@@ -257,6 +259,16 @@ def cmid_loss(student, teacher, queue, center, views, config, teacher_temp, devi
 
 # --- step -----------------------------------------------------------------------------------------
 
+def host_masks(seed: int, batch: int, size: int, ratio: float) -> dict:
+    """Block masks as the official data loader makes them: `ceil(g*g*ratio)` random blocks."""
+    rng = np.random.default_rng(seed)
+    g = size // MASK_PATCH
+    count = math.ceil(round(g * g * ratio, 9))
+    ranks = np.argsort(rng.random((2, batch, g * g)), axis=-1).argsort(axis=-1)
+    masks = (ranks < count).reshape(2, batch, g, g)
+    return {'mask_a': masks[0], 'mask_b': masks[1]}
+
+
 def prepare_views(batch, mean, std, channels_last: bool):
     """uint8 crops -> normalised targets, mean-filled masked inputs and full-resolution masks."""
     views = {}
@@ -326,7 +338,8 @@ def run(args) -> dict:
     ptr = 0
     mean = torch.tensor(config.data.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(config.data.std, device=device).view(1, 3, 1, 1)
-    np_batch = synthetic_batch(config.seed, args.batch_size, args.image_size, config.mask.ratio)
+    np_batch = synthetic_batch(config.seed, args.batch_size, args.image_size)
+    np_batch.update(host_masks(config.seed, args.batch_size, args.image_size, config.mask.ratio))
     batch = {k: torch.from_numpy(v).to(device) for k, v in np_batch.items()}
     for v in 'ab':  # NHWC uint8 -> NCHW.
         batch[f'img_{v}'] = batch[f'img_{v}'].permute(0, 3, 1, 2).contiguous(
