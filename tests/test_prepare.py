@@ -4,6 +4,7 @@ data.source='tfds:...' (built locally from AID images, no download)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -140,6 +141,30 @@ def test_prepare_skips_and_names_bad_inputs(tmp_path, aid_subset):
     with pytest.raises(ValueError, match=r"no image files found under .*empty"):
         prep.prepare(str(empty), str(tmp_path / "none"))
     assert not (tmp_path / "none" / MANIFEST).exists()
+
+
+def test_stale_or_foreign_manifests_and_stats_are_named(tmp_path):
+    from cmid_jax.data.stats import load_stats
+
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    manifest, stats = folder / MANIFEST, tmp_path / "stats.json"
+    cases = [
+        ("{not json", r"cannot read it"),
+        ('["a list"]', r"not a file of format 'cmid_jax.prepare/1' \(its format is 'list'\)"),
+        ('{"format": "cmid_jax.prepare/0"}', r"its format is 'cmid_jax.prepare/0'"),
+        ('{"format": "cmid_jax.prepare/1", "records": 3}', r"lacks the keys \['dtype', 'bands'"),
+    ]
+    for text, message in cases:
+        manifest.write_text(text)
+        with pytest.raises(ValueError, match=rf"manifest '{re.escape(str(manifest))}'.*{message}"):
+            read_manifest(folder)
+    stats.write_text('{"format": "cmid_jax.data_stats/1", "mean": [0.5], "std": [0.1]}')
+    with pytest.raises(ValueError, match=r"data.stats='.*stats.json' lacks the keys "
+                                         r"\['value_range', 'dtype', 'bands'\]"):
+        load_stats(str(stats))
+    with pytest.raises(ValueError, match=r"data.stats='.*missing.json': cannot read it"):
+        load_stats(str(tmp_path / "missing.json"))
 
 
 # ---------------------------------------------------------------------------------- TFDS

@@ -15,7 +15,6 @@ from the manifest's ``band_names``).
 from __future__ import annotations
 
 import io
-import json
 import os
 from typing import Any, Sequence
 
@@ -24,6 +23,7 @@ import numpy as np
 from cmid_jax.data.bands import check_bands_setting, resolve_bands, select
 from cmid_jax.data.errors import ImageError
 from cmid_jax.data.files import to_rgb_uint8
+from cmid_jax.data.tagged_json import read_tagged_json
 
 MANIFEST = "manifest.json"
 FORMAT = "cmid_jax.prepare/1"
@@ -50,19 +50,7 @@ def is_prepared(path: str | os.PathLike) -> bool:
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a prepared folder, checked for the keys the reader needs."""
     file = os.path.join(os.fspath(path), MANIFEST)
-    try:
-        with open(file, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read the ArrayRecord manifest {file!r}: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(f"{file!r} is not a cmid_jax.prepare manifest: format is {found!r}, "
-                         f"expected {FORMAT!r}")
-    missing = [k for k in _REQUIRED if k not in manifest]
-    if missing:
-        raise ValueError(f"manifest {file!r} lacks the keys {missing}")
-    return manifest
+    return read_tagged_json(file, FORMAT, _REQUIRED, f"the cmid_jax.prepare manifest {file!r}")
 
 
 class ShardWriter:

@@ -24,6 +24,7 @@ import numpy as np
 
 from cmid_jax.data.bands import type_max, valid_mask
 from cmid_jax.data.errors import ImageError, TileRejected
+from cmid_jax.data.tagged_json import read_tagged_json
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +117,6 @@ def write_stats(stats: dict[str, Any], path: str) -> None:
 
 
 def load_stats(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            stats = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"data.stats={path!r}: cannot read it ({e})") from e
-    if not isinstance(stats, dict) or stats.get("format") != FORMAT:
-        raise ValueError(f"data.stats={path!r} is not a file written by cmid_jax.data_stats "
-                         f"(format {stats.get('format') if isinstance(stats, dict) else None!r}, "
-                         f"expected {FORMAT!r})")
-    for key in ("mean", "std", "value_range", "dtype", "bands"):
-        if key not in stats:
-            raise ValueError(f"data.stats={path!r} lacks the key {key!r}")
-    return stats
+    """A statistics file of `cmid_jax.data_stats`, checked for the keys a run reads."""
+    return read_tagged_json(path, FORMAT, ("mean", "std", "value_range", "dtype", "bands"),
+                            f"data.stats={path!r}")

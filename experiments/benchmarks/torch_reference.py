@@ -3,22 +3,24 @@
     python experiments/benchmarks/torch_reference.py --arch vit_base --amp bf16 --compile
     python experiments/benchmarks/torch_reference.py --arch resnet50 --amp bf16 --compile \\
         --channels-last
+    python experiments/benchmarks/torch_reference.py --arch swin_base --amp bf16 --compile
     python experiments/benchmarks/torch_reference.py --arch vit_tiny --image-size 64 \\
         --batch-size 4 --steps 2 --device cpu   # CPU smoke
 
 One step is the step of `cmid_jax.step.Trainer.train_step` (official `MoCoBasedDDP.forward`,
 cmid-method.md sections 5-7): the student (timm backbone + additive mask token: ViT on the masked
-patch embeddings before the position embedding, ResNet on the stride-4 stem output) runs forward
-and backward on the two masked crops, the teacher (EMA copy, train-mode BN, no mask token) runs
-forward under no_grad on the two unmasked crops; MIM decoder (1x1 conv + PixelShuffle) with
-focal-L1 + focal frequency loss, projector + InfoNCE against a 65,536-key queue, local head
-(3-layer Conv1d, weight-normed prototypes, BN for ResNet) on the matched positions with DINO
-cross-entropy and centring; timm Adan (prox weight decay, as the official code); EMA of the
-teacher's backbone, projector and local head; enqueue of both teacher keys. Sizes and constants
-come from `cmid_jax.config_base.default_config()`. Losses run in float32 outside autocast, as in
-cmid_jax (D4). The batch is synthetic, device-resident and reused (uint8, normalised on device).
-Crop B's photometric chain and the block masks are the official data loader's work (CPU worker
-processes), so they are not part of this step; `cmid_jax.benchmark` times them inside its step.
+patch embeddings before the position embedding, ResNet on the stride-4 stem output, Swin on the
+normed stride-4 patch embeddings) runs forward and backward on the two masked crops, the teacher
+(EMA copy, train-mode BN, no mask token) runs forward under no_grad on the two unmasked crops; MIM
+decoder (1x1 conv + PixelShuffle) with focal-L1 + focal frequency loss, projector + InfoNCE against
+a 65,536-key queue, local head (3-layer Conv1d, weight-normed prototypes, BN for ResNet) on the
+matched positions with DINO cross-entropy and centring; timm Adan (prox weight decay, as the
+official code); EMA of the teacher's backbone, projector and local head; enqueue of both teacher
+keys. Sizes and constants come from `cmid_jax.config_base.default_config()`. Losses run in float32
+outside autocast, as in cmid_jax (D4). The batch is synthetic, device-resident and reused (uint8,
+normalised on device). Crop B's photometric chain and the block masks are the official data
+loader's work (CPU worker processes), so they are not part of this step; `cmid_jax.benchmark` times
+them inside its step.
 
 Prints one JSON line with the fields of `python -m cmid_jax.benchmark` (see README.md here).
 """
@@ -54,6 +56,7 @@ ARCHS = {
     'vit_small': ('vit_small_patch16_224', 'vit', 'S/16'),
     'vit_tiny': ('vit_tiny_patch16_224', 'vit', 'Ti/16'),
     'resnet50': ('resnet50', 'resnet', '50'),
+    'swin_base': ('swin_base_patch4_window7_224', 'swin', 'B'),
 }
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
 MASK_PATCH = 32  # Mask block size in pixels = stride of the last stage.
@@ -67,6 +70,11 @@ def upsample(mask: torch.Tensor, size: int) -> torch.Tensor:
 
 # --- networks -------------------------------------------------------------------------------------
 
+def attention_impl(attn: nn.Module) -> str:
+    """The path a timm attention module takes: PyTorch SDPA (fused kernels) or its own softmax."""
+    return 'sdpa' if attn.fused_attn else 'eager'
+
+
 class MaskedViT(nn.Module):
     """timm ViT returning its final-norm patch tokens as an NCHW map (cls token dropped)."""
 
@@ -77,6 +85,7 @@ class MaskedViT(nn.Module):
         self.stride = self.net.patch_embed.patch_size[0]
         self.num_features = self.net.embed_dim
         self.token_width = self.net.embed_dim
+        self.attention_impl = attention_impl(self.net.blocks[0].attn)
 
     def forward(self, x, mask=None, token=None):
         v, b, g = self.net, x.shape[0], x.shape[-1] // self.stride
@@ -105,6 +114,7 @@ class MaskedResNet(nn.Module):
         self.stride = 32
         self.num_features = self.net.num_features
         self.token_width = self.net.conv1.out_channels
+        self.attention_impl = None
 
     def forward(self, x, mask=None, token=None):
         n = self.net
@@ -120,6 +130,50 @@ class MaskedResNet(nn.Module):
         return flops.Backbone(flops.resnet_forward(image_size=image_size, stage_sizes=stages,
                                                    width=n.conv1.out_channels),
                               self.num_features, self.stride)
+
+
+class MaskedSwin(nn.Module):
+    """timm Swin returning its final-norm last stage as an NCHW map.
+
+    The mask token is added after the patch-embedding norm (official MaskSwin, as cmid_jax's Swin).
+    """
+
+    def __init__(self, name: str, image_size: int):
+        super().__init__()
+        # timm's Swin defaults to drop path 0.1; CMID pretrains without.
+        self.net = timm.create_model(name, pretrained=False, num_classes=0, global_pool='',
+                                     img_size=image_size, drop_path_rate=0.0)
+        n = self.net
+        self.patch_size = n.patch_embed.patch_size[0]
+        self.window_size = n.layers[0].blocks[0].window_size[0]
+        self.stride = self.patch_size * 2 ** (len(n.layers) - 1)
+        # Below this timm shrinks the last stages' windows to the map, where cmid_jax (mmcls
+        # pad_small_map=False) refuses: the step and its FLOPs would differ.
+        if image_size < self.stride * self.window_size:
+            raise ValueError(f'Swin needs --image-size >= {self.stride * self.window_size} '
+                             f'(window {self.window_size} on the last stage)')
+        self.num_features = n.num_features
+        self.token_width = n.embed_dim
+        self.attention_impl = attention_impl(n.layers[0].blocks[0].attn)
+
+    def forward(self, x, mask=None, token=None):
+        n = self.net
+        x = n.patch_embed(x)  # (B, H/4, W/4, C): timm's Swin runs NHWC.
+        if mask is not None:
+            x = x + token.to(x.dtype) * upsample(mask, x.shape[1])[..., None].to(x.dtype)
+        return n.norm(n.layers(x)).permute(0, 3, 1, 2)
+
+    def flops(self, image_size: int) -> flops.Backbone:
+        n = self.net
+        return flops.Backbone(
+            flops.swin_forward(image_size=image_size, patch_size=self.patch_size,
+                               embed_dim=n.embed_dim, depths=[len(s.blocks) for s in n.layers],
+                               window_size=self.window_size,
+                               mlp_ratio=n.layers[0].blocks[0].mlp.fc1.out_features / n.embed_dim),
+            self.num_features, self.stride)
+
+
+BACKBONES = {'vit': MaskedViT, 'resnet': MaskedResNet, 'swin': MaskedSwin}
 
 
 class Projector(nn.Module):
@@ -308,8 +362,7 @@ def build(args):
     grid = args.image_size // MASK_PATCH
     # 20 of 49 positions at 224 px; the same fraction of a smaller grid.
     config.loss.num_matches = max(1, round(config.loss.num_matches * grid * grid / 49))
-    backbone_cls = MaskedViT if arch == 'vit' else MaskedResNet
-    student = Student(backbone_cls(timm_name, args.image_size), config)
+    student = Student(BACKBONES[arch](timm_name, args.image_size), config)
     teacher = Teacher(student)
     return config, student, teacher
 
@@ -408,8 +461,7 @@ def run(args) -> dict:
         'variant': m.variant,
         'image_size': args.image_size,
         'compute_dtype': {'bf16': 'bfloat16', 'fp16': 'float16', 'none': 'float32'}[args.amp],
-        'attention_impl': ('sdpa' if student.backbone.net.blocks[0].attn.fused_attn else 'eager')
-                          if m.arch == 'vit' else None,
+        'attention_impl': student.backbone.attention_impl,
         'data': 'synthetic',
         'platform': 'gpu' if cuda else device.type,
         'device_kind': kind,
