@@ -1,0 +1,80 @@
+"""Collects the evaluations of ablation workdirs into one JSON Lines file and a markdown table.
+
+    python experiments/ablation/collect.py runs/ablation_aid10k* --out experiments/ablation/results.jsonl
+
+Each workdir's `eval.jsonl` (written by `python -m cmid_jax.evaluate`) gets the setting and the
+pretraining seed read from its `config.json`; the table gives top-1 (%) per backbone, setting and
+protocol, the mean over seeds first and each seed's value after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+SETTINGS = ('full', 'no_mim', 'mim_only', 'random')
+PROTOCOLS = ('knn', 'linear')
+
+
+def setting_of(config: dict, step: int) -> str:
+    """The ablation setting a run's loss switches and length make (see configs/ablation.py)."""
+    if step == 0:
+        return 'random'
+    loss = config['loss']
+    terms = (loss['use_mim'], loss['use_global'], loss['use_local'])
+    return {(True, True, True): 'full', (False, True, True): 'no_mim',
+            (True, False, False): 'mim_only'}[terms]
+
+
+def collect(roots: list[Path]) -> list[dict]:
+    rows = []
+    for root in roots:
+        for evals in sorted(root.glob('*/eval.jsonl')):
+            config = json.loads((evals.parent / 'config.json').read_text())
+            for line in evals.read_text().splitlines():
+                r = json.loads(line)
+                rows.append(dict(r, setting=setting_of(config, r['step']),
+                                 pretrain_seed=config['seed'], workdir=str(evals.parent)))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    top1 = collections.defaultdict(list)
+    for r in sorted(rows, key=lambda r: r['pretrain_seed']):
+        top1[(r['arch'], r['variant'], r['setting'], r['protocol'])].append(100 * r['top1'])
+    lines = ['| backbone | setting | ' + ' | '.join(PROTOCOLS) + ' |',
+             '|---|---|' + '---|' * len(PROTOCOLS)]
+    for arch, variant in sorted({(k[0], k[1]) for k in top1}):
+        for setting in SETTINGS:
+            cells = []
+            for protocol in PROTOCOLS:
+                values = top1.get((arch, variant, setting, protocol))
+                if not values:
+                    cells.append('')
+                    continue
+                mean = sum(values) / len(values)
+                each = ' / '.join(f'{v:.1f}' for v in values)
+                cells.append(f'{mean:.1f}' + (f' ({each})' if len(values) > 1 else ''))
+            if any(cells):
+                lines.append(f'| {arch} {variant} | {setting} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('roots', nargs='+', type=Path, help='folders of ablation workdirs')
+    p.add_argument('--out', type=Path, help='JSON Lines file to write the collected rows to')
+    args = p.parse_args(argv)
+    rows = collect(args.roots)
+    if not rows:
+        sys.exit(f'no */eval.jsonl under {[str(r) for r in args.roots]}')
+    if args.out:
+        args.out.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    print(table(rows))
+
+
+if __name__ == '__main__':
+    main()
