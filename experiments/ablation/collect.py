@@ -15,18 +15,21 @@ import json
 import sys
 from pathlib import Path
 
-SETTINGS = ('full', 'no_mim', 'mim_only', 'random')
+# Runs as a plain script: the settings come from the ablation config itself.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from configs.ablation import SETTINGS  # noqa: E402
+
 PROTOCOLS = ('knn', 'linear')
 
 
 def setting_of(config: dict, step: int) -> str:
-    """The ablation setting a run's loss switches and length make (see configs/ablation.py)."""
+    """The setting of `configs/ablation.py` whose loss switches a run used; `random` is the
+    0-step run (it keeps the full setting's switches)."""
     if step == 0:
         return 'random'
-    loss = config['loss']
-    terms = (loss['use_mim'], loss['use_global'], loss['use_local'])
-    return {(True, True, True): 'full', (False, True, True): 'no_mim',
-            (True, False, False): 'mim_only'}[terms]
+    switches = {key: config['loss'][key] for key in SETTINGS['full']}
+    return next(name for name, s in SETTINGS.items() if name != 'random' and s == switches)
 
 
 def collect(roots: list[Path]) -> list[dict]:
