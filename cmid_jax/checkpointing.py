@@ -73,7 +73,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, 'config.json')
     if not os.path.exists(path):
         raise FileNotFoundError(f'{path} not found: {workdir!r} is not a cmid_jax workdir '
-                                '(run cmid_jax.main or cmid_jax.import_torch there first).')
+                                '(run cmid_jax.main or cmid_jax.convert.import_torch there first).')
     with open(path, encoding='utf-8') as f:
         return ml_collections.ConfigDict(json.load(f))
 

@@ -27,7 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Sources, bands and value scale: cmid_jax/data/sources.py and cmid_jax/data/bands.py.
     c.data = ml_collections.ConfigDict()
     c.data.path = ml_collections.config_dict.placeholder(str)  # None = the demo tiles in the package.
-    # None = data.path: a folder of images / scenes, or ArrayRecord shards from cmid_jax.prepare
+    # None = data.path: a folder of images / scenes, or ArrayRecord shards from cmid-prepare
     # (found by their manifest.json). 'tfds:NAME[/CONFIG]:SPLIT' = a TFDS dataset prepared in the
     # array_record format, with data.path as its data_dir (None = TFDS's default).
     c.data.source = ml_collections.config_dict.placeholder(str)
@@ -42,11 +42,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.bands = ml_collections.config_dict.placeholder(tuple)
     c.data.image_size = 224  # Crop side in pixels; a multiple of mask.patch_size.
     # Per band, in units of value / type maximum (uint8: /255, uint16: /65535), the scale the
-    # device divides by before normalising. data.stats (JSON from cmid_jax.data_stats) replaces
+    # device divides by before normalising. data.stats (JSON from cmid-data-stats) replaces
     # both.
     c.data.mean = RS_MEAN
     c.data.std = RS_STD  # Per band, same units as data.mean.
-    c.data.stats = ml_collections.config_dict.placeholder(str)  # JSON from cmid_jax.data_stats.
+    c.data.stats = ml_collections.config_dict.placeholder(str)  # JSON from cmid-data-stats.
     # (black, white) raw values for noise and solarize; None = from data.stats, else 0 and the
     # type maximum (255: the official 8-bit augmentations).
     c.data.value_range = ml_collections.config_dict.placeholder(tuple)

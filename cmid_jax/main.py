@@ -32,5 +32,9 @@ def main(argv):
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
-if __name__ == '__main__':
+def run() -> None:
     app.run(main)
+
+
+if __name__ == '__main__':
+    run()

@@ -7,13 +7,15 @@ import logging
 import signal
 import threading
 
+import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
 from cmid_jax import checkpointing, metrics as metrics_lib, optim, parallel
 from cmid_jax.data import describe_source, open_source, resolve_data_config
-from cmid_jax.data.pipeline import build_dataset, make_iterator
+from cmid_jax.data.pipeline import Source, build_dataset, make_iterator
 from cmid_jax.evaluation.periodic import PeriodicEvals
 from cmid_jax.step import Trainer
 
@@ -41,6 +43,20 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, num_proces
         raise ValueError('Invalid config: ' + '; '.join(problems) + '.')
 
 
+def input_pipeline(config: ml_collections.ConfigDict, source: Source) -> grain.DatasetIterator:
+    """This process's checkpointable iterator of batch slices (`cmid_jax.data.pipeline`).
+
+    One batch is decoded first, so unreadable data fail before anything is compiled.
+    """
+    dataset = build_dataset(source, image_size=config.data.image_size,
+                            global_batch_size=config.batch_size, seed=config.seed,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+    dataset[0]
+    if config.data.num_workers and not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; a library caller has none.
+    return make_iterator(dataset, num_workers=config.data.num_workers)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
     # --- Mesh --------------------------------------------------------------------------------
@@ -62,12 +78,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total_steps = config.total_steps
     if process == 0:
         checkpointing.write_config(workdir, config)
-    dataset = build_dataset(source, image_size=config.data.image_size,
-                            global_batch_size=config.batch_size, seed=config.seed,
-                            process_index=process, process_count=num_processes)
-    # Decoding one batch now makes unreadable data fail before anything is compiled.
-    dataset[0]
-    data_iter = make_iterator(dataset, num_workers=config.data.num_workers)
+    data_iter = input_pipeline(config, source)
     logging.info('%s; %d steps of %d (%d per epoch).', describe_source(config.data, source),
                  total_steps, config.batch_size, steps_per_epoch)
 

@@ -15,3 +15,27 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+# Subprocess deadlines scale with CMID_TEST_TIMEOUT_SCALE (e.g. 4 on a loaded machine).
+TIMEOUT_SCALE = float(os.environ.get('CMID_TEST_TIMEOUT_SCALE', '1'))
+
+
+def run_tool(module: str, *args: str, timeout: float = 600, env: dict | None = None,
+             python_code: str | None = None) -> subprocess.CompletedProcess:
+    """Runs `python -m cmid_jax.<module> ARGS` (or `python -c python_code ARGS`) from the repo.
+
+    The deadline is generous and scales, so a slow machine never fails a correct run.
+    """
+    command = ([sys.executable, '-c', python_code] if python_code
+               else [sys.executable, '-m', f'cmid_jax.{module}'])
+    return subprocess.run(command + list(args), cwd=REPO, env=dict(os.environ, **(env or {})),
+                          capture_output=True, text=True, timeout=timeout * TIMEOUT_SCALE)
+
+
+# grain's worker processes read absl flags, which only a program run by absl has parsed.
+from absl import flags as _absl_flags  # noqa: E402
+
+_absl_flags.FLAGS.mark_as_parsed()

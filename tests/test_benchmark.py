@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from cmid_jax import benchmark, flops
+from cmid_jax.perf import benchmark, flops
 from cmid_jax.models import build_backbone
 from configs import vitb
-from conftest import REPO
+from conftest import run_tool
 
 FIELDS = {
     'implementation', 'config', 'arch', 'variant', 'image_size', 'compute_dtype', 'attention_impl',
@@ -47,15 +47,11 @@ def compilation_cache_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize('data', ['synthetic', 'pipeline'])
-def test_benchmark_prints_one_sane_json_line(data, capsys, compilation_cache_dir):
-    config = f'{REPO}/configs/vitb.py:smoke'
-    benchmark.main(['benchmark', f'--config={config}', f'--data={data}', '--steps=2',
-                    '--warmup=1'])
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1, lines
-    r = json.loads(lines[0])
+def test_benchmark_returns_one_sane_record(data, compilation_cache_dir):
+    config = vitb.get_config('smoke')
+    r = benchmark.run_benchmark(config, data=data, steps=2, warmup=1, config_name='smoke')
     assert set(r) == FIELDS
-    assert (r['implementation'], r['config'], r['data']) == ('jax', config, data)
+    assert (r['implementation'], r['config'], r['data']) == ('jax', 'smoke', data)
     assert (r['arch'], r['variant'], r['image_size']) == ('vit', 'mu/16', 64)
     assert (r['platform'], r['device_count'], r['global_batch']) == ('cpu', 8, 8)
     assert (r['warmup_steps'], r['timed_steps']) == (1, 2)
@@ -74,14 +70,18 @@ def test_benchmark_prints_one_sane_json_line(data, capsys, compilation_cache_dir
     assert r['versions']['jax'] == jax.__version__
 
 
-def test_config_overrides_and_flags_parse_without_global_flags():
-    config = f'--config={REPO}/configs/vitb.py'
-    fv = benchmark.parse_flags(['benchmark', config, '--config.batch_size=16',
-                                '--config.model.attention_impl=cudnn', '--data=pipeline'])
-    assert (fv.config.batch_size, fv.config.model.attention_impl) == (16, 'cudnn')
-    assert (fv.data, fv.steps, fv.warmup) == ('pipeline', 20, 3)
-    with pytest.raises(Exception, match='steps'):
-        benchmark.parse_flags(['benchmark', config, '--steps=0'])
+def test_cli_prints_one_json_line_with_the_overrides():
+    config = 'configs/vitb.py:smoke'
+    proc = run_tool('tools.benchmark', f'--config={config}', '--config.batch_size=16',
+                    '--steps=1', '--warmup=0')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, lines
+    r = json.loads(lines[0])
+    assert (r['global_batch'], r['timed_steps'], r['config']) == (
+        16, 1, f'{config} --config.batch_size=16')
+    bad = run_tool('tools.benchmark', f'--config={config}', '--steps=0')
+    assert bad.returncode != 0 and 'steps' in bad.stderr
 
 
 # --- analytic FLOPs ---------------------------------------------------------------------------

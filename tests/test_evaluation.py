@@ -11,13 +11,15 @@ import jax
 import numpy as np
 import pytest
 
-from cmid_jax import checkpointing, evaluate, parallel, train, visualize
+from cmid_jax import checkpointing, parallel, train, visualize
+from cmid_jax.evaluation import run as evaluate
 from cmid_jax.data.files import list_images, load_image
 from cmid_jax.data.views import make_views
 from cmid_jax.evaluation import (FinetuneRecipe, knn_scores, knn_top1, linear_probe_top1,
                                  load_split, make_online_knn, make_reconstruction_fn,
                                  split_per_class)
 from configs import vitb
+from conftest import run_tool
 
 AID = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'aid'
 AID_CLASSES = ('Airport', 'Beach', 'Desert', 'Farmland', 'Forest')
@@ -191,16 +193,17 @@ def offline(pretrained):
     return results
 
 
-def test_evaluate_protocols_beat_chance(pretrained, offline, capsys):
+def test_evaluate_protocols_beat_chance(pretrained, offline):
     workdir, data = pretrained
     for name, r in offline.items():
         assert r['num_classes'] == 5 and r['num_train'] == 100 and r['num_test'] == 100, name
         assert r['step'] == 40
         assert r['top1'] > 0.4, (name, r['top1'])  # chance is 0.2
-    # The CLI: argparse, one printed JSON line, the same result, appended to eval.jsonl.
-    out = evaluate.main([f'--workdir={workdir}', f'--data={data}', '--protocol=knn',
-                         '--which=teacher', '--train-fraction=0.5', '--seed=0'])
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    # The CLI: one printed JSON line, the same result, appended to eval.jsonl.
+    proc = run_tool('tools.evaluate', f'--workdir={workdir}', f'--data={data}', '--protocol=knn',
+                    '--which=teacher', '--train_fraction=0.5', '--seed=0')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out['top1'] == offline['knn_teacher']['top1']
     last = json.loads(Path(workdir, 'eval.jsonl').read_text().splitlines()[-1])
     assert last == out

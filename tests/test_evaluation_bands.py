@@ -13,7 +13,8 @@ import pytest
 rasterio = pytest.importorskip('rasterio')
 
 from conftest import SHARED_DATA  # noqa: E402
-from cmid_jax import checkpointing, evaluate, train  # noqa: E402
+from cmid_jax import checkpointing, train  # noqa: E402
+from cmid_jax.evaluation import run as evaluate  # noqa: E402
 from cmid_jax.data.errors import ImageError  # noqa: E402
 from cmid_jax.data.files import load_image  # noqa: E402
 from cmid_jax.data.pipeline import FileSource  # noqa: E402
@@ -158,12 +159,11 @@ def workdirs(tmp_path_factory, rgbn_set, landsat_set):
 
 
 @pytest.mark.parametrize('name,dtype,bands', [('rgbn', 'uint8', 4), ('landsat', 'uint16', 3)])
-def test_knn_and_linear_on_n_band_workdirs(workdirs, name, dtype, bands, capsys):
+def test_knn_and_linear_on_n_band_workdirs(workdirs, name, dtype, bands):
     workdir, data = workdirs[name]
     config = checkpointing.load_config(workdir)
     assert config.data.dtype == dtype and len(config.data.bands) == bands
-    knn = evaluate.main([f'--workdir={workdir}', f'--data={data}', '--protocol=knn'])
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == knn
+    knn = evaluate.evaluate(workdir, data, 'knn')
     linear = evaluate.evaluate(workdir, data, 'linear')
     for r in (knn, linear):
         assert (r['step'], r['num_classes'], r['num_train'], r['num_test']) == (0, 3, 6, 6)

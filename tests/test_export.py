@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import types
 
@@ -24,11 +23,12 @@ pytest.importorskip('timm')
 pytest.importorskip('torchvision')
 pytest.importorskip('safetensors')
 
-from cmid_jax import checkpointing, export, parallel, train  # noqa: E402
+from cmid_jax import checkpointing, parallel, train  # noqa: E402
+from cmid_jax.convert import export  # noqa: E402
 from cmid_jax.models import build_backbone, official  # noqa: E402
 from configs import resnet50, vitb  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_tool  # noqa: E402
 PARITY_TOL = 1e-4
 
 
@@ -148,11 +148,9 @@ def test_cli_writes_safetensors_without_torch(vit_run, tmp_path):
     out = str(tmp_path / 'cli.safetensors')
     # torch made unimportable: the safetensors route must not need it.
     code = ("import runpy, sys; sys.modules['torch'] = None; "
-            "runpy.run_module('cmid_jax.export', run_name='__main__')")
-    env = dict(os.environ, JAX_PLATFORMS='cpu')
-    proc = subprocess.run(
-        [sys.executable, '-c', code, f'--workdir={vit_run.workdir}', f'--out={out}',
-         '--which=teacher'], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+            "runpy.run_module('cmid_jax.tools.export', run_name='__main__')")
+    proc = run_tool('', f'--workdir={vit_run.workdir}', f'--out={out}', '--which=teacher',
+                    python_code=code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out + '.json', encoding='utf-8') as f:
         meta = json.load(f)

@@ -207,13 +207,13 @@ def test_data_stats_equal_numpy_on_the_full_arrays(tmp_path):
     np.testing.assert_allclose(tiles["mean"], both.mean(axis=0) / 65535, rtol=1e-12)
 
     # data.stats sets mean / std / value_range of the config, checked against the data.
-    from cmid_jax.data_stats import data_stats
+    from cmid_jax.data.stats import source_stats
     from configs import vitb
 
     config = vitb.get_config("smoke")
     config.data.path, config.data.bands = str(folder), (0, 1, 2)
     out = tmp_path / "stats.json"
-    write_stats(data_stats(config, 2), str(out))
+    write_stats(source_stats(config, 2), str(out))
     assert load_stats(str(out))["bands"] == [0, 1, 2]
     config.data.stats = str(out)
     source = open_source(config.data)
@@ -319,7 +319,7 @@ def test_adapt_input_channels_matches_timm_on_resnet_and_vit_kernels():
     import torch
     from timm.models._manipulate import adapt_input_conv
 
-    from cmid_jax.adapt import adapt_input_channels, adapt_stem
+    from cmid_jax.convert.adapt import adapt_input_channels, adapt_stem
     from cmid_jax.models import build_backbone
 
     for arch, variant, size, path in (("resnet", "nano", 64, ("conv1", "kernel")),

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -23,12 +21,13 @@ torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
 pytest.importorskip('safetensors')
 
-from cmid_jax import checkpointing, export, import_torch, optim, train  # noqa: E402
-from cmid_jax.models import official  # noqa: E402
+from cmid_jax import checkpointing, optim, train  # noqa: E402
+from cmid_jax.convert import export, import_torch  # noqa: E402
+from cmid_jax.convert import official  # noqa: E402
 from cmid_jax.step import Trainer  # noqa: E402
 from configs import resnet50, swinb, vitb  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_tool  # noqa: E402
 CONFIGS = {'resnet': resnet50, 'vit': vitb, 'swin': swinb}
 PARITY_TOL = 1e-4
 PARTS = ('params', 'batch_stats', 'teacher_params', 'teacher_batch_stats', 'queue', 'queue_ptr',
@@ -416,11 +415,8 @@ def test_existing_checkpoints_need_overwrite(resnet_full_sd, tmp_path):
 def test_cli_with_preset_and_overrides(resnet_full_sd, tmp_path):
     path = save_trainer_checkpoint(resnet_full_sd, str(tmp_path / 'ckpt.pth'))
     workdir = str(tmp_path / 'wd')
-    proc = subprocess.run(
-        [sys.executable, '-m', 'cmid_jax.import_torch', f'--checkpoint={path}',
-         '--config=configs/resnet50.py:smoke', '--config.seed=7', f'--workdir={workdir}'],
-        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
-        timeout=120)
+    proc = run_tool('tools.import_torch', f'--checkpoint={path}',
+                    '--config=configs/resnet50.py:smoke', '--config.seed=7', f'--workdir={workdir}')
     assert proc.returncode == 0, proc.stderr[-3000:]
     config, state, step = checkpointing.restore_train_state(workdir)
     assert step == 0 and config.seed == 7 and config.model.variant == 'nano'

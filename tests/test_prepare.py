@@ -1,4 +1,4 @@
-"""Prepared datasets on the real files in ../shared/data: cmid_jax.prepare's ArrayRecord shards
+"""Prepared datasets on the real files in ../shared/data: cmid_jax.data.prepare's ArrayRecord shards
 (round trip, manifest, pipeline batches, bad inputs) and TFDS datasets read through
 data.source='tfds:...' (built locally from AID images, no download)."""
 
@@ -13,10 +13,11 @@ import pytest
 
 pytest.importorskip("rasterio")
 
-from cmid_jax import prepare as prep  # noqa: E402
+from cmid_jax.data import prepare as prep  # noqa: E402
 from cmid_jax.data import build_dataset, list_images, load_image, raster  # noqa: E402
 from cmid_jax.data.records import MANIFEST, RecordSource, read_manifest  # noqa: E402
 from cmid_jax.data.sources import open_source, resolve_data_config  # noqa: E402
+from conftest import run_tool  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 AID = DATA / "aid"
@@ -99,10 +100,12 @@ def test_prepare_tiles_round_trip_and_pipeline(tmp_path):
         prep.prepare(str(scenes), str(out), tile=256)
 
 
-def test_prepare_images_cli_equals_the_jpeg_pipeline(tmp_path, aid_subset, capsys):
+def test_prepare_images_cli_equals_the_jpeg_pipeline(tmp_path, aid_subset):
     out = tmp_path / "aid_shards"
-    prep.main([f"--src={aid_subset}", f"--out={out}", "--records_per_shard=10"])
-    assert "wrote 24 records (3 x uint8, whole images) in 3 shards" in capsys.readouterr().out
+    proc = run_tool("tools.prepare", f"--src={aid_subset}", f"--out={out}",
+                    "--records_per_shard=10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote 24 records (3 x uint8, whole images) in 3 shards" in proc.stdout
     files = list_images(aid_subset)
     records = open_source(_data_config(path=str(out)))
     for i in (0, 5, 23):
@@ -152,7 +155,7 @@ def test_stale_or_foreign_manifests_and_stats_are_named(tmp_path):
     cases = [
         ("{not json", r"cannot read it"),
         ('["a list"]', r"not a file of format 'cmid_jax.prepare/1' \(its format is 'list'\)"),
-        ('{"format": "cmid_jax.prepare/0"}', r"its format is 'cmid_jax.prepare/0'"),
+        ('{"format": "cmid_jax.data.prepare/0"}', r"its format is 'cmid_jax.data.prepare/0'"),
         ('{"format": "cmid_jax.prepare/1", "records": 3}', r"lacks the keys \['dtype', 'bands'"),
     ]
     for text, message in cases:

@@ -11,7 +11,7 @@ import torch
 from cmid_jax import augment, objective, optim, parallel
 from cmid_jax.models.heads import LocalHead, Projector, pixel_shuffle
 from cmid_jax.step import Trainer
-from cmid_jax.synthetic import synthetic_batch
+from cmid_jax.perf.synthetic import synthetic_batch
 from configs import resnet50, vitb
 
 

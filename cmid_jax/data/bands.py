@@ -13,7 +13,7 @@ Two modes, chosen by ``config.data.bands``:
 Pixels stay uint8 / uint16 on the host and on the host-to-device transfer. On the device they are
 divided by their type's maximum (:func:`type_max`: 255 for uint8, exactly as before; 65535 for
 uint16), then normalised per band with ``data.mean`` / ``data.std``, which are therefore in those
-0-1 units (``python -m cmid_jax.data_stats`` computes them).
+0-1 units (``python -m cmid_jax.tools.data_stats`` computes them).
 
 A pixel is *nodata* when all of its bands equal the file's nodata value (0 when the file declares
 none) or any of them is NaN.
@@ -29,7 +29,7 @@ from cmid_jax.data.errors import ImageError
 
 # Pixel types that travel to the device; anything else is converted by ``compact`` or refused.
 PIXEL_DTYPES = ("uint8", "uint16")
-ALL_BANDS = "all"  # keep every band of the file (cmid_jax.prepare's default; not a config value)
+ALL_BANDS = "all"  # keep every band of the file (cmid_jax.data.prepare's default; not a config value)
 
 
 def type_max(dtype) -> float:

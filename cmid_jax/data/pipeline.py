@@ -283,13 +283,6 @@ def build_dataset(
     )
 
 
-def _ensure_absl_flags_parsed() -> None:
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
 def make_iterator(
     dataset: grain.MapDataset,
     *,
@@ -315,6 +308,7 @@ def make_iterator(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
     )
     if num_workers > 0:
-        _ensure_absl_flags_parsed()
+        # grain's worker processes read absl flags: call this from a program whose flags absl has
+        # parsed (the tools do; cmid_jax.train marks them parsed for library callers).
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(ds)

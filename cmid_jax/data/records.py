@@ -1,4 +1,4 @@
-"""ArrayRecord shards written by ``python -m cmid_jax.prepare`` and read as a pipeline source.
+"""ArrayRecord shards written by ``python -m cmid_jax.tools.prepare`` and read as a pipeline source.
 
 A prepared folder holds ``data-NNNNN.array_record`` shards and ``manifest.json``. Each record is
 one image or tile as an ``.npy`` byte string (``numpy.lib.format``: dtype, shape and the raw
@@ -50,7 +50,7 @@ def is_prepared(path: str | os.PathLike) -> bool:
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a prepared folder, checked for the keys the reader needs."""
     file = os.path.join(os.fspath(path), MANIFEST)
-    return read_tagged_json(file, FORMAT, _REQUIRED, f"the cmid_jax.prepare manifest {file!r}")
+    return read_tagged_json(file, FORMAT, _REQUIRED, f"the cmid_jax.data.prepare manifest {file!r}")
 
 
 class ShardWriter:

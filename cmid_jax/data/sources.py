@@ -4,7 +4,7 @@ Which source (``open_source``):
 
 =========================================  =====================================================
 ``data.source='tfds:NAME[/CONFIG]:SPLIT'``  a prepared TFDS dataset (``data.path`` = its data_dir)
-``data.path`` with a ``manifest.json``      ArrayRecord shards from ``python -m cmid_jax.prepare``
+``data.path`` with a ``manifest.json``      ArrayRecord shards from ``python -m cmid_jax.tools.prepare``
 ``data.tile_size = N > 0``                  N x N windows of the scenes under ``data.path``
 otherwise                                   every image file under ``data.path`` (the default;
                                             None = the bundled Landsat-8 demo tiles)
@@ -60,7 +60,7 @@ def open_source(data) -> Source:
     if records.is_prepared(path):
         if tile:
             manifest = records.read_manifest(path)
-            raise ValueError(f"data.path={path!r} holds ArrayRecord shards from cmid_jax.prepare, "
+            raise ValueError(f"data.path={path!r} holds ArrayRecord shards from cmid_jax.data.prepare, "
                              f"already cut (tile size {manifest['tile_size']}); set "
                              f"data.tile_size=0 to read them")
         return records.RecordSource(path, bands)
@@ -104,7 +104,7 @@ def resolve_data_config(data, source: Source) -> None:
             raise ValueError(
                 f"data.stats={data.stats!r} was computed for bands {stats['bands']} of "
                 f"{stats['dtype']} pixels, but this run reads bands {requested} of {dtype} pixels; "
-                f"recompute it with python -m cmid_jax.data_stats and the same data settings")
+                f"recompute it with python -m cmid_jax.tools.data_stats and the same data settings")
         data.mean, data.std = tuple(stats["mean"]), tuple(stats["std"])
         if data.value_range is None:
             data.value_range = tuple(stats["value_range"])
@@ -113,7 +113,7 @@ def resolve_data_config(data, source: Source) -> None:
         if len(values) != bands:
             raise ValueError(
                 f"data.{key} has {len(values)} values for {bands} bands (data.bands="
-                f"{data.bands!r}); compute per-band values with `python -m cmid_jax.data_stats "
+                f"{data.bands!r}); compute per-band values with `python -m cmid_jax.tools.data_stats "
                 f"--config=... --out=stats.json` and pass --config.data.stats=stats.json")
     if any(not s > 0 for s in data.std):
         raise ValueError(f"data.std={tuple(data.std)!r} must be positive for every band")

@@ -1,4 +1,4 @@
-"""Per-band statistics of a data source: computed by ``python -m cmid_jax.data_stats``, read back
+"""Per-band statistics of a data source: computed by ``python -m cmid_jax.tools.data_stats``, read back
 through ``config.data.stats``.
 
 The statistics are exact over a seeded sample of elements (images, tiles or records, before any
@@ -37,6 +37,23 @@ def _percentile(hist: np.ndarray, q: float) -> int:
     """Smallest value v with at least q% of the counts <= v (nearest rank)."""
     cdf = np.cumsum(hist)
     return int(np.searchsorted(cdf, q / 100.0 * cdf[-1], side="left"))
+
+
+def source_stats(config, samples: int) -> dict[str, Any]:
+    """Statistics of the data `config.data` describes, with the settings that produced them."""
+    from cmid_jax.data.sources import describe_source, open_source  # sources imports this module
+
+    data = config.data
+    source = open_source(data)
+    log.info('Reading %d of %s.', min(samples, len(source)), describe_source(data, source))
+    stats = compute_stats(source, samples=samples, seed=config.seed)
+    stats.update(
+        bands=None if data.bands is None else list(data.bands),
+        source=describe_source(data, source),
+        tile_size=data.tile_size,
+        max_nodata=data.max_nodata,
+    )
+    return stats
 
 
 def compute_stats(source, *, samples: int, seed: int) -> dict[str, Any]:
@@ -117,6 +134,6 @@ def write_stats(stats: dict[str, Any], path: str) -> None:
 
 
 def load_stats(path: str) -> dict[str, Any]:
-    """A statistics file of `cmid_jax.data_stats`, checked for the keys a run reads."""
+    """A statistics file of `cmid_jax.tools.data_stats`, checked for the keys a run reads."""
     return read_tagged_json(path, FORMAT, ("mean", "std", "value_range", "dtype", "bands"),
                             f"data.stats={path!r}")

@@ -2,7 +2,7 @@
 
     python experiments/ablation/collect.py runs/ablation_aid10k* --out experiments/ablation/results.jsonl
 
-Each workdir's `eval.jsonl` (written by `python -m cmid_jax.evaluate`) gets the setting and the
+Each workdir's `eval.jsonl` (written by `python -m cmid_jax.tools.evaluate`) gets the setting and the
 pretraining seed read from its `config.json`; the table gives top-1 (%) per backbone, setting and
 protocol, the mean over seeds first and each seed's value after it.
 """

@@ -19,7 +19,7 @@ for arch in resnet vit; do
     python -m cmid_jax.main --config="configs/ablation.py:${arch},${setting},cpu" --workdir="$wd" \
       --config.data.path="$data" --config.seed="$seed" "${length[@]}" 2> "$wd.log"
     for protocol in knn linear; do
-      python -m cmid_jax.evaluate --workdir="$wd" --data="$data" --protocol=$protocol 2>> "$wd.log" \
+      python -m cmid_jax.tools.evaluate --workdir="$wd" --data="$data" --protocol=$protocol 2>> "$wd.log" \
         | tee -a "$out/results.jsonl"
     done
   done

@@ -40,7 +40,7 @@ run() {
 }
 
 # The README's commands; `timeout` runs programs, not shell functions, hence arrays.
-jax=(python -m cmid_jax.benchmark)
+jax=(python -m cmid_jax.tools.benchmark)
 jax_opts=(--config.batch_size=256 --steps="$steps" --warmup=3)
 torch=(python experiments/benchmarks/torch_reference.py)
 torch_opts=(--batch-size 256 --image-size 224 --amp bf16 --steps "$steps" --warmup 3)

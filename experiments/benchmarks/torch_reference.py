@@ -1,4 +1,4 @@
-"""PyTorch reference of the full CMID train step, to compare throughput with `cmid_jax.benchmark`.
+"""PyTorch reference of the full CMID train step, to compare throughput with `cmid_jax.perf.benchmark`.
 
     python experiments/benchmarks/torch_reference.py --arch vit_base --amp bf16 --compile
     python experiments/benchmarks/torch_reference.py --arch resnet50 --amp bf16 --compile \\
@@ -19,10 +19,10 @@ official code); EMA of the teacher's backbone, projector and local head; enqueue
 keys. Sizes and constants come from `cmid_jax.config_base.default_config()`. Losses run in float32
 outside autocast, as in cmid_jax (D4). The batch is synthetic, device-resident and reused (uint8,
 normalised on device). Crop B's photometric chain and the block masks are the official data
-loader's work (CPU worker processes), so they are not part of this step; `cmid_jax.benchmark` times
+loader's work (CPU worker processes), so they are not part of this step; `cmid_jax.perf.benchmark` times
 them inside its step.
 
-Prints one JSON line with the fields of `python -m cmid_jax.benchmark` (see README.md here).
+Prints one JSON line with the fields of `python -m cmid_jax.tools.benchmark` (see README.md here).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cmid_jax import config_base, flops  # noqa: E402
-from cmid_jax.synthetic import synthetic_batch  # noqa: E402
+from cmid_jax import config_base  # noqa: E402
+from cmid_jax.perf import flops  # noqa: E402
+from cmid_jax.perf.synthetic import synthetic_batch  # noqa: E402
 
 # --arch -> (timm model, cmid_jax arch, cmid_jax variant).
 ARCHS = {

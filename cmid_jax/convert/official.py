@@ -15,7 +15,7 @@ state_dict back into the parts of a train state, checking every key and shape fi
   class_loss.center (1,P,1)        queue (D,K), one key per column     queue_ptr (1,) int64
 
 Backbones convert through their own module (`to_torch_state_dict` / `from_torch_state_dict`),
-looked up by arch in `BACKBONES`, so a new backbone is one entry there (and, for `cmid_jax.export`,
+looked up by arch in `BACKBONES`, so a new backbone is one entry there (and, for `cmid_jax.convert.export`,
 one entry of `export.TORCH_MODELS` naming its PyTorch constructor).
 """
 

@@ -1,62 +1,38 @@
 """Throughput of the real CMID train step: compile, warm up, time N steps, print one JSON line.
 
-    python -m cmid_jax.benchmark --config=configs/vitb.py --config.model.attention_impl=cudnn
-    python -m cmid_jax.benchmark --config=configs/resnet50.py --data=pipeline \
+    python -m cmid_jax.tools.benchmark --config=configs/vitb.py --config.model.attention_impl=cudnn
+    python -m cmid_jax.tools.benchmark --config=configs/resnet50.py --data=pipeline \
         --config.data.path=IMAGES
 
 `--data=synthetic` (default) feeds one device-resident batch to every step, so the number is the
 step itself; `--data=pipeline` runs the grain pipeline of `cmid_jax.train` on `--config.data.path`
 (default: the bundled demo tiles), so the input cost shows. MFU uses the analytic model FLOPs of
-`cmid_jax.flops` against the dense bf16 peak of the device (null on CPU and unknown devices).
+`cmid_jax.perf.flops` against the dense bf16 peak of the device (null on CPU and unknown devices).
 Field meanings and the GPU commands: experiments/benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import json
 import platform
 import queue
-import sys
 import threading
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import flax
 import jax
 import jaxlib
 import ml_collections
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
-from cmid_jax import flops, optim, parallel, train
+from cmid_jax import optim, parallel, train
+from cmid_jax.perf import flops
 from cmid_jax.data import open_source, resolve_data_config
-from cmid_jax.data.pipeline import Source, build_dataset, make_iterator
+from cmid_jax.data.pipeline import Source
 from cmid_jax.step import Trainer
-from cmid_jax.synthetic import synthetic_batch
+from cmid_jax.perf.synthetic import synthetic_batch
 
 DATA_SOURCES = ('synthetic', 'pipeline')
-
-
-def parse_flags(argv: Sequence[str]) -> flags.FlagValues:
-    """Parses `argv` (program name first) into flags of their own, not absl's global FLAGS.
-
-    A private FlagValues lets tests call `main` in-process and keeps `--config` from clashing with
-    the flag of the same name that `cmid_jax.main` defines.
-    """
-    fv = flags.FlagValues()
-    # `sys_argv`: the `--config.*` overrides are found in `argv`, not in the process's sys.argv.
-    config_flags.DEFINE_config_file('config', None, 'Experiment config file.', flag_values=fv,
-                                    lock_config=True, sys_argv=list(argv))
-    flags.DEFINE_enum('data', 'synthetic', DATA_SOURCES,
-                      'synthetic: one device-resident batch reused; pipeline: the grain pipeline.',
-                      flag_values=fv)
-    flags.DEFINE_integer('steps', 20, 'Timed steps.', lower_bound=1, flag_values=fv)
-    flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.', lower_bound=0,
-                         flag_values=fv)
-    flags.mark_flag_as_required('config', flag_values=fv)
-    fv(list(argv))
-    return fv
 
 
 def synthetic_batches(config: ml_collections.ConfigDict, batch_sharding) -> Iterator[dict]:
@@ -77,10 +53,7 @@ def pipeline_batches(config: ml_collections.ConfigDict, source: Source,
 
     `config.data` must already be resolved against `source` (`resolve_data_config`), as in training.
     """
-    dataset = build_dataset(source, image_size=config.data.image_size,
-                            global_batch_size=config.batch_size, seed=config.seed,
-                            process_index=jax.process_index(), process_count=jax.process_count())
-    data_iter = make_iterator(dataset, num_workers=config.data.num_workers)
+    data_iter = train.input_pipeline(config, source)
     try:
         while True:
             batch = next(data_iter)
@@ -244,20 +217,3 @@ def run_benchmark(config: ml_collections.ConfigDict, *, data: str = 'synthetic',
         'compile_time_s': compile_s,
         'versions': versions(),
     }
-
-
-def main(argv: Sequence[str]) -> None:
-    """Parses `argv` (program name first), runs the benchmark and prints its JSON line."""
-    fv = parse_flags(argv)
-    overrides = config_flags.get_override_values(fv['config'])
-    config_name = ' '.join([config_flags.get_config_filename(fv['config'])]
-                           + [f'--config.{k}={v}' for k, v in overrides.items()])
-    result = run_benchmark(fv.config, data=fv.data, steps=fv.steps, warmup=fv.warmup,
-                           config_name=config_name)
-    if jax.process_index() == 0:  # One line per run, also on several hosts.
-        print(json.dumps(result), flush=True)
-
-
-if __name__ == '__main__':
-    parallel.maybe_initialize_distributed()
-    main(sys.argv)

@@ -1,6 +1,6 @@
 """Imports an official CMID PyTorch checkpoint into a cmid_jax workdir.
 
-    python -m cmid_jax.import_torch --checkpoint=CMID_R50_200ep.pth \
+    python -m cmid_jax.tools.import_torch --checkpoint=CMID_R50_200ep.pth \
         --config=configs/resnet50.py --workdir=runs/r50_continued
     python -m cmid_jax.main --config=configs/resnet50.py --workdir=runs/r50_continued
 
@@ -38,15 +38,15 @@ import pickle
 import shutil
 from typing import Any, Mapping
 
-from absl import app, flags, logging
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from cmid_jax import checkpointing, optim
-from cmid_jax.adapt import adapt_stem
-from cmid_jax.models import official
+from cmid_jax.convert.adapt import adapt_stem
+from cmid_jax.convert import official
 from cmid_jax.models.common import as_numpy
 from cmid_jax.step import Trainer
 
@@ -262,28 +262,3 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
     logging.info('Imported the %s checkpoint %s into %s at step 0 (%s).', kind, checkpoint,
                  workdir, '; '.join(record['notes']))
     return record
-
-
-# --- Command line -----------------------------------------------------------------------------
-
-def _define_flags() -> None:
-    # Defined only when run as a program, so importing this module never clashes with `main`.
-    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-    config_flags.DEFINE_config_file('config', None, 'cmid_jax config describing the checkpoint.',
-                                    lock_config=True)
-    flags.DEFINE_string('checkpoint', None, 'Official CMID .pth/.pt/.safetensors file.')
-    flags.DEFINE_string('workdir', None, 'Workdir to create (resume it with cmid_jax.main).')
-    flags.DEFINE_bool('overwrite', False, 'Replace checkpoints already in the workdir.')
-    flags.mark_flags_as_required(['config', 'checkpoint', 'workdir'])
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    f = flags.FLAGS
-    import_checkpoint(f.checkpoint, f.config, f.workdir, overwrite=f.overwrite)
-
-
-if __name__ == '__main__':
-    _define_flags()
-    app.run(main)

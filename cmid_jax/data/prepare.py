@@ -1,6 +1,6 @@
 """Convert a folder of images or GeoTIFF scenes into ArrayRecord shards for fast training reads.
 
-    python -m cmid_jax.prepare --src=DIR --out=DIR [--tile=N] [--bands=0,1,2,3] \\
+    python -m cmid_jax.tools.prepare --src=DIR --out=DIR [--tile=N] [--bands=0,1,2,3] \\
         [--max_nodata=0.25] [--records_per_shard=4096] [--workers=4]
 
 Then train with ``--config.data.path=OUT`` (the folder is recognised by its ``manifest.json``);
@@ -23,7 +23,6 @@ elements; see :mod:`cmid_jax.data.records`.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import datetime
 import json
@@ -153,39 +152,3 @@ def prepare(
         f.write("\n")
     os.replace(tmp, os.path.join(out, records.MANIFEST))
     return manifest
-
-
-def _parse_bands(text: str | None) -> tuple[int | str, ...] | None:
-    if not text:
-        return None
-    return tuple(int(b) if b.strip().lstrip("-").isdigit() else b.strip()
-                 for b in text.split(",") if b.strip())
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", required=True, help="folder of images or scenes (any nesting)")
-    parser.add_argument("--out", required=True, help="output folder for shards + manifest.json")
-    parser.add_argument("--tile", type=int, default=0, help="0 = whole images; N = NxN windows")
-    parser.add_argument("--bands", default=None,
-                        help="comma-separated 0-based indices or names to keep (default: all)")
-    parser.add_argument("--max_nodata", type=float, default=0.25,
-                        help="drop tiles with a larger fraction of nodata pixels (tiles only)")
-    parser.add_argument("--records_per_shard", type=int, default=4096)
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="reader threads")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    m = prepare(args.src, args.out, tile=args.tile, bands=_parse_bands(args.bands),
-                max_nodata=args.max_nodata, records_per_shard=args.records_per_shard,
-                workers=args.workers)
-    print(f"wrote {m['records']} records ({m['bands']} x {m['dtype']}, "
-          f"{'tiles of ' + str(m['tile_size']) if m['tile_size'] else 'whole images'}) in "
-          f"{len(m['shards'])} shards to {args.out} in {m['seconds']:.1f} s "
-          f"({m['records'] / max(m['seconds'], 1e-9):.0f} records/s); "
-          f"{m['skipped_count']} skipped, {m['rejected_nodata']} rejected as nodata "
-          f"(reasons in {os.path.join(args.out, records.MANIFEST)})")
-
-
-if __name__ == "__main__":
-    main()

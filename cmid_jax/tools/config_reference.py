@@ -1,7 +1,7 @@
 """The config reference in README.md, generated from `config_base.default_config`.
 
-  python -m cmid_jax.config_reference            # print the markdown table
-  python -m cmid_jax.config_reference --write    # refresh the README section in place
+  python -m cmid_jax.tools.config_reference            # print the markdown table
+  python -m cmid_jax.tools.config_reference --write    # refresh the README section in place
 
 Each field's description is the comment on its line in `config_base.py` or the comment block
 just above it; the default is the value `default_config()` returns. A test keeps README.md in
@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import inspect
 import re
-import sys
 from pathlib import Path
 
+from absl import app, flags
+
 from cmid_jax import config_base
+
+_WRITE = flags.DEFINE_bool('write', False, 'Rewrite the README section in place.')
 
 START, END = '<!-- config-reference:start -->', '<!-- config-reference:end -->'
 _FIELD = re.compile(r'^\s*c\.([\w.]+)\s*=\s*(?!ml_collections\.ConfigDict\(\))(.*?)(?:\s+#\s*(.*))?$')
@@ -64,15 +67,21 @@ def readme_section(readme_text: str) -> str:
 
 
 def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     table = reference()
-    if argv[1:] == ['--write']:
-        readme = Path(__file__).resolve().parents[1] / 'README.md'
-        text = readme.read_text(encoding='utf-8')
-        start, end = _bounds(text)
-        readme.write_text(text[:start] + '\n' + table + '\n' + text[end:], encoding='utf-8')
-    else:
+    if not _WRITE.value:
         print(table)
+        return
+    readme = Path(__file__).resolve().parents[2] / 'README.md'
+    text = readme.read_text(encoding='utf-8')
+    start, end = _bounds(text)
+    readme.write_text(text[:start] + '\n' + table + '\n' + text[end:], encoding='utf-8')
+
+
+def run() -> None:
+    app.run(main)
 
 
 if __name__ == '__main__':
-    main(sys.argv)
+    run()

@@ -1,6 +1,6 @@
 """Cut the public-domain Landsat-8 crops into the small demo tiles of ``cmid_jax/demo_data``.
 
-    python -m cmid_jax.data.make_demo_tiles --src ../shared/data/geotiff --out cmid_jax/demo_data
+    python -m cmid_jax.tools.make_demo_tiles --src=../shared/data/geotiff --out=cmid_jax/demo_data
 
 For every ``landsat8_*.tif`` in ``--src`` (uint16, 3 bands) the image is cut into a
 grid of non-overlapping ``--tile`` x ``--tile`` tiles (row-major). Crops with no
@@ -14,11 +14,11 @@ The raw digital numbers are kept; ``load_image`` stretches them to uint8.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 
 import numpy as np
+from absl import app, flags
 
 
 def cut_tiles(image: np.ndarray, tile: int, checkerboard: bool):
@@ -63,17 +63,20 @@ def make_demo_tiles(src: str, out: str, tile: int = 256, keep_all: bool = False)
     return written
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", required=True, help="folder with landsat8_*.tif crops")
-    parser.add_argument("--out", required=True, help="output folder (e.g. cmid_jax/demo_data)")
-    parser.add_argument("--tile", type=int, default=256)
-    parser.add_argument("--all", action="store_true", help="keep every tile (about 4.8 MB)")
-    args = parser.parse_args(argv)
-    written = make_demo_tiles(args.src, args.out, args.tile, args.all)
+_SRC = flags.DEFINE_string('src', None, 'Folder with landsat8_*.tif crops.')
+_OUT = flags.DEFINE_string('out', None, 'Output folder (e.g. cmid_jax/demo_data).')
+_TILE = flags.DEFINE_integer('tile', 256, 'Tile side in pixels.')
+_ALL = flags.DEFINE_bool('all', False, 'Keep every tile (about 4.8 MB).')
+flags.mark_flags_as_required(['src', 'out'])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    written = make_demo_tiles(_SRC.value, _OUT.value, _TILE.value, _ALL.value)
     total = sum(os.path.getsize(p) for p in written)
-    print(f"wrote {len(written)} tiles, {total / 1e6:.2f} MB, to {args.out}")
+    print(f"wrote {len(written)} tiles, {total / 1e6:.2f} MB, to {_OUT.value}")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

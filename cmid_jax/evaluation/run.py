@@ -1,8 +1,8 @@
 """Evaluates a pretrained backbone of a workdir on a labelled class-per-folder dataset.
 
-    python -m cmid_jax.evaluate --workdir=runs/vitb --data=AID --protocol=knn
-    python -m cmid_jax.evaluate --workdir=runs/vitb --data=AID --protocol=linear --which=teacher
-    python -m cmid_jax.evaluate --workdir=runs/vitb --data=AID --protocol=finetune --epochs=10
+    python -m cmid_jax.tools.evaluate --workdir=runs/vitb --data=AID --protocol=knn
+    python -m cmid_jax.tools.evaluate --workdir=runs/vitb --data=AID --protocol=linear --which=teacher
+    python -m cmid_jax.tools.evaluate --workdir=runs/vitb --data=AID --protocol=finetune --epochs=10
 
 Protocols (recipes in the docstrings of `cmid_jax/evaluation/{knn,linear,finetune}.py`):
 `knn` (cosine, weighted votes, k and temperature from the run's `config.eval`, default 20 / 0.07),
@@ -13,12 +13,11 @@ machine. The images are read as pretraining read its own, following the workdir'
 (`data.bands`, `data.dtype`): 8-bit RGB, or any number of raw uint8 / uint16 bands; an image
 without those bands or of another pixel type is an error naming it. Prints one JSON line and
 appends it to `workdir/eval.jsonl`. Works on any workdir with a checkpoint, including one written
-by `cmid_jax.import_torch`.
+by `cmid_jax.convert.import_torch`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -88,32 +87,3 @@ def evaluate(workdir: str, data: str, protocol: str = 'knn', *, which: str = 'st
     with open(os.path.join(workdir, 'eval.jsonl'), 'a', encoding='utf-8') as f:
         f.write(json.dumps(result) + '\n')
     return result
-
-
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog='python -m cmid_jax.evaluate', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--workdir', required=True, help='pretraining workdir (config.json + ckpt/)')
-    p.add_argument('--data', required=True, help='labelled data: one sub-folder per class')
-    p.add_argument('--protocol', choices=PROTOCOLS, default='knn')
-    p.add_argument('--which', choices=WHICH, default='student', help='backbone to evaluate')
-    p.add_argument('--train-fraction', type=float, default=0.5, help='per-class train share')
-    p.add_argument('--seed', type=int, default=0, help='split (and fine-tune) seed')
-    p.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
-    d = FinetuneRecipe()
-    p.add_argument('--epochs', type=int, default=d.epochs, help='finetune only')
-    p.add_argument('--batch-size', type=int, default=d.batch_size, help='finetune only')
-    p.add_argument('--lr', type=float, default=d.lr, help='finetune only: peak AdamW lr')
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
-    logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's per-restore chatter
-    result = evaluate(args.workdir, args.data, args.protocol, which=args.which,
-                      train_fraction=args.train_fraction, seed=args.seed, step=args.step,
-                      finetune=FinetuneRecipe(epochs=args.epochs, batch_size=args.batch_size,
-                                              lr=args.lr, seed=args.seed))
-    print(json.dumps(result), flush=True)
-    return result
-
-
-if __name__ == '__main__':
-    main()

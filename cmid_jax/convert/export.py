@@ -1,7 +1,7 @@
 """Exports the backbone of a cmid_jax checkpoint as a PyTorch state_dict plus JSON metadata.
 
-    python -m cmid_jax.export --workdir=runs/r50 --out=r50_cmid.pth
-    python -m cmid_jax.export --workdir=runs/vitb --step=2000 --which=teacher --out=vit.safetensors
+    python -m cmid_jax.tools.export --workdir=runs/r50 --out=r50_cmid.pth
+    python -m cmid_jax.tools.export --workdir=runs/vitb --step=2000 --which=teacher --out=vit.safetensors
 
 The weights go to `--out` (`.pth`/`.pt`: `torch.save`, needs PyTorch; `.safetensors`: needs only
 the `safetensors` package) and everything needed to rebuild and feed the model to `OUT.json`:
@@ -13,7 +13,7 @@ config. The default is the student backbone of the latest step, the network the 
 release deploys (cmid-method.md 10.1). `load_torch_model(OUT.json)` rebuilds the PyTorch module.
 
 Each arch is one entry of `TORCH_MODELS`; the tensors come from the backbone module's own
-`to_torch_state_dict`, looked up through `cmid_jax.models.official.BACKBONES`.
+`to_torch_state_dict`, looked up through `cmid_jax.convert.official.BACKBONES`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import json
 import os
 from typing import Any, Callable, Mapping
 
-from absl import app, flags, logging
+from absl import logging
 import numpy as np
 
 from cmid_jax import checkpointing
 from cmid_jax.data.bands import num_bands, type_max
-from cmid_jax.models import TORCH_NAMES, official, resnet, swin, vit
+from cmid_jax.convert import official
+from cmid_jax.models import TORCH_NAMES, resnet, swin, vit
 
 FORMAT = 'cmid_jax.backbone/1'
 WEIGHT_SUFFIXES = {'.pth': 'pth', '.pt': 'pth', '.safetensors': 'safetensors'}
@@ -189,7 +190,7 @@ def export_backbone(workdir: str, out: str, step: int | None = None, which: str 
     """Writes a checkpoint's backbone to `out` and its metadata to `out + '.json'`.
 
     Args:
-      workdir: a cmid_jax workdir (from `cmid_jax.main` or `cmid_jax.import_torch`).
+      workdir: a cmid_jax workdir (from `cmid_jax.main` or `cmid_jax.convert.import_torch`).
       out: `.pth`/`.pt` (needs PyTorch) or `.safetensors` (needs only safetensors).
       step: checkpoint step; the latest by default.
       which: 'student' (the deployed network, default) or 'teacher' (the EMA network).
@@ -302,28 +303,3 @@ def load_torch_model(metadata_path: str, alternative: int | None = None) -> Any:
         raise ValueError(f'{weights} does not load into {spec}: missing {missing}, '
                          f'unexpected {unexpected}')
     return model.eval()
-
-
-# --- Command line -----------------------------------------------------------------------------
-
-def _define_flags() -> None:
-    # Defined only when run as a program, so importing this module never clashes with other CLIs.
-    flags.DEFINE_string('workdir', None, 'cmid_jax workdir to export from.')
-    flags.DEFINE_string('out', None, 'Output weights: .pth/.pt (needs torch) or .safetensors.')
-    flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
-    flags.DEFINE_enum('which', 'student', sorted(official.STATE_KEYS),
-                      'student (deployed network) or teacher (EMA).')
-    flags.DEFINE_enum('layout', None, list(swin.LAYOUTS), 'Swin only: key layout (default timm).')
-    flags.mark_flags_as_required(['workdir', 'out'])
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    f = flags.FLAGS
-    export_backbone(f.workdir, f.out, step=f.step, which=f.which, layout=f.layout)
-
-
-if __name__ == '__main__':
-    _define_flags()
-    app.run(main)

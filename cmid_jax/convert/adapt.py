@@ -11,7 +11,7 @@ embedding ``patch_embed/proj`` and the Swin patch embedding ``patch_embed/projec
 * other N: the RGB kernels repeated cyclically over the N inputs (R, G, B, R, G, ...) and scaled
   by 3 / N, which keeps the activation scale of an input whose bands are alike.
 
-Integration point: ``cmid_jax.import_torch`` converts a 3-channel torch state dict; call
+Integration point: ``cmid_jax.convert.import_torch`` converts a 3-channel torch state dict; call
 :func:`adapt_stem` on the converted backbone parameters before they are checked against and put
 into a state built for ``num_bands(config.data)`` input channels.
 """

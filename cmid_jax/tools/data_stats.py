@@ -1,6 +1,6 @@
 """Per-band mean and std (and the value range) of the training data, for ``config.data.stats``.
 
-    python -m cmid_jax.data_stats --config=configs/vitb.py --config.data.path=/data/scenes \\
+    cmid-data-stats --config=configs/vitb.py --config.data.path=/data/scenes \\
         --config.data.tile_size=224 --config.data.bands='(0,1,2,3)' --out=stats.json \\
         [--samples=2000]
 
@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from cmid_jax.data import describe_source, open_source
-from cmid_jax.data.stats import compute_stats, write_stats
+from cmid_jax.data.stats import source_stats, write_stats
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -29,25 +28,10 @@ _SAMPLES = flags.DEFINE_integer('samples', 2000, 'Elements (images / tiles / rec
 flags.mark_flags_as_required(['config', 'out'])
 
 
-def data_stats(config, samples: int) -> dict:
-    """Statistics of the data `config.data` describes, with the settings that produced them."""
-    data = config.data
-    source = open_source(data)
-    logging.info('Reading %d of %s.', min(samples, len(source)), describe_source(data, source))
-    stats = compute_stats(source, samples=samples, seed=config.seed)
-    stats.update(
-        bands=None if data.bands is None else list(data.bands),
-        source=describe_source(data, source),
-        tile_size=data.tile_size,
-        max_nodata=data.max_nodata,
-    )
-    return stats
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    stats = data_stats(_CONFIG.value, _SAMPLES.value)
+    stats = source_stats(_CONFIG.value, _SAMPLES.value)
     write_stats(stats, _OUT.value)
     print(json.dumps({k: stats[k] for k in ('mean', 'std', 'value_range', 'dtype', 'bands')}))
     print(f'{stats["elements_used"]} of {stats["elements_sampled"]} sampled elements used '
@@ -55,5 +39,9 @@ def main(argv):
           f'wrote {_OUT.value}. Train with --config.data.stats={_OUT.value}')
 
 
-if __name__ == '__main__':
+def run() -> None:
     app.run(main)
+
+
+if __name__ == '__main__':
+    run()

@@ -1,0 +1,46 @@
+"""Throughput of the real CMID train step; prints one JSON line (`cmid-benchmark`).
+
+    cmid-benchmark --config=configs/vitb.py
+    cmid-benchmark --config=configs/resnet50.py --data=pipeline --config.data.path=IMAGES
+
+See `cmid_jax.perf.benchmark` and experiments/benchmarks/README.md for the fields.
+"""
+
+import json
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from cmid_jax import parallel
+from cmid_jax.perf.benchmark import DATA_SOURCES, run_benchmark
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_DATA = flags.DEFINE_enum('data', 'synthetic', DATA_SOURCES,
+                          'synthetic: one device-resident batch reused; pipeline: the grain '
+                          'pipeline.')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps.', lower_bound=1)
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.', lower_bound=0)
+flags.mark_flags_as_required(['config'])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    parallel.maybe_initialize_distributed()
+    overrides = config_flags.get_override_values(flags.FLAGS['config'])
+    config_name = ' '.join([config_flags.get_config_filename(flags.FLAGS['config'])]
+                           + [f'--config.{k}={v}' for k, v in overrides.items()])
+    result = run_benchmark(_CONFIG.value, data=_DATA.value, steps=_STEPS.value,
+                           warmup=_WARMUP.value, config_name=config_name)
+    if jax.process_index() == 0:  # One line per run, also on several hosts.
+        print(json.dumps(result), flush=True)
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == '__main__':
+    run()
