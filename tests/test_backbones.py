@@ -17,7 +17,7 @@ torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
 timm = pytest.importorskip('timm')
 
-from cmid_jax.models import TORCH_NAMES, build_backbone, resnet, vit  # noqa: E402
+from cmid_jax.models import build_backbone, resnet, vit  # noqa: E402
 
 PARITY_TOL = 1e-4
 
@@ -142,7 +142,7 @@ def test_output_shapes_and_attributes():
 
 
 def test_build_backbone_errors_and_torch_names():
-    with pytest.raises(ValueError, match=r"'convnext'.*resnet.*vit.*swin"):
+    with pytest.raises(ValueError, match=r"'convnext'.*resnet.*swin.*vit"):
         build_backbone('convnext', 'B', img_size=224)
     with pytest.raises(ValueError, match=r"'101'"):
         build_backbone('resnet', '101', img_size=224)
@@ -150,10 +150,10 @@ def test_build_backbone_errors_and_torch_names():
         build_backbone('vit', 'L/16', img_size=224)
     with pytest.raises(ValueError, match='attention_impl'):
         build_backbone('vit', 'B/16', img_size=224, attention_impl='flash')
-    assert TORCH_NAMES[('vit', 'B/16')] == 'vit_base_patch16_224'
-    assert TORCH_NAMES[('resnet', '50')] == 'resnet50'
-    assert TORCH_NAMES[('vit', 'Ti/16')] == 'vit_tiny_patch16_224'
-    assert TORCH_NAMES[('vit', 'S/16')] == 'vit_small_patch16_224'
+    assert vit.TORCH_NAMES['B/16'] == 'vit_base_patch16_224'
+    assert resnet.TORCH_NAMES['50'] == 'resnet50'
+    assert vit.TORCH_NAMES['Ti/16'] == 'vit_tiny_patch16_224'
+    assert vit.TORCH_NAMES['S/16'] == 'vit_small_patch16_224'
 
 
 def test_init_follows_timm():

@@ -25,7 +25,8 @@ pytest.importorskip('safetensors')
 
 from cmid_jax import checkpointing, parallel, train  # noqa: E402
 from cmid_jax.convert import export  # noqa: E402
-from cmid_jax.models import build_backbone, official  # noqa: E402
+from cmid_jax.models import backbone_module, build_backbone  # noqa: E402
+from cmid_jax.models.cmid import backbone_variables  # noqa: E402
 from configs import resnet50, vitb  # noqa: E402
 
 from conftest import run_tool  # noqa: E402
@@ -62,7 +63,7 @@ def resnet_run(tmp_path_factory):
 def _jax_features(run, x: np.ndarray, which: str = 'student') -> np.ndarray:
     c = run.config
     model = build_backbone(c.model.arch, c.model.variant, img_size=c.data.image_size)
-    variables = official.backbone_variables(run.state, which)
+    variables = backbone_variables(run.state, which)
     return np.asarray(model.apply(variables, x, train=False))
 
 
@@ -171,7 +172,7 @@ def test_bad_arguments(vit_run, tmp_path):
         export.export_backbone(vit_run.workdir, str(tmp_path / 'x.npz'))
     with pytest.raises(ValueError, match='which'):
         export.export_backbone(vit_run.workdir, str(tmp_path / 'x.pth'), which='ema')
-    with pytest.raises(ValueError, match='only a choice for Swin'):
+    with pytest.raises(ValueError, match=r"ViT converts to the key layouts \['timm'\], not 'mmcls'"):
         export.export_backbone(vit_run.workdir, str(tmp_path / 'x.pth'), layout='mmcls')
     assert not os.listdir(tmp_path)
 
@@ -217,7 +218,7 @@ def test_resnet50_export_loads_into_torchvision_and_timm():
     model = build_backbone('resnet', '50', img_size=224)
     variables = _random_variables(model, 224, seed=1)
     sd = export.backbone_state_dict(_as_state(variables), 'resnet')
-    specs = export.TORCH_MODELS['resnet']('50', img_size=224, in_chans=3, layout=None)
+    specs = backbone_module('resnet').torch_models('50', img_size=224, in_chans=3, layout=None)
     assert specs[0] == {'library': 'timm', 'model_name': 'resnet50',
                         'kwargs': {'in_chans': 3, 'num_classes': 0},
                         'features': specs[0]['features']}
@@ -238,7 +239,7 @@ def test_vit_b16_export_loads_into_timm_strict():
     model = build_backbone('vit', 'B/16', img_size=224)
     variables = _random_variables(model, 224, seed=3)
     sd = export.backbone_state_dict(_as_state(variables), 'vit')
-    (spec,) = export.TORCH_MODELS['vit']('B/16', img_size=224, in_chans=3, layout=None)
+    (spec,) = backbone_module('vit').torch_models('B/16', img_size=224, in_chans=3, layout=None)
     assert spec['model_name'] == 'vit_base_patch16_224'
     timm_model = _load_checked(spec, sd)
     assert len(sd) == 150
@@ -253,7 +254,7 @@ def test_swin_export_loads_into_timm_strict():
     model = build_backbone('swin', 'nano', img_size=64)
     variables = _random_variables(model, 64, seed=5)
     sd = export.backbone_state_dict(_as_state(variables), 'swin')  # timm layout by default
-    (spec,) = export.TORCH_MODELS['swin']('nano', img_size=64, in_chans=3, layout=None)
+    (spec,) = backbone_module('swin').torch_models('nano', img_size=64, in_chans=3, layout=None)
     timm_model = _load_checked(spec, sd)
     x = _input(64, seed=6)
     ours = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))

@@ -1,7 +1,7 @@
 """Import of official CMID PyTorch checkpoints into a cmid_jax workdir.
 
 Official-layout files are built on the fly, two independent ways: from a cmid_jax state through
-`models/official.py`, and from real timm backbones inside a PyTorch module tree laid out like the
+`convert/official.py`, and from real timm backbones inside a PyTorch module tree laid out like the
 official `PretrainModel` (cmid-method.md 10.2). Configs are the smoke presets (ResNet 'nano' with BN
 in the local head, ViT-mu/16 without), so no test downloads or trains anything large.
 """
@@ -24,6 +24,8 @@ pytest.importorskip('safetensors')
 from cmid_jax import checkpointing, optim, train  # noqa: E402
 from cmid_jax.convert import export, import_torch  # noqa: E402
 from cmid_jax.convert import official  # noqa: E402
+from cmid_jax.models import backbone_module  # noqa: E402
+from cmid_jax.models.cmid import backbone_variables  # noqa: E402
 from cmid_jax.step import Trainer  # noqa: E402
 from configs import resnet50, swinb, vitb  # noqa: E402
 
@@ -217,7 +219,7 @@ def test_full_checkpoint_from_timm_modules_matches_torch(arch, tmp_path):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 64, 64, 3)).astype(np.float32)
     for which, tm in (('student', module.online_encoder.model), ('teacher', module.branch_encoder)):
-        ours, _ = nets.apply('backbone', official.backbone_variables(state, which), x, train=False)
+        ours, _ = nets.apply('backbone', backbone_variables(state, which), x, train=False)
         with torch.no_grad():
             ref = tm.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))
         ref = (ref[:, 1:].reshape(ours.shape) if arch == 'vit' else ref.permute(0, 2, 3, 1))
@@ -298,8 +300,8 @@ def test_extracted_backbone_initialises_student_and_teacher(tmp_path):
 
     _, state, _ = checkpointing.restore_train_state(str(tmp_path / 'wd'))
     for which in ('student', 'teacher'):
-        exported = official.backbone_format('vit').module.to_torch_state_dict(
-            official.backbone_variables(state, which))
+        exported = backbone_module('vit').to_torch_state_dict(
+            backbone_variables(state, which))
         assert exported.keys() == extracted.keys()
         for k, v in exported.items():
             np.testing.assert_array_equal(v, extracted[k].numpy(), err_msg=f'{which} {k}')

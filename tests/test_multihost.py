@@ -12,7 +12,7 @@ import numpy as np
 
 from cmid_jax import checkpointing, train
 from configs import vitb
-from conftest import REPO
+from conftest import REPO, TIMEOUT_SCALE
 
 FLAGS = ['--config.total_steps=6', '--config.log_every_steps=1', '--config.checkpoint_every_steps=3']
 
@@ -34,7 +34,7 @@ def launch_two_processes(workdir) -> None:
              f'--workdir={workdir}', *FLAGS],
             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     for p in procs:
-        _, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=600 * TIMEOUT_SCALE)
         assert p.returncode == 0, err[-3000:]
 
 

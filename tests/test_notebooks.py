@@ -12,6 +12,8 @@ import nbclient
 import nbformat
 import pytest
 
+from conftest import TIMEOUT_SCALE
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / 'experiments' / 'notebooks'
 ORDER = ('quickstart.ipynb', 'features.ipynb')  # features reuses the quickstart workdir.
 
@@ -35,7 +37,7 @@ def test_notebooks_execute(tmp_path, monkeypatch):
         f for f in flags if not f.startswith('--xla_force_host_platform_device_count')))
     for name in ORDER:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-        client = nbclient.NotebookClient(nb, timeout=300, kernel_name='python3',
+        client = nbclient.NotebookClient(nb, timeout=int(600 * TIMEOUT_SCALE), kernel_name='python3',
                                          resources={'metadata': {'path': str(NOTEBOOKS)}})
         try:
             client.execute()  # Raises CellExecutionError on the first failing cell.

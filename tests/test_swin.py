@@ -21,7 +21,7 @@ torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
 
 from cmid_jax import train  # noqa: E402
-from cmid_jax.models import TORCH_NAMES, build_backbone, swin  # noqa: E402
+from cmid_jax.models import build_backbone, swin  # noqa: E402
 from configs import swinb  # noqa: E402
 from test_backbones import (PARITY_TOL, _abstract_init, _max_rel_err, _n_params,  # noqa: E402
                             _randomise)
@@ -120,7 +120,7 @@ def test_attributes_registry_and_input_checks():
     assert (t.num_features, t.mask_token_width, t.min_image_size) == (256, 32, 224)
     assert (n.feature_stride, n.num_features, n.mask_token_width, n.min_image_size) == (
         32, 256, 32, 64)
-    assert TORCH_NAMES[('swin', 'B')] == 'swin_base_patch4_window7_224'
+    assert swin.TORCH_NAMES['B'] == 'swin_base_patch4_window7_224'
     with pytest.raises(ValueError, match=r"'T'.*allowed"):
         build_backbone('swin', 'T', img_size=224)
     x = jnp.zeros((2, 64, 64, 3))
@@ -250,7 +250,7 @@ def test_from_torch_reports_all_problems_at_once(layout):
     assert missing in msg and 'head.fc.weight' in msg and wrong in msg
     if bad_index:
         assert f'{bad_index}: differs from the standard relative position index' in msg
-    with pytest.raises(ValueError, match='layout must be one of'):
+    with pytest.raises(ValueError, match='Swin converts to the key layouts'):
         swin.to_torch_state_dict({}, layout='mmseg')
 
 

@@ -23,12 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-# Parameter paths of the first (band-mixing) layer's kernel in each backbone.
-STEM_KERNELS = (
-    ("conv1", "kernel"),  # ResNet
-    ("patch_embed", "proj", "kernel"),  # ViT
-    ("patch_embed", "projection", "kernel"),  # Swin
-)
+from cmid_jax.models import BACKBONES
 
 
 def adapt_input_channels(kernel_hwio, n: int):
@@ -62,13 +57,15 @@ def _jnp():
 
 
 def adapt_stem(params: Mapping[str, Any], n: int) -> dict[str, Any]:
-    """A copy of backbone ``params`` whose stem kernel (:data:`STEM_KERNELS`) is adapted to
-    ``n`` input channels; every other leaf is shared, not copied.
+    """A copy of backbone ``params`` whose stem kernel (the ``STEM_KERNEL`` of a registered
+    backbone, :mod:`cmid_jax.models`) is adapted to ``n`` input channels; every other leaf is
+    shared, not copied.
 
     Raises:
       KeyError: none of the known stem kernels is in ``params``.
     """
-    for path in STEM_KERNELS:
+    stems = [module.STEM_KERNEL for module in BACKBONES.values()]
+    for path in stems:
         node = params
         for key in path:
             if not isinstance(node, Mapping) or key not in node:
@@ -76,7 +73,7 @@ def adapt_stem(params: Mapping[str, Any], n: int) -> dict[str, Any]:
             node = node[key]
         else:
             return _replace(params, path, adapt_input_channels(node, n))
-    raise KeyError(f"no stem kernel found; looked for {['/'.join(p) for p in STEM_KERNELS]} "
+    raise KeyError(f"no stem kernel found; looked for {['/'.join(p) for p in stems]} "
                    f"among the top-level keys {sorted(params)}")
 
 

@@ -12,8 +12,8 @@ the per-band mean/std of `(pixels / 255 - mean) / std`, the step, which network 
 config. The default is the student backbone of the latest step, the network the official CMID
 release deploys (cmid-method.md 10.1). `load_torch_model(OUT.json)` rebuilds the PyTorch module.
 
-Each arch is one entry of `TORCH_MODELS`; the tensors come from the backbone module's own
-`to_torch_state_dict`, looked up through `cmid_jax.convert.official.BACKBONES`.
+The tensors and the PyTorch constructors come from the backbone's own module (`to_torch_state_dict`,
+`torch_models`), looked up in the registry `cmid_jax.models.BACKBONES`.
 """
 
 from __future__ import annotations
@@ -22,120 +22,19 @@ import hashlib
 import importlib
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from absl import logging
 import numpy as np
 
 from cmid_jax import checkpointing
 from cmid_jax.data.bands import num_bands, type_max
-from cmid_jax.convert import official
-from cmid_jax.models import TORCH_NAMES, resnet, swin, vit
+from cmid_jax.models import backbone_module
+from cmid_jax.models.cmid import STATE_KEYS, backbone_variables
 
 FORMAT = 'cmid_jax.backbone/1'
 WEIGHT_SUFFIXES = {'.pth': 'pth', '.pt': 'pth', '.safetensors': 'safetensors'}
 RGB_BANDS = ('red', 'green', 'blue')  # data.bands=None: 8-bit RGB
-
-
-def _spec(library: str, *, kwargs: dict[str, Any], features: str, model_name: str | None = None,
-          cls: str | None = None, object_kwargs: dict[str, str] | None = None,
-          **extra: Any) -> dict[str, Any]:
-    """One PyTorch constructor: `library` + registered `model_name`, or a `class` path, with
-    JSON kwargs; `object_kwargs` are kwargs whose values are classes named by dotted path."""
-    spec = {'library': library}
-    spec.update({'model_name': model_name} if model_name else {'class': cls})
-    spec['kwargs'] = kwargs
-    if object_kwargs:
-        spec['object_kwargs'] = object_kwargs
-    return dict(spec, features=features, **extra)
-
-
-def _resnet_models(variant: str, *, img_size: int, in_chans: int,
-                   layout: str | None) -> list[dict[str, Any]]:
-    del img_size  # any multiple of 32
-    _no_layout_choice('resnet', layout)
-    stage_sizes, width = resnet.VARIANTS[variant]
-    if width != 64:  # timm and torchvision both fix the stem at 64 channels
-        return []
-    name = TORCH_NAMES.get(('resnet', variant))
-    features = 'model.forward_features(x): (B, C, H/32, W/32), the layer4 map'
-    # torchvision always builds the classifier: load with strict=False (or set fc=Identity).
-    tv = dict(features='conv1, bn1, relu, maxpool, layer1..layer4: (B, C, H/32, W/32)',
-              missing_keys=['fc.bias', 'fc.weight'])
-    layers = list(stage_sizes)
-    if name:
-        models = [_spec('timm', model_name=name, kwargs=dict(in_chans=in_chans, num_classes=0),
-                        features=features),
-                  _spec('torchvision', model_name=name, kwargs={}, **tv)]
-    else:
-        models = [_spec('timm', cls='timm.models.resnet.ResNet',
-                        object_kwargs=dict(block='timm.models.resnet.Bottleneck'),
-                        kwargs=dict(layers=layers, in_chans=in_chans, num_classes=0),
-                        features=features),
-                  _spec('torchvision', cls='torchvision.models.resnet.ResNet',
-                        object_kwargs=dict(block='torchvision.models.resnet.Bottleneck'),
-                        kwargs=dict(layers=layers), **tv)]
-    return models if in_chans == 3 else models[:1]  # torchvision ResNets take 3 bands only
-
-
-def _vit_models(variant: str, *, img_size: int, in_chans: int,
-                layout: str | None) -> list[dict[str, Any]]:
-    _no_layout_choice('vit', layout)
-    name = TORCH_NAMES.get(('vit', variant))
-    v = vit.VARIANTS[variant]
-    features = ('model.forward_features(x)[:, model.num_prefix_tokens:]: (B, N, D) patch tokens '
-                'after the final norm (cmid_jax drops the cls token)')
-    if name:
-        return [_spec('timm', model_name=name, features=features,
-                      kwargs=dict(img_size=img_size, in_chans=in_chans, num_classes=0))]
-    return [_spec('timm', cls='timm.models.vision_transformer.VisionTransformer',
-                  features=features,
-                  kwargs=dict(img_size=img_size, patch_size=v['patch_size'],
-                              embed_dim=v['embed_dim'], depth=v['depth'],
-                              num_heads=v['num_heads'], in_chans=in_chans, num_classes=0))]
-
-
-def _swin_models(variant: str, *, img_size: int, in_chans: int,
-                 layout: str | None) -> list[dict[str, Any]]:
-    v = swin.VARIANTS[variant]
-    shape = dict(embed_dim=v['embed_dim'], depths=list(v['depths']),
-                 num_heads=list(v['num_heads']), window_size=v['window_size'])
-    if layout in (None, 'timm'):
-        name = TORCH_NAMES.get(('swin', variant))
-        features = 'model.forward_features(x): (B, H/32, W/32, C) after the final norm'
-        if name:
-            return [_spec('timm', model_name=name, features=features,
-                          kwargs=dict(img_size=img_size, in_chans=in_chans, num_classes=0))]
-        return [_spec('timm', cls='timm.models.swin_transformer.SwinTransformer',
-                      features=features,
-                      kwargs=dict(img_size=img_size, patch_size=4, **shape, in_chans=in_chans,
-                                  num_classes=0))]
-    # The official CMID (mmcls) layout is what mmseg / mmdet read; not loaded by our tests.
-    return [_spec('mmseg', cls='mmseg.models.backbones.SwinTransformer',
-                  kwargs=dict(pretrain_img_size=img_size, in_channels=in_chans,
-                              embed_dims=shape['embed_dim'], depths=shape['depths'], num_heads=shape['num_heads'],
-                              window_size=shape['window_size'], patch_size=4, out_indices=[3]),
-                  features='out_indices=(3,): the norm3 map, (B, C, H/32, W/32)',
-                  note='mmseg / mmdet load it through init_cfg=dict(type="Pretrained", '
-                       'checkpoint=...), non-strictly (cmid-method.md 10.4)')]
-
-
-def _no_layout_choice(arch: str, layout: str | None) -> None:
-    if layout is not None:
-        raise ValueError(f'layout={layout!r} is only a choice for Swin, not {arch!r}')
-
-
-# arch -> f(variant, *, img_size, in_chans, layout) -> PyTorch constructors, the strict-loadable
-# one first; [] when no torch library builds that variant.
-TORCH_MODELS: dict[str, Callable[..., list[dict[str, Any]]]] = {
-    'resnet': _resnet_models,
-    'vit': _vit_models,
-    'swin': _swin_models,
-}
-# Extra `to_torch_state_dict` arguments per arch and layout (Swin writes mmcls or timm keys).
-_CONVERT_KWARGS: dict[str, Callable[[str | None], dict[str, Any]]] = {
-    'swin': lambda layout: {'layout': layout or 'timm'},
-}
 
 
 def weights_format(path: str) -> str:
@@ -171,10 +70,11 @@ def save_weights(state_dict: Mapping[str, np.ndarray], path: str,
 
 def backbone_state_dict(state: Mapping[str, Any], arch: str, which: str = 'student',
                         layout: str | None = None) -> dict[str, np.ndarray]:
-    """The student's or teacher's backbone of a train state as a PyTorch state_dict (numpy)."""
-    kwargs = _CONVERT_KWARGS[arch](layout) if arch in _CONVERT_KWARGS else {}
-    module = official.backbone_format(arch).module
-    return module.to_torch_state_dict(official.backbone_variables(state, which), **kwargs)
+    """The student's or teacher's backbone of a train state as a PyTorch state_dict (numpy), in
+    `layout` (default: the arch's export layout)."""
+    module = backbone_module(arch)
+    return module.to_torch_state_dict(backbone_variables(state, which),
+                                      layout=layout or module.EXPORT_LAYOUT)
 
 
 def _sha256(path: str) -> str:
@@ -194,21 +94,21 @@ def export_backbone(workdir: str, out: str, step: int | None = None, which: str 
       out: `.pth`/`.pt` (needs PyTorch) or `.safetensors` (needs only safetensors).
       step: checkpoint step; the latest by default.
       which: 'student' (the deployed network, default) or 'teacher' (the EMA network).
-      layout: Swin only: 'timm' (default) or 'mmcls' (the official CMID / mmseg keys).
+      layout: a key layout of the arch (`LAYOUTS` of its module; default its `EXPORT_LAYOUT`):
+        for Swin 'timm' (default) or 'mmcls' (the official CMID / mmseg keys).
 
     Returns the metadata dict that was written.
     """
     fmt = weights_format(out)  # Fail on bad arguments before restoring anything.
-    if which not in official.STATE_KEYS:
-        raise ValueError(f'which must be one of {sorted(official.STATE_KEYS)}, got {which!r}')
+    if which not in STATE_KEYS:
+        raise ValueError(f'which must be one of {sorted(STATE_KEYS)}, got {which!r}')
     if fmt == 'pth':
         _import_torch()
     config, state, step = checkpointing.restore_train_state(workdir, step)
     arch, variant, size = config.model.arch, config.model.variant, config.data.image_size
-    if arch not in TORCH_MODELS:
-        raise ValueError(f'no PyTorch export for arch {arch!r}; known: {sorted(TORCH_MODELS)}')
     in_chans = num_bands(config.data)
-    models = TORCH_MODELS[arch](variant, img_size=size, in_chans=in_chans, layout=layout)
+    models = backbone_module(arch).torch_models(variant, img_size=size, in_chans=in_chans,
+                                                layout=layout)
     if not models:
         logging.warning('No timm/torchvision model has the widths of %s %r; the weights keep the '
                         'key layout of the larger variants.', arch, variant)

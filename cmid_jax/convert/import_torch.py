@@ -47,6 +47,8 @@ import orbax.checkpoint as ocp
 from cmid_jax import checkpointing, optim
 from cmid_jax.convert.adapt import adapt_stem
 from cmid_jax.convert import official
+from cmid_jax.models import BACKBONES, backbone_module
+from cmid_jax.models.cmid import STATE_KEYS
 from cmid_jax.models.common import as_numpy
 from cmid_jax.step import Trainer
 
@@ -54,14 +56,6 @@ from cmid_jax.step import Trainer
 _DDP_PREFIX = 'module.'
 # Classifier heads of plain timm / torchvision state_dicts; not part of a backbone.
 _CLASSIFIER_PREFIXES = ('fc.', 'head.')
-# One tell-tale key per backbone layout, to name the arch of a mismatching file.
-_ARCH_TELLS = {
-    'resnet': ('layer1.0.conv1.weight',),
-    'vit': ('blocks.0.attn.qkv.weight',),
-    'swin': ('stages.0.blocks.0.attn.w_msa.qkv.weight', 'layers.0.blocks.0.attn.qkv.weight'),
-}
-
-
 def _torch():
     try:
         import torch  # pylint: disable=import-outside-toplevel
@@ -137,8 +131,8 @@ def backbone_only(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[s
 
 def _guess_arch(keys) -> str | None:
     stripped = {k.split(official.BACKBONE_PREFIXES['student'], 1)[-1] for k in keys}
-    for arch, tells in _ARCH_TELLS.items():
-        if stripped & set(tells):
+    for arch, module in BACKBONES.items():
+        if stripped & set(module.TELL_KEYS):
             return arch
     return None
 
@@ -210,7 +204,7 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
                 template=trainer.abstract_state)
         else:
             state_dict, dropped = backbone_only(state_dict)
-            variables = official.backbone_format(arch).module.from_torch_state_dict(
+            variables = backbone_module(arch).from_torch_state_dict(
                 state_dict, trainer.nets.backbone)
     except ValueError as err:
         raise ValueError(f'{checkpoint}: {_mismatch_header(config, state_dict, kind)}\n{err}'
@@ -222,7 +216,7 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
                                  if k not in parts})
     state = dict(jax.device_get(fresh(jax.random.key(config.seed))), **parts)
     if not full:
-        for which in official.STATE_KEYS.values():
+        for which in STATE_KEYS.values():
             for coll, value in zip(which, (variables['params'], variables.get('batch_stats', {}))):
                 state[coll] = dict(state[coll], backbone=value)
     if trainer.nets.in_chans != 3:  # RGB weights into an N-band model: timm's stem rule.

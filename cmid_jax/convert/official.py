@@ -14,9 +14,8 @@ state_dict back into the parts of a train state, checking every key and shape fi
   {class,branch_class}_projector.last_layer.weight_{g,v}   weight norm, g == 1
   class_loss.center (1,P,1)        queue (D,K), one key per column     queue_ptr (1,) int64
 
-Backbones convert through their own module (`to_torch_state_dict` / `from_torch_state_dict`),
-looked up by arch in `BACKBONES`, so a new backbone is one entry there (and, for `cmid_jax.convert.export`,
-one entry of `export.TORCH_MODELS` naming its PyTorch constructor).
+Backbones convert through their own module (`to_torch_state_dict` / `from_torch_state_dict` in
+the official layout, `MASK_TOKEN_LAYOUT`), looked up in the registry `cmid_jax.models.BACKBONES`.
 """
 
 from __future__ import annotations
@@ -27,37 +26,13 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import numpy as np
 
-from cmid_jax.models import resnet, swin, vit
+from cmid_jax.models import backbone_module
+from cmid_jax.models.cmid import STATE_KEYS, backbone_variables
 from cmid_jax.models.common import match_state_dict
 
 Codec = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
 
 
-@dataclasses.dataclass(frozen=True)
-class BackboneFormat:
-    """How one backbone arch converts: its module and the official layout of its mask token."""
-    module: Any  # provides to_torch_state_dict(variables) and from_torch_state_dict(sd, model)
-    mask_token_layout: str  # 'nchw' -> (1, C, 1, 1) (MaskResNet); 'nlc' -> (1, 1, C) (MaskSwin)
-
-
-BACKBONES: dict[str, BackboneFormat] = {
-    'resnet': BackboneFormat(resnet, 'nchw'),
-    'swin': BackboneFormat(swin, 'nlc'),  # mmcls keys, as in the official checkpoints
-    # The official code has no ViT; its token is laid out like the Swin one (a token sequence).
-    'vit': BackboneFormat(vit, 'nlc'),
-}
-
-
-def backbone_format(arch: str) -> BackboneFormat:
-    if arch not in BACKBONES:
-        raise ValueError(f'no checkpoint conversion for backbone arch {arch!r}; '
-                         f'known: {sorted(BACKBONES)}')
-    return BACKBONES[arch]
-
-
-# Train-state keys of each network's (params, batch_stats).
-STATE_KEYS = {'student': ('params', 'batch_stats'),
-              'teacher': ('teacher_params', 'teacher_batch_stats')}
 # Official state_dict prefix of each backbone (extract.py strips the student's).
 BACKBONE_PREFIXES = {'student': 'online_encoder.model.', 'teacher': 'branch_encoder.'}
 # Top-level names that only a full trainer checkpoint's `model` state_dict has.
@@ -100,7 +75,7 @@ def _head_entries(template: Mapping[str, Any], arch: str) -> list[_Entry]:
     conv_ids, bn_ids = ((0, 3, 6), (1, 4)) if has_bn else ((0, 2, 4), ())
     entries = [
         _Entry('online_encoder.mask_token', ('params', 'mask_token'),
-               _MASK_TOKEN[backbone_format(arch).mask_token_layout]),
+               _MASK_TOKEN[backbone_module(arch).MASK_TOKEN_LAYOUT]),
         _Entry('mim2org.decoder_pred.0.weight', ('params', 'decoder', 'decoder_pred', 'kernel'),
                _CONV2D_1X1),
         _Entry('mim2org.decoder_pred.0.bias', ('params', 'decoder', 'decoder_pred', 'bias'), _SAME),
@@ -151,24 +126,16 @@ def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def backbone_variables(state: Mapping[str, Any], which: str = 'student') -> dict[str, Any]:
-    """`{'params', 'batch_stats'}` of the student's or the teacher's backbone in a train state."""
-    if which not in STATE_KEYS:
-        raise ValueError(f"which must be one of {sorted(STATE_KEYS)}, got {which!r}")
-    params, stats = STATE_KEYS[which]
-    return {'params': state[params]['backbone'], 'batch_stats': state[stats]['backbone']}
-
-
 def to_official_state_dict(state: Mapping[str, Any], *, arch: str) -> dict[str, np.ndarray]:
     """cmid_jax train state -> the official `PretrainModel.state_dict()` as numpy arrays.
 
     Wrap it as `{'model': sd}` (plus whatever else) to get a full-checkpoint file the importer
     reads; `extract.py`'s backbone-only file is the `online_encoder.model.` part, prefix stripped.
     """
-    fmt = backbone_format(arch)
+    module = backbone_module(arch)
     sd: dict[str, np.ndarray] = {}
     for which, prefix in BACKBONE_PREFIXES.items():
-        variables = fmt.module.to_torch_state_dict(backbone_variables(state, which))
+        variables = module.to_torch_state_dict(backbone_variables(state, which))
         sd.update({prefix + k: v for k, v in variables.items()})
     entries = _head_entries(state, arch)
     for e in entries:
@@ -215,7 +182,7 @@ def from_official_state_dict(state_dict: Mapping[str, Any], *, arch: str, backbo
     Raises one ValueError listing every unknown key, missing key, shape mismatch and bad value,
     of the heads and of both backbones.
     """
-    fmt = backbone_format(arch)
+    module = backbone_module(arch)
     entries = _head_entries(template, arch)
     # The official shape follows from the template by encoding a zero-stride stand-in.
     expected = {e.key: e.codec[0](np.broadcast_to(np.zeros((), _get(template, e.path).dtype),
@@ -240,7 +207,7 @@ def from_official_state_dict(state_dict: Mapping[str, Any], *, arch: str, backbo
         params, stats = STATE_KEYS[which]
         sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         try:
-            variables = fmt.module.from_torch_state_dict(sub, backbone)
+            variables = module.from_torch_state_dict(sub, backbone)
         except ValueError as err:
             errors.append(f'[{prefix}*, keys listed without the prefix] {err}')
             continue

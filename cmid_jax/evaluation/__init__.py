@@ -5,7 +5,8 @@
 loop) and `reconstruction` (the student's MIM output for the reconstruction grids).
 """
 
-from cmid_jax.evaluation.features import FeatureExtractor, backbone_variables, load_images
+from cmid_jax.evaluation.features import FeatureExtractor, load_images
+from cmid_jax.models.cmid import backbone_variables
 from cmid_jax.evaluation.finetune import FinetuneRecipe, finetune_top1
 from cmid_jax.evaluation.knn import knn_scores, knn_top1
 from cmid_jax.evaluation.labelled import LabelledSplit, list_labelled, load_split, split_per_class

@@ -30,7 +30,7 @@ from cmid_jax.data.pipeline import FileSource
 from cmid_jax.data.views import bicubic_resize
 from cmid_jax.models import cmid
 
-WHICH = ('student', 'teacher')
+WHICH = tuple(cmid.STATE_KEYS)  # 'student', 'teacher'
 
 
 def center_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -96,18 +96,6 @@ def load_images(files: Sequence[str], size: int, data: Mapping = RGB8,
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL.
         list(pool.map(load, range(len(files))))
     return out
-
-
-def backbone_variables(state: dict, which: str = 'student') -> dict:
-    """`{'params', 'batch_stats'}` of the student's or the EMA teacher's backbone in a train state.
-
-    `batch_stats` is `{}` for backbones without BatchNorm (ViT).
-    """
-    if which not in WHICH:
-        raise ValueError(f'which must be one of {WHICH}, got {which!r}')
-    prefix = '' if which == 'student' else 'teacher_'
-    return {'params': state[f'{prefix}params']['backbone'],
-            'batch_stats': state[f'{prefix}batch_stats'].get('backbone', {})}
 
 
 class FeatureExtractor:

@@ -18,7 +18,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from cmid_jax.evaluation.features import WHICH, FeatureExtractor, backbone_variables, load_images
+from cmid_jax.evaluation.features import WHICH, FeatureExtractor, load_images
+from cmid_jax.models.cmid import backbone_variables
 from cmid_jax.evaluation.knn import knn_top1
 from cmid_jax.evaluation.labelled import load_split
 

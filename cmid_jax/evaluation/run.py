@@ -26,7 +26,8 @@ import time
 import numpy as np
 
 from cmid_jax import checkpointing
-from cmid_jax.evaluation.features import WHICH, FeatureExtractor, backbone_variables, load_images
+from cmid_jax.evaluation.features import WHICH, FeatureExtractor, load_images
+from cmid_jax.models.cmid import backbone_variables
 from cmid_jax.evaluation.finetune import FinetuneRecipe, finetune_top1
 from cmid_jax.evaluation.knn import knn_top1
 from cmid_jax.evaluation.labelled import load_split

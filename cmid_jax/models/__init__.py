@@ -1,52 +1,79 @@
-"""Backbones for cmid_jax: a torchvision-exact ResNet, a timm-exact ViT and the official mmcls Swin.
+"""Backbone registry: one contract per architecture.
 
-All share one call signature, `model.apply(variables, x, train=..., mask=..., mask_token=...)`,
-return an NHWC feature map of stride `feature_stride` with `num_features` channels, and take the
-mask token (width `mask_token_width`) from the caller, who owns it as a parameter.
+`BACKBONES` maps `config.model.arch` to the module that owns that backbone: its variants, its Linen
+module, its PyTorch state-dict conversion in each key layout it supports, the PyTorch models its
+export loads into, where its mask token goes and how the official checkpoints store it, its
+band-mixing stem, and its analytic FLOPs. The networks (`models/cmid.py`), the FLOP counter
+(`perf/flops.py`), export, import and the official checkpoint layout (`convert/`) and the N-band
+stem adaptation (`convert/adapt.py`) all read it from here, so a new backbone is one module that
+implements `Backbone` plus one line in `BACKBONES`.
+
+Every backbone's Linen module has the call signature `apply(variables, x, train=, mask=,
+mask_token=)`, returns an NHWC feature map of stride `feature_stride` with `num_features` channels,
+and takes the mask token (width `mask_token_width`) from the caller, who owns it as a parameter.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import types
+from typing import Any, Mapping, Protocol
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from cmid_jax.models import resnet, swin, vit
-from cmid_jax.models.resnet import ResNet
-from cmid_jax.models.swin import SwinTransformer
-from cmid_jax.models.vit import VisionTransformer
 
-ARCHS = ('resnet', 'vit', 'swin')
 
-# timm / torchvision model names of each (arch, variant), for export metadata. The test-only
-# variants ('tiny', 'nano', 'mu/16', 'tiny-test') have no registered torch model name.
-TORCH_NAMES: dict[tuple[str, str], str] = {
-    ('resnet', '50'): 'resnet50',
-    ('vit', 'Ti/16'): 'vit_tiny_patch16_224',
-    ('vit', 'S/16'): 'vit_small_patch16_224',
-    ('vit', 'B/16'): 'vit_base_patch16_224',
-    ('swin', 'B'): 'swin_base_patch4_window7_224',
+class Backbone(Protocol):
+    """What a backbone module provides (module-level names)."""
+
+    VARIANTS: Mapping[str, Any]  # variant name -> hyper-parameters
+    TORCH_NAMES: Mapping[str, str]  # variant -> timm / torchvision name (published variants)
+    LAYOUTS: tuple[str, ...]  # PyTorch key layouts; the first is that of the official weights
+    EXPORT_LAYOUT: str  # the layout `cmid-export` writes by default (strict-loadable in timm)
+    MASK_TOKEN_LAYOUT: str  # official checkpoint shape: 'nchw' (1, C, 1, 1) or 'nlc' (1, 1, C)
+    STEM_KERNEL: tuple[str, ...]  # param path of the band-mixing first kernel (HWIO)
+    TELL_KEYS: tuple[str, ...]  # torch state_dict keys only this arch has (one per layout)
+    HAS_BATCH_NORM: bool  # BN in the backbone (and, as officially, in the local head)
+
+    def build(self, variant: str, *, img_size: int, dtype: Any = ...,
+              attention_impl: str = ...) -> nn.Module: ...
+
+    def to_torch_state_dict(self, variables: Mapping[str, Any],
+                            layout: str | None = None) -> dict[str, Any]: ...
+
+    def from_torch_state_dict(self, state_dict: Mapping[str, Any],
+                              model: nn.Module) -> dict[str, Any]: ...
+
+    def torch_models(self, variant: str, *, img_size: int, in_chans: int,
+                     layout: str | None = None) -> list[dict[str, Any]]: ...
+
+    def forward_flops(self, variant: str, image_size: int, in_chans: int = 3) -> int: ...
+
+
+BACKBONES: dict[str, types.ModuleType] = {
+    'resnet': resnet,
+    'vit': vit,
+    'swin': swin,
 }
 
 
-def build_backbone(arch: str, variant: str, *, img_size: int, dtype: Any = jnp.float32,
-                   attention_impl: str = 'xla') -> nn.Module:
-    """Backbone module for `arch` in {'resnet', 'vit', 'swin'} and a variant of it.
-
-    `img_size` sets the ViT position-embedding length (ResNets accept any multiple of 32, Swins any
-    multiple of 32 from `min_image_size`, 224 px for window 7);
-    `attention_impl` ('xla' or 'cudnn') only applies to the ViT.
-    """
-    if arch == 'resnet':
-        return resnet.build_resnet(variant, dtype=dtype)
-    if arch == 'vit':
-        return vit.build_vit(variant, img_size=img_size, dtype=dtype,
-                             attention_impl=attention_impl)
-    if arch == 'swin':
-        return swin.build_swin(variant, dtype=dtype)
-    raise ValueError(f'unknown backbone arch {arch!r}; allowed: {list(ARCHS)}')
+def backbone_module(arch: str) -> Backbone:
+    """The module that owns backbone `arch`."""
+    if arch not in BACKBONES:
+        raise ValueError(f'unknown backbone arch {arch!r} (config.model.arch); known: '
+                         f'{sorted(BACKBONES)}')
+    return BACKBONES[arch]
 
 
-__all__ = ['ARCHS', 'TORCH_NAMES', 'ResNet', 'SwinTransformer', 'VisionTransformer', 'build_backbone',
-           'resnet', 'swin', 'vit']
+def build_backbone(arch: str, variant: str, *, img_size: int, **options: Any) -> nn.Module:
+    """The Linen module of `arch`/`variant` for `img_size` inputs; `options` are `dtype` and
+    `attention_impl` (ignored by backbones without attention)."""
+    return backbone_module(arch).build(variant, img_size=img_size, **options)
+
+
+def layouts() -> tuple[str, ...]:
+    """Every PyTorch key layout some backbone converts to."""
+    return tuple(dict.fromkeys(layout for m in BACKBONES.values() for layout in m.LAYOUTS))
+
+
+__all__ = ['BACKBONES', 'Backbone', 'backbone_module', 'build_backbone', 'layouts']

@@ -16,10 +16,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from cmid_jax.data.bands import num_bands
-from cmid_jax.models import build_backbone
+from cmid_jax.models import backbone_module, build_backbone
 from cmid_jax.models.heads import LocalHead, MIMDecoder, Projector
 
 TEACHER_KEYS = ('backbone', 'projector', 'local_head')
+# Train-state keys of each network's (params, batch_stats); 'student' is the deployed network.
+STATE_KEYS = {'student': ('params', 'batch_stats'),
+              'teacher': ('teacher_params', 'teacher_batch_stats')}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +56,8 @@ def build_networks(config: ml_collections.ConfigDict) -> Networks:
     m = config.model
     backbone = build_backbone(m.arch, m.variant, img_size=config.data.image_size, dtype=dtype,
                               attention_impl=m.attention_impl)
-    use_bn = m.local_use_bn if m.local_use_bn is not None else m.arch == 'resnet'
+    # The official local head has BN exactly for the CNN backbones (use_bn: True for ResNet).
+    use_bn = m.local_use_bn if m.local_use_bn is not None else backbone_module(m.arch).HAS_BATCH_NORM
     in_chans = num_bands(config.data)
     return Networks(
         backbone=backbone,
@@ -92,3 +96,13 @@ def teacher_from_student(params: dict, batch_stats: dict) -> tuple[dict, dict]:
     copy = lambda tree: jax.tree.map(jnp.array, tree)
     return ({k: copy(params[k]) for k in TEACHER_KEYS},
             {k: copy(v) for k, v in batch_stats.items()})
+
+
+def backbone_variables(state: dict, which: str = 'student') -> dict:
+    """`{'params', 'batch_stats'}` of the student's or the EMA teacher's backbone in a train state;
+    `batch_stats` is `{}` for backbones without BatchNorm."""
+    if which not in STATE_KEYS:
+        raise ValueError(f'which must be one of {sorted(STATE_KEYS)}, got {which!r}')
+    params, stats = STATE_KEYS[which]
+    return {'params': state[params]['backbone'],
+            'batch_stats': state[stats].get('backbone', {})}

@@ -5,7 +5,8 @@
   at torch defaults;
 * the CMID mask token: the 32-px block mask repeated (nearest) onto a finer feature grid and added;
 * reading numpy / jax / torch tensors and checking a torch state_dict against the expected keys,
-  with one error that lists every problem at once.
+  with one error that lists every problem at once;
+* the description of a PyTorch constructor that an exported state_dict loads into.
 """
 
 from __future__ import annotations
@@ -134,3 +135,26 @@ def match_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, tuple
             f'  shape mismatches ({len(mismatched)}): {mismatched}'
             + (f'\n  invalid values ({len(invalid)}): {invalid}' if invalid else ''))
     return out
+
+
+def resolve_layout(layouts: tuple[str, ...], layout: str | None, what: str) -> str:
+    """`layout`, or the first (official) of `layouts` when None; an error for one not supported."""
+    if layout is None:
+        return layouts[0]
+    if layout not in layouts:
+        raise ValueError(f'{what} converts to the key layouts {list(layouts)}, not {layout!r}')
+    return layout
+
+
+def torch_model_spec(library: str, *, kwargs: dict[str, Any], features: str,
+                     model_name: str | None = None, cls: str | None = None,
+                     object_kwargs: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+    """One PyTorch constructor, as JSON: `library` with a registered `model_name`, or a `class`
+    path, and its kwargs; `object_kwargs` are kwargs whose values are classes named by dotted path
+    (`cmid_jax.convert.export.build_torch_model` builds it)."""
+    spec = {'library': library}
+    spec.update({'model_name': model_name} if model_name else {'class': cls})
+    spec['kwargs'] = kwargs
+    if object_kwargs:
+        spec['object_kwargs'] = object_kwargs
+    return dict(spec, features=features, **extra)

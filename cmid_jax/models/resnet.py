@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmid_jax.models.common import add_mask_token, flatten, match_state_dict, unflatten
+from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict, resolve_layout,
+                                    torch_model_spec, unflatten)
 
 Array = jax.Array
 
@@ -41,6 +42,16 @@ VARIANTS: dict[str, tuple[tuple[int, ...], int]] = {
     # Smoke and demo runs on a CPU: 'tiny' at a quarter of the width (no torch model name).
     'nano': ((1, 1, 1, 1), 16),
 }
+
+
+# --- Registry contract (cmid_jax.models.Backbone) -------------------------------------------------
+TORCH_NAMES = {'50': 'resnet50'}
+LAYOUTS = ('torchvision',)  # timm's resnet50 has the same keys (cmid-method.md 10.3)
+EXPORT_LAYOUT = 'torchvision'
+MASK_TOKEN_LAYOUT = 'nchw'  # official MaskResNet: a (1, C, 1, 1) token on the stride-4 stem map
+STEM_KERNEL = ('conv1', 'kernel')
+TELL_KEYS = ('layer1.0.conv1.weight',)
+HAS_BATCH_NORM = True
 
 
 def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -142,12 +153,53 @@ class ResNet(nn.Module):
         return x
 
 
-def build_resnet(variant: str, *, dtype: Any = jnp.float32) -> ResNet:
-    """ResNet for a variant name ('50', or the small 'tiny' and 'nano')."""
+def build(variant: str, *, img_size: int, dtype: Any = jnp.float32,
+          attention_impl: str = 'xla') -> ResNet:
+    """ResNet for a variant name ('50', or the small 'tiny' and 'nano'); any input size that is a
+    multiple of 32 works, and there is no attention to choose."""
+    del img_size, attention_impl
     if variant not in VARIANTS:
         raise ValueError(f'unknown ResNet variant {variant!r}; allowed: {sorted(VARIANTS)}')
     stage_sizes, width = VARIANTS[variant]
     return ResNet(stage_sizes=stage_sizes, width=width, dtype=dtype)
+
+
+def forward_flops(variant: str, image_size: int, in_chans: int = 3) -> int:
+    """Analytic forward FLOPs of one image (`cmid_jax.perf.flops`)."""
+    from cmid_jax.perf import flops  # jax-free formulas, shared with the PyTorch reference
+    stage_sizes, width = VARIANTS[variant]
+    return flops.resnet_forward(image_size=image_size, stage_sizes=stage_sizes, width=width,
+                                in_chans=in_chans)
+
+
+def torch_models(variant: str, *, img_size: int, in_chans: int,
+                 layout: str | None = None) -> list[dict[str, Any]]:
+    """PyTorch constructors the export loads into, strict-loadable (timm) first; torchvision
+    misses only `fc.*`. None for the 16-channel 'nano', whose stem no torch library builds."""
+    del img_size  # any multiple of 32
+    resolve_layout(LAYOUTS, layout, 'ResNet')
+    stage_sizes, width = VARIANTS[variant]
+    if width != 64:  # timm and torchvision both fix the stem at 64 channels
+        return []
+    name = TORCH_NAMES.get(variant)
+    features = 'model.forward_features(x): (B, C, H/32, W/32), the layer4 map'
+    # torchvision always builds the classifier: load with strict=False (or set fc=Identity).
+    tv = dict(features='conv1, bn1, relu, maxpool, layer1..layer4: (B, C, H/32, W/32)',
+              missing_keys=['fc.bias', 'fc.weight'])
+    layers = list(stage_sizes)
+    if name:
+        models = [torch_model_spec('timm', model_name=name, features=features,
+                                   kwargs=dict(in_chans=in_chans, num_classes=0)),
+                  torch_model_spec('torchvision', model_name=name, kwargs={}, **tv)]
+    else:
+        models = [torch_model_spec('timm', cls='timm.models.resnet.ResNet',
+                                   object_kwargs=dict(block='timm.models.resnet.Bottleneck'),
+                                   kwargs=dict(layers=layers, in_chans=in_chans, num_classes=0),
+                                   features=features),
+                  torch_model_spec('torchvision', cls='torchvision.models.resnet.ResNet',
+                                   object_kwargs=dict(block='torchvision.models.resnet.Bottleneck'),
+                                   kwargs=dict(layers=layers), **tv)]
+    return models if in_chans == 3 else models[:1]  # torchvision ResNets take 3 bands only
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,12 +229,14 @@ def _from_torch_layout(x: np.ndarray) -> np.ndarray:
     return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x  # conv OIHW -> HWIO
 
 
-def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def to_torch_state_dict(variables: Mapping[str, Any], layout: str | None = None
+                        ) -> dict[str, np.ndarray]:
     """Flax `{'params', 'batch_stats'}` -> torchvision resnet state_dict (float32 numpy, no `fc.*`).
 
     Includes `running_mean/var` and an int64 0-d `num_batches_tracked` per BN, so the result loads
     into torchvision with `strict=True` once `fc` is removed (or replaced by `nn.Identity`).
     """
+    resolve_layout(LAYOUTS, layout, 'ResNet')
     if 'params' not in variables or 'batch_stats' not in variables:
         raise ValueError("variables must contain 'params' and 'batch_stats'")
     sd: dict[str, np.ndarray] = {}

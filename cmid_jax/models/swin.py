@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict, patch_conv,
-                                    torch_default_bias_init, torch_default_kernel_init, unflatten)
+                                    resolve_layout, torch_default_bias_init,
+                                    torch_default_kernel_init, torch_model_spec, unflatten)
 
 Array = jax.Array
 
@@ -54,6 +55,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Swin-B), which keeps a shifted-window block; blocks dominate the compile time. No torch name.
     'nano': dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=2),
 }
+
+# --- Registry contract (cmid_jax.models.Backbone) -------------------------------------------------
+TORCH_NAMES = {'B': 'swin_base_patch4_window7_224'}
+LAYOUTS = ('mmcls', 'timm')  # official CMID / mmseg keys, and current timm keys (see below)
+EXPORT_LAYOUT = 'timm'
+MASK_TOKEN_LAYOUT = 'nlc'  # official MaskSwin: a (1, 1, C) token on the patch embeddings
+STEM_KERNEL = ('patch_embed', 'projection', 'kernel')
+TELL_KEYS = ('stages.0.blocks.0.attn.w_msa.qkv.weight', 'layers.0.blocks.0.attn.qkv.weight')
+HAS_BATCH_NORM = False
 
 # Logit offset between tokens of different regions in a shifted window, as mmcls / timm (not -inf:
 # exp(-100) already underflows to 0, and a row can never be fully masked).
@@ -327,11 +337,54 @@ class SwinTransformer(nn.Module):
         return _layer_norm(self.dtype, f'norm{n - 1}')(x)
 
 
-def build_swin(variant: str, *, dtype: Any = jnp.float32) -> SwinTransformer:
-    """Swin for a variant name ('B', or the small 'tiny-test' and 'nano')."""
+def build(variant: str, *, img_size: int, dtype: Any = jnp.float32,
+          attention_impl: str = 'xla') -> SwinTransformer:
+    """Swin for a variant name ('B', or the small 'tiny-test' and 'nano'). Inputs of any multiple
+    of 32 from `min_image_size` work; window attention always runs in XLA (its relative-position
+    bias and shift mask are no fused-kernel case)."""
+    del img_size, attention_impl
     if variant not in VARIANTS:
         raise ValueError(f'unknown Swin variant {variant!r}; allowed: {sorted(VARIANTS)}')
     return SwinTransformer(**VARIANTS[variant], dtype=dtype)
+
+
+def forward_flops(variant: str, image_size: int, in_chans: int = 3) -> int:
+    """Analytic forward FLOPs of one image (`cmid_jax.perf.flops`)."""
+    from cmid_jax.perf import flops  # jax-free formulas, shared with the PyTorch reference
+    v = VARIANTS[variant]
+    return flops.swin_forward(image_size=image_size, patch_size=4, embed_dim=v['embed_dim'],
+                              depths=v['depths'], window_size=v['window_size'], in_chans=in_chans)
+
+
+def torch_models(variant: str, *, img_size: int, in_chans: int,
+                 layout: str | None = None) -> list[dict[str, Any]]:
+    """timm SwinTransformer (strict) for the 'timm' layout; mmseg's SwinTransformer (the official
+    CMID downstream code, loaded non-strictly) for 'mmcls'."""
+    layout = resolve_layout(LAYOUTS, layout or EXPORT_LAYOUT, 'Swin')
+    v = VARIANTS[variant]
+    shape = dict(embed_dim=v['embed_dim'], depths=list(v['depths']),
+                 num_heads=list(v['num_heads']), window_size=v['window_size'])
+    if layout == 'timm':
+        name = TORCH_NAMES.get(variant)
+        features = 'model.forward_features(x): (B, H/32, W/32, C) after the final norm'
+        if name:
+            return [torch_model_spec('timm', model_name=name, features=features,
+                                     kwargs=dict(img_size=img_size, in_chans=in_chans,
+                                                 num_classes=0))]
+        return [torch_model_spec('timm', cls='timm.models.swin_transformer.SwinTransformer',
+                                 features=features,
+                                 kwargs=dict(img_size=img_size, patch_size=4, **shape,
+                                             in_chans=in_chans, num_classes=0))]
+    # What mmseg / mmdet read; not loaded by our tests.
+    return [torch_model_spec(
+        'mmseg', cls='mmseg.models.backbones.SwinTransformer',
+        kwargs=dict(pretrain_img_size=img_size, in_channels=in_chans,
+                    embed_dims=shape['embed_dim'], depths=shape['depths'],
+                    num_heads=shape['num_heads'], window_size=shape['window_size'], patch_size=4,
+                    out_indices=[3]),
+        features='out_indices=(3,): the norm3 map, (B, C, H/32, W/32)',
+        note='mmseg / mmdet load it through init_cfg=dict(type="Pretrained", '
+             'checkpoint=...), non-strictly (cmid-method.md 10.4)')]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,7 +401,6 @@ def build_swin(variant: str, *, dtype: Any = jnp.float32) -> SwinTransformer:
 # timm (e.g. 0.6.x) used the MS-Swin layout, merging at the end of a stage (`layers.{s}.downsample`,
 # s = 0-2); current timm's checkpoint_filter_fn converts that layout, this module does not.
 
-LAYOUTS = ('mmcls', 'timm')
 
 _INDEXED = re.compile(r'^(stages|blocks|layers)((?:_\d+)+)$')
 _LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
@@ -426,7 +478,7 @@ def _index_buffers(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def to_torch_state_dict(variables: Mapping[str, Any], layout: str = 'mmcls'
+def to_torch_state_dict(variables: Mapping[str, Any], layout: str | None = None
                         ) -> dict[str, np.ndarray]:
     """Flax `{'params': ...}` -> a torch state_dict (numpy) in the `layout` key layout.
 
@@ -434,7 +486,7 @@ def to_torch_state_dict(variables: Mapping[str, Any], layout: str = 'mmcls'
     `relative_position_index` buffers; loads into mmseg `SwinTransformer` with strict=False (mmseg
     adds norm0-2). 'timm': current timm `SwinTransformer(num_classes=0)` keys, strict-loadable.
     """
-    _check_layout(layout)
+    layout = resolve_layout(LAYOUTS, layout, 'Swin')
     params = variables['params'] if 'params' in variables else variables
     sd = {_torch_key(path, layout): np.ascontiguousarray(  # writable copies, for torch.from_numpy
               _to_torch_layout(path, np.array(v, dtype=np.float32), layout))
@@ -442,11 +494,6 @@ def to_torch_state_dict(variables: Mapping[str, Any], layout: str = 'mmcls'
     if layout == 'mmcls':
         sd.update(_index_buffers(params))
     return dict(sorted(sd.items()))
-
-
-def _check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
 
 
 def _template(model: SwinTransformer) -> dict[str, Any]:
@@ -462,10 +509,10 @@ def _expected(params: Mapping[str, Any], layout: str
             for path, leaf in flatten(params).items()}
 
 
-def torch_state_dict_shapes(model: SwinTransformer, layout: str = 'mmcls'
+def torch_state_dict_shapes(model: SwinTransformer, layout: str | None = None
                             ) -> dict[str, tuple[int, ...]]:
     """Key -> shape of `to_torch_state_dict(variables, layout)` for `model`, without allocating."""
-    _check_layout(layout)
+    layout = resolve_layout(LAYOUTS, layout, 'Swin')
     params = _template(model)['params']
     shapes = {k: shape for k, (_, shape) in _expected(params, layout).items()}
     if layout == 'mmcls':

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict, patch_conv,
-                                    unflatten)
+                                    resolve_layout, torch_model_spec, unflatten)
 
 Array = jax.Array
 
@@ -39,6 +39,17 @@ VARIANTS: dict[str, dict[str, int]] = {
     'S/16': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
     'B/16': dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
 }
+
+
+# --- Registry contract (cmid_jax.models.Backbone) -------------------------------------------------
+TORCH_NAMES = {'Ti/16': 'vit_tiny_patch16_224', 'S/16': 'vit_small_patch16_224',
+               'B/16': 'vit_base_patch16_224'}
+LAYOUTS = ('timm',)  # the official code has no ViT; timm's keys are ours up to a rename
+EXPORT_LAYOUT = 'timm'
+MASK_TOKEN_LAYOUT = 'nlc'  # a token sequence, like the official MaskSwin's (1, 1, C)
+STEM_KERNEL = ('patch_embed', 'proj', 'kernel')
+TELL_KEYS = ('blocks.0.attn.qkv.weight',)
+HAS_BATCH_NORM = False
 
 
 def _attention(q: Array, k: Array, v: Array, *, implementation: str,
@@ -209,15 +220,42 @@ class VisionTransformer(nn.Module):
         return x[:, 1:].reshape(b, gh, gw, d)
 
 
-def build_vit(variant: str, *, img_size: int, dtype: Any = jnp.float32,
-              attention_impl: str = 'xla') -> VisionTransformer:
-    """ViT for a variant name ('mu/16' test-only, 'Ti/16', 'S/16', 'B/16')."""
+def build(variant: str, *, img_size: int, dtype: Any = jnp.float32,
+          attention_impl: str = 'xla') -> VisionTransformer:
+    """ViT for a variant name ('mu/16' test-only, 'Ti/16', 'S/16', 'B/16') at `img_size`."""
     if variant not in VARIANTS:
         raise ValueError(f'unknown ViT variant {variant!r}; allowed: {sorted(VARIANTS)}')
     if attention_impl not in ('xla', 'cudnn'):
         raise ValueError(f"attention_impl must be 'xla' or 'cudnn', got {attention_impl!r}")
     return VisionTransformer(**VARIANTS[variant], img_size=img_size, dtype=dtype,
                              attention_impl=attention_impl)
+
+
+def forward_flops(variant: str, image_size: int, in_chans: int = 3) -> int:
+    """Analytic forward FLOPs of one image (`cmid_jax.perf.flops`)."""
+    from cmid_jax.perf import flops  # jax-free formulas, shared with the PyTorch reference
+    v = VARIANTS[variant]
+    return flops.vit_forward(image_size=image_size, patch_size=v['patch_size'],
+                             embed_dim=v['embed_dim'], depth=v['depth'], in_chans=in_chans)
+
+
+def torch_models(variant: str, *, img_size: int, in_chans: int,
+                 layout: str | None = None) -> list[dict[str, Any]]:
+    """The timm VisionTransformer the export loads into (strict)."""
+    resolve_layout(LAYOUTS, layout, 'ViT')
+    features = ('model.forward_features(x)[:, model.num_prefix_tokens:]: (B, N, D) patch tokens '
+                'after the final norm (cmid_jax drops the cls token)')
+    name = TORCH_NAMES.get(variant)
+    if name:
+        return [torch_model_spec('timm', model_name=name, features=features,
+                                 kwargs=dict(img_size=img_size, in_chans=in_chans, num_classes=0))]
+    v = VARIANTS[variant]
+    return [torch_model_spec('timm', cls='timm.models.vision_transformer.VisionTransformer',
+                             features=features,
+                             kwargs=dict(img_size=img_size, patch_size=v['patch_size'],
+                                         embed_dim=v['embed_dim'], depth=v['depth'],
+                                         num_heads=v['num_heads'], in_chans=in_chans,
+                                         num_classes=0))]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,8 +285,10 @@ def _from_torch_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
     return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x.T
 
 
-def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def to_torch_state_dict(variables: Mapping[str, Any], layout: str | None = None
+                        ) -> dict[str, np.ndarray]:
     """Flax `{'params': ...}` -> timm VisionTransformer state_dict (float32 numpy, no `head.*`)."""
+    resolve_layout(LAYOUTS, layout, 'ViT')
     params = variables['params'] if 'params' in variables else variables
     sd = {}
     for path, v in flatten(params).items():

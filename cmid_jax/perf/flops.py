@@ -126,27 +126,12 @@ class Backbone:
 
 
 def backbone(arch: str, variant: str, image_size: int) -> Backbone:
-    """The cmid_jax backbone `arch`/`variant` (the variant tables are the models' own)."""
-    # Imported here so that this module stays importable without jax (torch reference).
-    if arch == 'vit':
-        from cmid_jax.models.vit import VARIANTS
-        v = VARIANTS[variant]
-        return Backbone(vit_forward(image_size=image_size, patch_size=v['patch_size'],
-                                    embed_dim=v['embed_dim'], depth=v['depth']),
-                        v['embed_dim'], v['patch_size'])
-    if arch == 'resnet':
-        from cmid_jax.models.resnet import VARIANTS
-        stage_sizes, width = VARIANTS[variant]
-        return Backbone(resnet_forward(image_size=image_size, stage_sizes=stage_sizes, width=width),
-                        width * 2 ** (len(stage_sizes) - 1) * 4, 32)
-    if arch == 'swin':
-        from cmid_jax.models.swin import VARIANTS
-        v = VARIANTS[variant]
-        n = len(v['depths'])
-        return Backbone(swin_forward(image_size=image_size, patch_size=4, embed_dim=v['embed_dim'],
-                                     depths=v['depths'], window_size=v['window_size']),
-                        v['embed_dim'] * 2 ** (n - 1), 4 * 2 ** (n - 1))
-    raise ValueError(f'no FLOPs formula for backbone arch {arch!r}')
+    """The cmid_jax backbone `arch`/`variant`, through its registry entry (`cmid_jax.models`)."""
+    from cmid_jax.models import backbone_module  # Here, so this module stays jax-free.
+    module = backbone_module(arch)
+    net = module.build(variant, img_size=image_size)
+    return Backbone(module.forward_flops(variant, image_size), net.num_features,
+                    net.feature_stride)
 
 
 # --- the whole step -------------------------------------------------------------------------------

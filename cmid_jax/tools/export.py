@@ -8,16 +8,18 @@ See `cmid_jax.convert.export` for the files written.
 
 from absl import app, flags
 
-from cmid_jax.convert import export, official
-from cmid_jax.models import swin
+from cmid_jax.convert import export
+from cmid_jax.models import layouts
+from cmid_jax.models.cmid import STATE_KEYS
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'cmid_jax workdir to export from.')
 _OUT = flags.DEFINE_string('out', None, 'Output weights: .pth/.pt (needs torch) or .safetensors.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
-_WHICH = flags.DEFINE_enum('which', 'student', sorted(official.STATE_KEYS),
+_WHICH = flags.DEFINE_enum('which', 'student', sorted(STATE_KEYS),
                            'student (deployed network) or teacher (EMA).')
-_LAYOUT = flags.DEFINE_enum('layout', None, list(swin.LAYOUTS),
-                            'Swin only: key layout (default timm).')
+_LAYOUT = flags.DEFINE_enum('layout', None, list(layouts()),
+                            "PyTorch key layout (default: the arch's export layout; Swin: timm, or "
+                            'mmcls for the official CMID / mmseg keys).')
 flags.mark_flags_as_required(['workdir', 'out'])
 
 

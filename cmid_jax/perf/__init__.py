@@ -1,0 +1,1 @@
+"""Performance: the train-step benchmark, analytic FLOPs (jax-free) and synthetic batches."""
