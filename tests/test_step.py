@@ -1,6 +1,4 @@
-"""Train step: schedules, heads against PyTorch, EMA, queue, and sharded == single-device."""
-
-import math
+"""Train step: heads against PyTorch, EMA, queue, and sharded == single-device."""
 
 import jax
 import jax.numpy as jnp
@@ -36,32 +34,6 @@ def run_steps(trainer, devices, batches):
         state, m = step(state, parallel.global_batch(b, batch_sharding))
         history.append(jax.device_get(m))
     return jax.device_get(state), history
-
-
-# --- schedules --------------------------------------------------------------------------------
-
-def test_ema_momentum_schedule_values():
-    total = 1000
-    assert float(optim.ema_momentum(0, total)) == pytest.approx(0.996)
-    assert float(optim.ema_momentum(500, total)) == pytest.approx(0.998)
-    assert float(optim.ema_momentum(250, total)) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 4) + 1) / 2)
-    assert float(optim.ema_momentum(total, total)) == pytest.approx(1.0)
-
-
-def test_learning_rate_warmup_and_cosine():
-    sched = optim.Schedule(total_steps=1000, steps_per_epoch=10)
-    lr = optim.learning_rate_fn(sched, base_lr=4e-3, min_lr=1e-6, warmup_epochs=10, warmup_factor=0.01)
-    cosine = lambda t: 1e-6 + (4e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * t / 1000))
-    assert float(lr(0)) == pytest.approx(4e-3 * 0.01, rel=1e-5)
-    # Half way through warm-up the mmcv ramp is 1 - 0.5 * 0.99.
-    assert float(lr(50)) == pytest.approx(cosine(50) * (1 - 0.5 * 0.99), rel=1e-5)
-    assert float(lr(100)) == pytest.approx(cosine(100), rel=1e-5)
-    assert float(lr(1000)) == pytest.approx(1e-6, rel=1e-4)
-
-
-def test_weight_decay_mask_skips_vectors():
-    mask = optim.weight_decay_mask({'w': jnp.zeros((3, 4)), 'b': jnp.zeros(4), 'tok': jnp.zeros(8)})
-    assert mask == {'w': True, 'b': False, 'tok': False}
 
 
 # --- heads and device-side preprocessing against PyTorch / numpy ------------------------------
