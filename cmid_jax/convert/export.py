@@ -27,7 +27,8 @@ from typing import Any, Callable, Mapping
 from absl import logging
 import numpy as np
 
-from cmid_jax import checkpointing
+from cmid_jax.restore import restore_train_state
+from cmid_jax.workdir import Workdir
 from cmid_jax.data.bands import num_bands, type_max
 from cmid_jax.convert import official
 from cmid_jax.models import TORCH_NAMES, resnet, swin, vit
@@ -203,7 +204,7 @@ def export_backbone(workdir: str, out: str, step: int | None = None, which: str 
         raise ValueError(f'which must be one of {sorted(official.STATE_KEYS)}, got {which!r}')
     if fmt == 'pth':
         _import_torch()
-    config, state, step = checkpointing.restore_train_state(workdir, step)
+    config, state, step = restore_train_state(workdir, step)
     arch, variant, size = config.model.arch, config.model.variant, config.data.image_size
     if arch not in TORCH_MODELS:
         raise ValueError(f'no PyTorch export for arch {arch!r}; known: {sorted(TORCH_MODELS)}')
@@ -242,7 +243,7 @@ def export_backbone(workdir: str, out: str, step: int | None = None, which: str 
         'variant': variant,
         'which': which,
         'step': int(step),
-        'workdir': os.path.abspath(workdir),
+        'workdir': str(Workdir(workdir)),
         'config': json.loads(config.to_json_best_effort()),
     }
     with open(out + '.json', 'w', encoding='utf-8') as f:
