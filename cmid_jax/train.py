@@ -136,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         # --- Loop ----------------------------------------------------------------------------
         progress = metrics_lib.Progress(total_steps)
         logged = {}
-        previous = None  # (step, metrics) checked one step late, so the check never stalls the device.
+        previous = None  # (step, metrics) checked one step late, never stalling the device.
         preemption = PreemptionSignal(enabled=num_processes == 1)
         cleanup.callback(preemption.restore)
         step, status = first_step, 'failed'

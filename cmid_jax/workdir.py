@@ -362,8 +362,7 @@ class Checkpoints:
 
     def _check_fits(self, step: int, abstract_state) -> None:
         try:
-            metadata = self.manager.item_metadata(step)
-            tree = metadata['state'] if 'state' in metadata else None
+            tree = self.manager.item_metadata(step).get('state')
         except Exception as e:  # pylint: disable=broad-except
             raise DamagedCheckpoint(step, _short_reason(e)) from e
         if tree is None:

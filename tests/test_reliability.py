@@ -24,17 +24,13 @@ SMOKE = '--config=configs/vitb.py:smoke'
 
 
 def smoke(**fields):
+    """The smoke config with dotted overrides: smoke(**{'optim.base_lr': 0.1})."""
     config = vitb.get_config('smoke')
-    for key, value in fields.items():
-        node = config
-        *parents, leaf = key.split('.')
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict(fields)
     return config
 
 
-# --------------------------------------------------------------------------- values that cannot work
+# --------------------------------------------------------------------------- impossible values
 
 @pytest.mark.parametrize('field, value, message', [
     ('optim.base_lr', -0.004, 'optim.base_lr=-0.004 must be > 0'),
@@ -141,7 +137,8 @@ def test_a_second_run_on_a_live_workdir_refuses_in_one_line(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('args, message', [
-    ([SMOKE, '--config.optim.base_lr=-1'], 'Error: Invalid config: optim.base_lr=-1.0 must be > 0.'),
+    ([SMOKE, '--config.optim.base_lr=-1'],
+     'Error: Invalid config: optim.base_lr=-1.0 must be > 0.'),
     (['--config=configs/no_such.py'], "Error: config file 'configs/no_such.py' (--config) not "
                                       'found'),
     ([SMOKE, '--config.data.path=/no/such/folder'], "Error: image path '/no/such/folder' does "

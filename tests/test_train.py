@@ -201,7 +201,7 @@ def test_unreadable_data_and_unwritable_workdir_fail_before_compiling(tmp_path, 
         (bad / f'img_{i:02d}.jpg').write_text('not a jpeg')
     config = vitb.get_config('smoke')
     config.data.path = str(bad)
-    with pytest.raises(errors.DataError, match=r'no usable images in 64 random tries .*img_\d\d.jpg'):
+    with pytest.raises(errors.DataError, match=r'no usable images in 64 random tries .*img_'):
         train.train_and_evaluate(config, str(tmp_path / 'run'))
     (tmp_path / 'file').write_text('a file where the workdir should be')
     config.data.path = None

@@ -66,7 +66,8 @@ def test_remote_workdir_round_trips_every_file(gcs):
 
     wd.append_history('start', step=0, changes={})
     wd.append_history('resume', step=5, changes={'total_steps': [10, 20]})
-    assert [(r['event'], r['step']) for r in wd.read_jsonl(HISTORY)] == [('start', 0), ('resume', 5)]
+    history = wd.read_jsonl(HISTORY)
+    assert [(r['event'], r['step']) for r in history] == [('start', 0), ('resume', 5)]
     assert wd.read_jsonl(HISTORY)[1]['changes'] == {'total_steps': [10, 20]}
     assert wd.read_jsonl(HISTORY)[0]['host'] == socket.gethostname()
 

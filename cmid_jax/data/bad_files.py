@@ -51,7 +51,7 @@ class BadFiles:
             raise ValueError(
                 f'{len(self._bad_read)} of the {len(self._bad_read) + self._good_read} '
                 f'{self.source.unit} read so far are unreadable ({share:.0%}, more than '
-                f'{MAX_BAD_SHARE:.0%}), e.g. {sorted(self._bad_read)[0]}: check data.path and '
+                f'{MAX_BAD_SHARE:.0%}), e.g. {min(self._bad_read)}: check data.path and '
                 f'data.bands (the list is in bad_files.jsonl)')
 
     def _add(self, index: int, where: str, step: int) -> None:
