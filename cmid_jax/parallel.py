@@ -46,3 +46,9 @@ def global_batch(local_batch: dict, batch_sharding: NamedSharding) -> dict:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(batch_sharding, np.asarray(x)),
         local_batch)
+
+
+def with_sharding(abstract_tree, sharding) -> dict:
+    """`jax.ShapeDtypeStruct`s of `abstract_tree` placed with `sharding` (restore targets)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        abstract_tree)

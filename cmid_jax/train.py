@@ -1,11 +1,14 @@
-"""CMID pretraining loop: mesh -> data -> model -> state/restore -> step -> loop."""
+"""CMID pretraining loop: mesh -> workdir -> data -> model -> state/restore -> step -> loop."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import threading
+import time
+from typing import Iterator
 
 import grain
 import jax
@@ -13,140 +16,222 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from cmid_jax import checkpointing, metrics as metrics_lib, optim, parallel
+from cmid_jax import metrics as metrics_lib, optim, parallel
+from cmid_jax.config_checks import check_config, resume_changes
 from cmid_jax.data import describe_source, open_source, resolve_data_config
+from cmid_jax.data.bad_files import BadFiles
 from cmid_jax.data.pipeline import Source, build_dataset, make_iterator
+from cmid_jax.errors import DataError, Preempted, WorkdirError, expected, one_line
 from cmid_jax.evaluation.periodic import PeriodicEvals
 from cmid_jax.step import Trainer
+from cmid_jax.workdir import BAD_FILES, CKPT, CONFIG, HISTORY, METRICS, Workdir
+
+__all__ = ['check_config', 'input_pipeline', 'train_and_evaluate']
+
+_DATA_HINT = 'check data.path, data.bands and data.tile_size'
 
 
-def check_config(config: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
-    """Fails fast, before anything is compiled, on settings that cannot work together."""
-    problems = []
-    bs, size, patch = config.batch_size, config.data.image_size, config.mask.patch_size
-    if bs <= 0 or bs % num_devices:
-        problems.append(f'batch_size={bs} must be a positive multiple of the {num_devices} devices')
-    if bs % num_processes:
-        problems.append(f'batch_size={bs} must divide over the {num_processes} processes')
-    if size % patch:
-        problems.append(f'data.image_size={size} must be a multiple of mask.patch_size={patch}')
-    grid = size // patch
-    if config.loss.use_local and not 0 < config.loss.num_matches <= grid * grid:
-        problems.append(f'loss.num_matches={config.loss.num_matches} must be in [1, {grid * grid}] '
-                        f'for a {grid}x{grid} grid at image_size={size}')
-    if config.loss.use_global and config.loss.queue_size < 2 * bs:
-        problems.append(f'loss.queue_size={config.loss.queue_size} must hold at least the '
-                        f'{2 * bs} keys a step enqueues (2 x batch_size)')
-    if not (config.loss.use_mim or config.loss.use_global or config.loss.use_local):
-        problems.append('all of loss.use_mim, loss.use_global and loss.use_local are off')
-    if problems:
-        raise ValueError('Invalid config: ' + '; '.join(problems) + '.')
-
-
-def input_pipeline(config: ml_collections.ConfigDict, source: Source) -> grain.DatasetIterator:
+def input_pipeline(config: ml_collections.ConfigDict, source: Source,
+                   bad_files: BadFiles | None = None) -> grain.DatasetIterator:
     """This process's checkpointable iterator of batch slices (`cmid_jax.data.pipeline`).
 
-    One batch is decoded first, so unreadable data fail before anything is compiled.
+    One batch is decoded first, so unreadable data fail before anything is compiled (and, with
+    `bad_files`, a first sample of bad files is reported).
     """
     dataset = build_dataset(source, image_size=config.data.image_size,
                             global_batch_size=config.batch_size, seed=config.seed,
                             process_index=jax.process_index(), process_count=jax.process_count())
-    dataset[0]
+    first = dataset[0]
+    if bad_files is not None:
+        bad_files.update(first['bad_images'], step=0)
     if config.data.num_workers and not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; a library caller has none.
     return make_iterator(dataset, num_workers=config.data.num_workers)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict:
+    """Pretrains (or resumes) in `workdir`; returns the last logged metrics.
+
+    Expected problems raise a `cmid_jax.errors.UserError` (one line, nothing overwritten); a
+    SIGTERM saves the state and raises `Preempted`. A resumed run must use the config in the
+    workdir's config.json, apart from the fields `config_checks.MAY_CHANGE_ON_RESUME` lists,
+    unless `allow_config_change`. A finished run is not run again: its summary is logged.
+    """
+    session_start = time.monotonic()
     # --- Mesh --------------------------------------------------------------------------------
     mesh = parallel.make_mesh()
     replicated, batch_sharding = parallel.shardings(mesh)
     num_processes, process = jax.process_count(), jax.process_index()
     check_config(config, jax.device_count(), num_processes)
 
-    # --- Input pipeline ----------------------------------------------------------------------
-    config = config.copy_and_resolve_references()  # The resolved copy is what config.json records.
-    # Image files, GeoTIFF tiles, ArrayRecord shards or TFDS (cmid_jax/data/sources.py); the
-    # resolved bands, pixel type, mean/std and value range travel in config.json.
-    source = open_source(config.data)
-    resolve_data_config(config.data, source)
-    steps_per_epoch = config.steps_per_epoch = (
-        config.steps_per_epoch or max(len(source) // config.batch_size, 1))
-    if config.total_steps is None:
-        config.total_steps = config.epochs * steps_per_epoch
-    total_steps = config.total_steps
-    if process == 0:
-        checkpointing.write_config(workdir, config)
-    data_iter = input_pipeline(config, source)
-    logging.info('%s; %d steps of %d (%d per epoch).', describe_source(config.data, source),
-                 total_steps, config.batch_size, steps_per_epoch)
+    # --- Workdir: lock, then resume checks before anything is written ------------------------
+    wd = Workdir(workdir)
+    with _exclusive(wd), contextlib.ExitStack() as cleanup:
+        config = config.copy_and_resolve_references()  # The resolved copy goes to config.json.
+        # Image files, GeoTIFF tiles, ArrayRecord shards or TFDS (cmid_jax/data/sources.py); the
+        # resolved bands, pixel type, mean/std and value range travel in config.json.
+        with expected(DataError, _DATA_HINT):
+            source = open_source(config.data)
+            resolve_data_config(config.data, source)
+        steps_per_epoch = config.steps_per_epoch = (
+            config.steps_per_epoch or max(len(source) // config.batch_size, 1))
+        if config.total_steps is None:
+            config.total_steps = config.epochs * steps_per_epoch
+        total_steps = config.total_steps
+        ckpt = wd.checkpoints(every_steps=config.checkpoint_every_steps,
+                              keep=config.keep_checkpoints)
+        cleanup.callback(ckpt.close)  # Waits for the last save; a failed one raises SaveError.
+        latest = ckpt.latest_step()
+        changes = {}
+        if latest is not None and wd.has_config():
+            changes = resume_changes(wd.read_config(), config, allow=allow_config_change)
+        if latest is not None and latest >= total_steps:
+            logging.info('%s is complete (step %d of %d); nothing to do.\n%s', wd, latest,
+                         total_steps, closing_summary(wd, config, latest))
+            return _last_metrics(wd)
+        if process == 0:
+            wd.write_config(config)
+            wd.append_history('resume' if latest is not None else 'start', step=latest or 0,
+                              changes={k: list(v) for k, v in changes.items()})
+        if changes:
+            logging.warning('Resuming with changed settings (%s): the saved weights, optimizer '
+                            'state, queue, step and data position continue under the new values.',
+                            ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changes.items()))
+        logging.info('Config: %s', wd / CONFIG)
 
-    # --- Model, optimizer and state ----------------------------------------------------------
-    trainer = Trainer.create(config, optim.Schedule(total_steps, steps_per_epoch))
-    abstract_state = checkpointing.abstract_with_sharding(trainer.abstract_state, replicated)
-    ckpt = checkpointing.Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
-                                      keep=config.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, abstract_state, data_iter)
-        logging.info('Resumed from the checkpoint of step %d in %s.', latest, workdir)
-    else:
-        state = jax.jit(trainer.init_state, out_shardings=replicated)(jax.random.key(config.seed))
-        if total_steps == 0:  # Saves the initial weights: the random-init evaluation baseline.
-            ckpt.save(0, state, data_iter, force=True)
-    train_step = trainer.jit_train_step(replicated, batch_sharding, replicated)
-
-    # --- Evals -------------------------------------------------------------------------------
-    writer = metrics_lib.MetricWriter(workdir, is_main_process=process == 0)
-    evals = PeriodicEvals(config, mesh, workdir, writer, total_steps)
-    first_step = int(jax.device_get(state['step']))
-    if evals.knn is not None and first_step == 0:
-        evals.run_knn(0, state)  # The untrained baseline: the first point of the kNN curve.
-
-    # --- Loop --------------------------------------------------------------------------------
-    progress = metrics_lib.Progress(total_steps, first_step)
-    bad_images = 0
-    logged = {}
-    previous = None  # (step, metrics) checked one step late, so the check never stalls the device.
-    preemption = PreemptionSignal(enabled=num_processes == 1)
-    try:
-        for step in range(first_step + 1, total_steps + 1):
-            batch = next(data_iter)
-            bad_images += int(np.sum(batch.pop('bad_images')))
-            batch = parallel.global_batch(batch, batch_sharding)
-            state, step_metrics = train_step(state, batch)
-            if previous is not None:
-                _check_finite(*previous, config.max_nonfinite_steps)
-            previous = step, step_metrics
-            preempted = preemption.received or (
-                num_processes > 1 and ckpt.manager.reached_preemption(step))
-            save_due = ckpt.manager.should_save(step) or step == total_steps or preempted
-            if step % config.log_every_steps == 0 or save_due or step == first_step + 1:
-                # Reading every metric back is a full sync; per step only the NaN flag is read.
-                _check_finite(step, step_metrics, config.max_nonfinite_steps)
-                logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                logged['bad_images'] = bad_images
-                writer.write_scalars(step, logged)
-                line, rate = progress.line(step, logged)
-                logged['steps_per_second'] = rate
-                logging.info('%s%s', line, f' ({bad_images} bad images skipped)' if bad_images else '')
-            if not preempted:  # A preempted run must save before its grace period ends.
-                logged.update(evals(step, state, batch))
-            if save_due:
-                ckpt.save(step, state, data_iter, force=step == total_steps or preempted)
-            if preempted:
-                logging.warning('Preempted (SIGTERM): saved the checkpoint of step %d; run the same '
-                                'command to resume.', step)
-                break
-    finally:
-        preemption.restore()
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
+        # --- Input pipeline ------------------------------------------------------------------
+        bad_name = BAD_FILES if process == 0 else f'bad_files.process{process}.jsonl'
+        bad_log = wd.jsonl(bad_name)
+        cleanup.callback(bad_log.close)
+        bad_files = BadFiles(source, wd.read_jsonl(bad_name), bad_log.write)
+        with expected(DataError, _DATA_HINT):
+            data_iter = input_pipeline(config, source, bad_files)
         if hasattr(data_iter, 'close'):
-            data_iter.close()
+            cleanup.callback(data_iter.close)  # Stops grain's worker processes.
+        logging.info('%s; %d steps of %d (%d per epoch).', describe_source(config.data, source),
+                     total_steps, config.batch_size, steps_per_epoch)
+
+        # --- Model, optimizer and state ------------------------------------------------------
+        trainer = Trainer.create(config, optim.Schedule(total_steps, steps_per_epoch))
+        abstract_state = parallel.with_sharding(trainer.abstract_state, replicated)
+        state, restored = ckpt.restore_newest(abstract_state, data_iter, move_damaged=True)
+        if state is not None:
+            logging.info('Resumed from the checkpoint of step %d in %s.', restored, wd)
+        else:
+            state = jax.jit(trainer.init_state, out_shardings=replicated)(
+                jax.random.key(config.seed))
+            if total_steps == 0:  # Saves the initial weights: the random-init evaluation baseline.
+                ckpt.save(0, state, data_iter, force=True)
+        train_step = trainer.jit_train_step(replicated, batch_sharding, replicated)
+
+        # --- Evals ---------------------------------------------------------------------------
+        writer = cleanup.enter_context(contextlib.closing(
+            metrics_lib.MetricWriter(wd, is_main_process=process == 0)))
+        evals = PeriodicEvals(config, mesh, wd, writer, total_steps)
+        first_step = int(jax.device_get(state['step']))
+        if evals.knn is not None and first_step == 0:
+            evals.run_knn(0, state)  # The untrained baseline: the first point of the kNN curve.
+
+        # --- Loop ----------------------------------------------------------------------------
+        progress = metrics_lib.Progress(total_steps)
+        logged = {}
+        previous = None  # (step, metrics) checked one step late, never stalling the device.
+        preemption = PreemptionSignal(enabled=num_processes == 1)
+        cleanup.callback(preemption.restore)
+        step, status = first_step, 'failed'
+        if process == 0:
+            cleanup.callback(lambda: wd.append_history(
+                'end', status=status, step=step,
+                seconds=round(time.monotonic() - session_start, 1)))
+        try:
+            for step in range(first_step + 1, total_steps + 1):
+                with expected(DataError, _DATA_HINT):
+                    batch = next(data_iter)
+                    bad_files.update(batch.pop('bad_images'), step)
+                batch = parallel.global_batch(batch, batch_sharding)
+                state, step_metrics = train_step(state, batch)
+                if previous is not None:
+                    _check_finite(*previous, config.max_nonfinite_steps)
+                previous = step, step_metrics
+                preempted = preemption.received or (
+                    num_processes > 1 and ckpt.reached_preemption(step))
+                save_due = ckpt.should_save(step) or step == total_steps or preempted
+                if step % config.log_every_steps == 0 or save_due or step == first_step + 1:
+                    # Reading every metric back is a full sync; per step only the NaN flag is read.
+                    _check_finite(step, step_metrics, config.max_nonfinite_steps)
+                    logged = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    logged['bad_images'] = bad_files.count
+                    writer.write_scalars(step, logged)
+                    line, logged['steps_per_second'] = progress.line(step, logged)
+                    logging.info('%s', line)
+                    ckpt.check()  # A failed background save stops the run here.
+                if not preempted:  # A preempted run must save before its grace period ends.
+                    logged.update(evals(step, state, batch))
+                if save_due:
+                    writer.flush()  # Remote metrics.jsonl: every line up to this checkpoint.
+                    bad_log.flush()
+                    ckpt.save(step, state, data_iter, force=step == total_steps or preempted)
+                if preempted:
+                    ckpt.wait()
+                    raise Preempted(step, str(wd))
+            ckpt.wait()
+            status = 'finished'
+        except Exception as e:  # pylint: disable=broad-except  # Recorded in history.jsonl.
+            status = 'preempted' if isinstance(e, Preempted) else f'failed: {one_line(e)}'
+            raise
+    logging.info('%s', closing_summary(wd, config, step))
     return logged
+
+
+@contextlib.contextmanager
+def _exclusive(wd: Workdir) -> Iterator[None]:
+    """Holds the workdir lock (process 0) for the run; every process stops if it is taken."""
+    lock, failure = wd.lock(), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except WorkdirError as e:
+            failure = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        taken = multihost_utils.broadcast_one_to_all(np.int32(failure is not None))
+        if taken and failure is None:
+            failure = WorkdirError(f'Process 0 could not lock the workdir {wd}',
+                                   'see the log of process 0')
+    if failure is not None:
+        raise failure
+    try:
+        yield
+    finally:
+        if jax.process_index() == 0:
+            lock.release()
+
+
+def closing_summary(wd: Workdir, config: ml_collections.ConfigDict, step: int) -> str:
+    """Steps, wall time, final losses, last kNN, the checkpoint and the commands to run next."""
+    records = wd.read_jsonl(METRICS)
+    last = next((r for r in reversed(records) if 'loss' in r), {})
+    knn = next((r for r in reversed(records) if 'knn_top1_student' in r), None)
+    seconds = sum(r.get('seconds', 0) for r in wd.read_jsonl(HISTORY)
+                  if r.get('event') == 'end')
+    losses = ' '.join(f'{k}={last[k]:.4f}' for k in ('loss', 'loss_mim', 'loss_global',
+                                                     'loss_local') if k in last)
+    lines = [f'Finished {step}/{config.total_steps} steps in {metrics_lib.duration(seconds)} '
+             f'of training sessions; step {last.get("step", "?")}: {losses or "no metrics"}.']
+    if knn is not None:
+        lines.append(f'kNN top-1 at step {knn["step"]}: student {knn["knn_top1_student"]:.4f}, '
+                     f'teacher {knn["knn_top1_teacher"]:.4f}.')
+    eval_data = config.eval.path or 'LABELLED_DIR (one sub-folder per class)'
+    lines += [f'Checkpoint: {wd / CKPT / str(step)}', 'Next:',
+              f'  cmid-export --workdir={wd} --out={wd / "export" / "backbone.safetensors"}',
+              f'  cmid-evaluate --workdir={wd} --data={eval_data}']
+    return '\n'.join(lines)
+
+
+def _last_metrics(wd: Workdir) -> dict:
+    records = wd.read_jsonl(METRICS)
+    return {k: v for k, v in records[-1].items() if k != 'step'} if records else {}
 
 
 class PreemptionSignal:

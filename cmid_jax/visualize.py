@@ -16,6 +16,7 @@ import os
 from typing import Mapping, Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 GAP_VALUE = 255  # White separators between the cells of a grid.
@@ -84,16 +85,21 @@ def reconstruction_grid(batch_views: Mapping[str, np.ndarray], reconstruction: n
     return _tile([shown, masked, composite, shown], gap)
 
 
-def save_png(path: str, image: np.ndarray) -> None:
-    """Writes an (H, W, 3) or (H, W) uint8 image as PNG, creating the folder if needed."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(np.asarray(image, np.uint8)).save(path, format='PNG')
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Writes an (H, W, 3) or (H, W) uint8 image as PNG, creating the folder if needed.
+
+    `path` may be an `etils.epath.Path` or a string, local or remote (gs://...).
+    """
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open('wb') as f:
+        Image.fromarray(np.asarray(image, np.uint8)).save(f, format='PNG')
 
 
-def read_accuracy_series(jsonl_path: str) -> dict[str, list[tuple[int, float]]]:
+def read_accuracy_series(jsonl_path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
     """{series name: [(step, top-1), ...]} from metrics.jsonl or eval.jsonl, sorted by step."""
     series: dict[str, dict[int, float]] = {}
-    with open(jsonl_path, encoding='utf-8') as f:
+    with epath.Path(jsonl_path).open() as f:
         for line in f:
             line = line.strip()
             if not line:
@@ -121,9 +127,9 @@ def _nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def plot_knn_curve(eval_jsonl_or_metrics_jsonl: str, out_png: str, *,
-                   size: tuple[int, int] = (720, 420), title: str | None = None
-                   ) -> dict[str, list[tuple[int, float]]]:
+def plot_knn_curve(eval_jsonl_or_metrics_jsonl: str | os.PathLike,
+                   out_png: str | os.PathLike, *, size: tuple[int, int] = (720, 420),
+                   title: str | None = None) -> dict[str, list[tuple[int, float]]]:
     """Plots top-1 (%) against step for every series in the file; returns the series plotted."""
     series = read_accuracy_series(eval_jsonl_or_metrics_jsonl)
     if not series:

@@ -236,16 +236,19 @@ def test_bad_files_are_skipped_and_counted(tmp_path, aid_files, iters):
     (tmp_path / "good_07_x_text.jpg").write_text("not a jpeg at all\n")
     files = list_images(tmp_path)
     assert len(files) == 12
+    bad = {files.index(str(tmp_path / name))
+           for name in ("good_03_x_truncated.jpg", "good_07_x_text.jpg")}
     ds = build_dataset(files, image_size=64, global_batch_size=12, seed=0)
     it = iters(ds, num_workers=0)
-    for _ in range(2):  # each batch is exactly one epoch: both bad files once
+    for _ in range(2):  # each batch is exactly one epoch: both bad files read first at least once
         batch = next(it)
-        assert batch["bad_images"].dtype == np.int32 and batch["bad_images"].shape == (12,)
-        assert batch["bad_images"].sum() == 2 and set(batch["bad_images"]) == {0, 1}
+        skipped = batch["bad_images"]
+        assert skipped.dtype == np.int32 and skipped.shape == (12, P.MAX_DECODE_TRIES)
+        assert set(skipped[skipped > 0] - 1) == bad  # 1 + the index of each file replaced
         assert batch["img_a"].shape == (12, 64, 64, 3)
 
     only_bad = [str(tmp_path / "good_03_x_truncated.jpg"), str(tmp_path / "good_07_x_text.jpg")]
-    with pytest.raises(RuntimeError, match="x_truncated.jpg"):
+    with pytest.raises(RuntimeError, match="64 random tries .*x_truncated.jpg"):
         P.DecodeProcessSlice(only_bad, image_size=64, seed=0).decode(
             0, np.random.default_rng(0))
 
@@ -299,7 +302,7 @@ def test_iterator_resumes_bit_identically(demo_ds, tmp_path, iters):
     b = ref[0]
     assert b["img_a"].shape == (4, 64, 64, 3) and b["img_a"].dtype == np.uint8
     assert b["loc_b"].shape == (4, 2, 2, 2) and b["loc_b"].dtype == np.float32
-    assert b["bad_images"].shape == (4,) and b["bad_images"].dtype == np.int32
+    assert b["bad_images"].shape == (4, P.MAX_DECODE_TRIES) and b["bad_images"].dtype == np.int32
 
 
 @needs_data

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from cmid_jax import checkpointing, parallel, train, visualize
+from cmid_jax import parallel, train, visualize
+from cmid_jax.restore import restore_train_state
 from cmid_jax.evaluation import run as evaluate
 from cmid_jax.data.files import list_images, load_image
 from cmid_jax.data.views import make_views
@@ -222,7 +223,7 @@ def test_online_hooks_on_the_training_mesh(pretrained, offline):
     """make_online_knn and the reconstruction grid as train.py uses them: replicated state on an
     8-device mesh; the online kNN agrees with the offline one on the same split."""
     workdir, data = pretrained
-    config, state, _ = checkpointing.restore_train_state(workdir)
+    config, state, _ = restore_train_state(workdir)
     config.eval.path = data
     mesh = parallel.make_mesh()
     replicated, batch_sharding = parallel.shardings(mesh)

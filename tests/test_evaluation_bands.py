@@ -13,7 +13,8 @@ import pytest
 rasterio = pytest.importorskip('rasterio')
 
 from conftest import SHARED_DATA  # noqa: E402
-from cmid_jax import checkpointing, train  # noqa: E402
+from cmid_jax import train  # noqa: E402
+from cmid_jax.workdir import Workdir  # noqa: E402
 from cmid_jax.evaluation import run as evaluate  # noqa: E402
 from cmid_jax.data.errors import ImageError  # noqa: E402
 from cmid_jax.data.files import load_image  # noqa: E402
@@ -161,7 +162,7 @@ def workdirs(tmp_path_factory, rgbn_set, landsat_set):
 @pytest.mark.parametrize('name,dtype,bands', [('rgbn', 'uint8', 4), ('landsat', 'uint16', 3)])
 def test_knn_and_linear_on_n_band_workdirs(workdirs, name, dtype, bands):
     workdir, data = workdirs[name]
-    config = checkpointing.load_config(workdir)
+    config = Workdir(workdir).read_config()
     assert config.data.dtype == dtype and len(config.data.bands) == bands
     knn = evaluate.evaluate(workdir, data, 'knn')
     linear = evaluate.evaluate(workdir, data, 'linear')
@@ -191,7 +192,7 @@ def test_images_that_do_not_fit_the_model_are_named(workdirs, rgbn_set, landsat_
                                          r"\(4 bands\) of uint8"):
         evaluate.evaluate(workdir, str(landsat), 'knn')
     # One misfit among fitting files is named as well.
-    data = checkpointing.load_config(workdir).data
+    data = Workdir(workdir).read_config().data
     misfit = sorted(three_bands)[0]
     with pytest.raises(ImageError, match=rf"{re.escape(misfit)}': has 3 bands.*\(4 bands\)"):
         load_images(sorted(rgbn_set[1]) + [misfit], SIZE, data)

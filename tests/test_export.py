@@ -23,7 +23,8 @@ pytest.importorskip('timm')
 pytest.importorskip('torchvision')
 pytest.importorskip('safetensors')
 
-from cmid_jax import checkpointing, parallel, train  # noqa: E402
+from cmid_jax import parallel, train  # noqa: E402
+from cmid_jax.restore import restore_train_state  # noqa: E402
 from cmid_jax.convert import export  # noqa: E402
 from cmid_jax.models import backbone_module, build_backbone  # noqa: E402
 from cmid_jax.models.cmid import backbone_variables  # noqa: E402
@@ -45,7 +46,7 @@ def _smoke_run(tmp_path_factory, config_module, name: str, **model) -> types.Sim
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(parallel, 'make_mesh', lambda devices=None: make_mesh(jax.devices()[:1]))
         train.train_and_evaluate(config, workdir)
-    config, state, step = checkpointing.restore_train_state(workdir)
+    config, state, step = restore_train_state(workdir)
     return types.SimpleNamespace(workdir=workdir, config=config, state=state, step=step)
 
 

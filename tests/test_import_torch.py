@@ -21,7 +21,8 @@ torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
 pytest.importorskip('safetensors')
 
-from cmid_jax import checkpointing, optim, train  # noqa: E402
+from cmid_jax import optim, train  # noqa: E402
+from cmid_jax.restore import restore_train_state  # noqa: E402
 from cmid_jax.convert import export, import_torch  # noqa: E402
 from cmid_jax.convert import official  # noqa: E402
 from cmid_jax.models import backbone_module  # noqa: E402
@@ -102,10 +103,10 @@ def test_full_checkpoint_round_trip_is_exact(arch, tmp_path, caplog):
     workdir = str(tmp_path / 'wd')
     with caplog.at_level('WARNING'):
         record = import_torch.import_checkpoint(path, config, workdir)
-    assert 'UNPICKLES ARBITRARY OBJECTS' in caplog.text  # the trainer checkpoint's fallback
+    assert 'none of their code ran' in caplog.text  # the trainer checkpoint's metric storage
     assert record['kind'] == 'full' and record['source_epoch'] == 5 and record['step'] == 0
 
-    _, restored, step = checkpointing.restore_train_state(workdir)
+    _, restored, step = restore_train_state(workdir)
     assert step == 0 and int(restored['step']) == 0
     for part in PARTS:
         assert_tree_equal(restored[part], state[part])
@@ -213,7 +214,7 @@ def test_full_checkpoint_from_timm_modules_matches_torch(arch, tmp_path):
     path = str(tmp_path / 'full.pth')
     save_trainer_checkpoint(module.state_dict(), path)  # tensors only: weights_only=True loads it
     import_torch.import_checkpoint(path, config, str(tmp_path / 'wd'))
-    _, state, _ = checkpointing.restore_train_state(str(tmp_path / 'wd'))
+    _, state, _ = restore_train_state(str(tmp_path / 'wd'))
     nets = trainer_for(config).nets
 
     rng = np.random.default_rng(1)
@@ -266,12 +267,12 @@ def test_training_resumes_from_imported_workdir(tmp_path):
     path = save_trainer_checkpoint(sd, str(tmp_path / 'f.pth'))
     workdir = str(tmp_path / 'wd')
     import_torch.import_checkpoint(path, config, workdir)
-    _, imported, _ = checkpointing.restore_train_state(workdir)
+    _, imported, _ = restore_train_state(workdir)
 
     config.total_steps = 2
     logged = train.train_and_evaluate(config, workdir)
     assert np.isfinite(logged['loss'])
-    _, state, step = checkpointing.restore_train_state(workdir)
+    _, state, step = restore_train_state(workdir)
     assert step == 2 and int(state['step']) == 2
     kernel = lambda s: np.asarray(s['params']['backbone']['patch_embed']['proj']['kernel'])
     assert not np.array_equal(kernel(state), kernel(imported))  # it trained from the import
@@ -298,7 +299,7 @@ def test_extracted_backbone_initialises_student_and_teacher(tmp_path):
                                             str(tmp_path / 'wd'))
     assert record['kind'] == 'backbone' and record['dropped_keys'] == []
 
-    _, state, _ = checkpointing.restore_train_state(str(tmp_path / 'wd'))
+    _, state, _ = restore_train_state(str(tmp_path / 'wd'))
     for which in ('student', 'teacher'):
         exported = backbone_module('vit').to_torch_state_dict(
             backbone_variables(state, which))
@@ -321,7 +322,7 @@ def test_plain_timm_state_dict_drops_classifier(tmp_path):
     record = import_torch.import_checkpoint(str(tmp_path / 'timm.safetensors'), config,
                                             str(tmp_path / 'wd'))
     assert record['dropped_keys'] == ['head.bias', 'head.weight']
-    _, state, _ = checkpointing.restore_train_state(str(tmp_path / 'wd'))
+    _, state, _ = restore_train_state(str(tmp_path / 'wd'))
     np.testing.assert_array_equal(state['teacher_params']['backbone']['pos_embed'],
                                   tm.pos_embed.detach().numpy())
     np.testing.assert_array_equal(state['params']['backbone']['blocks_1']['attn']['qkv']['kernel'],
@@ -394,6 +395,38 @@ def test_pickled_backbone_file_is_refused(tmp_path):
     assert 'not a CMID trainer checkpoint' in msg
 
 
+class _WritesAMarker:
+    """Unpickling this runs `exec`, which writes the marker file: what a crafted .pth does."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f'open({self.marker!r}, "w").write("code from the checkpoint ran")',)
+
+
+@pytest.mark.parametrize('where', ['beside the model', 'inside the model', 'the whole file'])
+def test_a_crafted_checkpoint_never_runs_its_code(resnet_full_sd, tmp_path, where, caplog):
+    marker = tmp_path / 'MARKER'
+    payload = _WritesAMarker(str(marker))
+    model = {k: torch.as_tensor(v) for k, v in resnet_full_sd.items()}
+    ckpt = {'beside the model': {'epoch': 5, 'model': model, 'metric_storage': payload},
+            'inside the model': {'epoch': 5, 'model': dict(model, evil=payload)},
+            'the whole file': payload}[where]
+    path = str(tmp_path / 'crafted.pth')
+    torch.save(ckpt, path)
+    config = smoke_config('resnet')
+    with caplog.at_level('WARNING'):
+        if where == 'beside the model':  # the tensors are fine: it imports, inertly
+            record = import_torch.import_checkpoint(path, config, str(tmp_path / 'wd'))
+            assert record['kind'] == 'full'
+        else:
+            with pytest.raises(ValueError, match='not tensors|expected a state_dict'):
+                import_torch.import_checkpoint(path, config, str(tmp_path / 'wd'))
+    assert not marker.exists()
+    assert 'builtins.exec' in caplog.text or '__builtin__.exec' in caplog.text
+
+
 def test_existing_checkpoints_need_overwrite(resnet_full_sd, tmp_path):
     config = smoke_config('resnet')
     path = save_trainer_checkpoint(resnet_full_sd, str(tmp_path / 'ckpt.pth'))
@@ -407,7 +440,7 @@ def test_existing_checkpoints_need_overwrite(resnet_full_sd, tmp_path):
               str(tmp_path / 'b.safetensors'))
     import_torch.import_checkpoint(str(tmp_path / 'b.safetensors'), config, workdir,
                                    overwrite=True)
-    _, state, _ = checkpointing.restore_train_state(workdir)
+    _, state, _ = restore_train_state(workdir)
     assert int(state['queue_ptr']) == 3
 
 
@@ -420,7 +453,7 @@ def test_cli_with_preset_and_overrides(resnet_full_sd, tmp_path):
     proc = run_tool('tools.import_torch', f'--checkpoint={path}',
                     '--config=configs/resnet50.py:smoke', '--config.seed=7', f'--workdir={workdir}')
     assert proc.returncode == 0, proc.stderr[-3000:]
-    config, state, step = checkpointing.restore_train_state(workdir)
+    config, state, step = restore_train_state(workdir)
     assert step == 0 and config.seed == 7 and config.model.variant == 'nano'
     np.testing.assert_array_equal(state['queue'], resnet_full_sd['queue'].T)
 
@@ -432,7 +465,7 @@ def test_rgb_backbone_into_a_four_band_model_adapts_the_stem(tmp_path):
     config.data.bands = (0, 1, 2, 3)
     config.data.mean, config.data.std = (0.3,) * 4, (0.2,) * 4
     import_torch.import_checkpoint(str(tmp_path / 'backbone.pth'), config, str(tmp_path / 'wd'))
-    _, state, _ = checkpointing.restore_train_state(str(tmp_path / 'wd'))
+    _, state, _ = restore_train_state(str(tmp_path / 'wd'))
     rgb = extracted['patch_embed.proj.weight'].numpy().transpose(2, 3, 1, 0)  # OIHW -> HWIO
     expected = np.concatenate([rgb, rgb[:, :, :1]], axis=2) * 3 / 4
     for coll in ('params', 'teacher_params'):

@@ -10,7 +10,8 @@ import sys
 import jax
 import numpy as np
 
-from cmid_jax import checkpointing, train
+from cmid_jax import train
+from cmid_jax.restore import restore_train_state
 from configs import vitb
 from conftest import REPO, TIMEOUT_SCALE
 
@@ -57,8 +58,8 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
     assert sorted(got) == list(range(1, 7))
     for step in ref:
         np.testing.assert_allclose(got[step], ref[step], rtol=1e-5, atol=1e-5, err_msg=str(step))
-    _, a, _ = checkpointing.restore_train_state(str(single))
-    _, b, _ = checkpointing.restore_train_state(str(multi))
+    _, a, _ = restore_train_state(str(single))
+    _, b, _ = restore_train_state(str(multi))
     for key in ('params', 'teacher_params', 'batch_stats', 'queue', 'center'):
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
                      a[key], b[key])
@@ -71,6 +72,6 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
     assert sorted(resumed) == [4, 5, 6]
     for step in resumed:
         np.testing.assert_allclose(resumed[step], ref[step], rtol=1e-5, atol=1e-5)
-    _, c, _ = checkpointing.restore_train_state(str(multi))
+    _, c, _ = restore_train_state(str(multi))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
                  a['params'], c['params'])

@@ -11,7 +11,8 @@ import optax
 import pytest
 import torch
 
-from cmid_jax import checkpointing, optim
+from cmid_jax import optim, parallel
+from cmid_jax.workdir import Workdir
 from cmid_jax.step import Trainer
 from configs import vitb
 
@@ -161,11 +162,11 @@ def test_checkpoint_written_with_optax_adan_restores(tmp_path):
     state['opt_state'] = jax.tree.map(fill, old_tx.init(state['params']))
     assert type(state['opt_state'][0]) is optax.ScaleByAdanState
 
-    ckpt = checkpointing.Checkpointer(str(tmp_path), every_steps=1, keep=1)
+    ckpt = Workdir(str(tmp_path)).checkpoints(every_steps=1, keep=1)
     ckpt.save(2, state, iter(grain.MapDataset.range(8).to_iter_dataset()), force=True)
     ckpt.wait()
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restored = ckpt.restore(2, checkpointing.abstract_with_sharding(abstract, sharding),
+    restored = ckpt.restore(2, parallel.with_sharding(abstract, sharding),
                             iter(grain.MapDataset.range(8).to_iter_dataset()))
     ckpt.close()
 

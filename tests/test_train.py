@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from cmid_jax import checkpointing, train
+from cmid_jax import errors, train
+from cmid_jax.restore import restore_train_state
+from cmid_jax.workdir import Workdir
 from configs import resnet50, vitb
 from conftest import REPO, SHARED_DATA
 
@@ -26,11 +28,17 @@ def metrics(workdir):
         return [json.loads(line) for line in f]
 
 
+def checkpoint_steps(workdir):
+    return Workdir(workdir).checkpoints(read_only=True).steps()
+
+
 def test_cli_rejects_a_misspelt_field(tmp_path):
     out = subprocess.run(cli(tmp_path, '--config.total_stepz=3'), cwd=REPO, capture_output=True,
                          text=True, timeout=120)
-    assert out.returncode != 0
-    assert 'total_stepz' in out.stderr
+    assert out.returncode == errors.EXIT_USER_ERROR
+    assert out.stderr.splitlines()[0] == ('Error: unknown config field: \'total_stepz\' Did you '
+                                          'mean "total_steps" instead of "total_stepz"?')
+    assert 'Traceback' not in out.stderr and len(out.stderr.splitlines()) == 2
     assert not os.path.exists(tmp_path / 'ckpt')
 
 
@@ -38,7 +46,7 @@ def test_cli_rejects_a_misspelt_field(tmp_path):
     ({'batch_size': 12}, 'batch_size=12 must be a positive multiple of the 8 devices'),
     ({'data.image_size': 80}, 'data.image_size=80 must be a multiple of mask.patch_size=32'),
     ({'loss.num_matches': 5}, 'loss.num_matches=5 must be in [1, 4]'),
-    ({'loss.queue_size': 8}, 'loss.queue_size=8 must hold at least the 16 keys'),
+    ({'loss.queue_size': 8}, 'loss.queue_size=8 must be at least the 16 keys a step enqueues'),
 ])
 def test_config_errors_name_the_field(overrides, message):
     config = vitb.get_config('smoke')
@@ -63,7 +71,7 @@ def uninterrupted(tmp_path_factory):
     config.total_steps, config.log_every_steps, config.checkpoint_every_steps = 40, 1, 1000
     workdir = tmp_path_factory.mktemp('uninterrupted')
     train.train_and_evaluate(config, str(workdir))
-    _, state, _ = checkpointing.restore_train_state(str(workdir))
+    _, state, _ = restore_train_state(str(workdir))
     return state, {r['step']: r for r in metrics(workdir)}
 
 
@@ -74,7 +82,7 @@ def assert_same_run(workdir, uninterrupted):
     for step, r in last.items():
         for k in ('loss', 'loss_mim', 'loss_global', 'loss_local'):
             np.testing.assert_allclose(r[k], ref_rows[step][k], rtol=1e-6, err_msg=f'{k} {step}')
-    _, state, _ = checkpointing.restore_train_state(str(workdir))
+    _, state, _ = restore_train_state(str(workdir))
     for key in ('params', 'teacher_params', 'queue', 'center', 'opt_state'):
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
                      state[key], ref_state[key])
@@ -97,11 +105,11 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, uninter
     wait_for_step(proc, workdir, 5)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
+    assert proc.returncode == errors.EXIT_PREEMPTED, stderr[-2000:]  # Retry loops run it again.
     assert 'Preempted (SIGTERM)' in stderr
     stopped_at = metrics(workdir)[-1]['step']
     assert 5 <= stopped_at < 40
-    assert checkpointing.Checkpointer(str(workdir), every_steps=1, keep=1).latest_step() == stopped_at
+    assert checkpoint_steps(workdir)[-1] == stopped_at
 
     resumed = subprocess.run(cli(workdir, *flags), cwd=REPO, capture_output=True, text=True,
                              timeout=300)
@@ -126,8 +134,8 @@ def test_sigkill_during_checkpointing_never_loses_a_complete_checkpoint(tmp_path
         assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
         if attempt:
             resumed_from.append(int(stderr.split('Resumed from the checkpoint of step ')[1].split()[0]))
-        latest = checkpointing.Checkpointer(str(workdir), every_steps=1, keep=2).latest_step()
-        _, state, step = checkpointing.restore_train_state(str(workdir))
+        latest = checkpoint_steps(workdir)[-1]
+        _, state, step = restore_train_state(str(workdir))
         assert step == latest and int(state['step']) == latest > 0
 
     done = subprocess.run(cli(workdir, *flags), cwd=REPO, capture_output=True, text=True,
@@ -163,8 +171,8 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     config.optim.base_lr = 1e30  # The first update blows the weights up; step 2 is non-finite.
     with pytest.raises(FloatingPointError, match=r'Non-finite loss or gradient at step 2 \(loss=nan'):
         train.train_and_evaluate(config, str(tmp_path))
-    assert checkpointing.Checkpointer(str(tmp_path), every_steps=2, keep=3).manager.all_steps() == [1]
-    _, state, _ = checkpointing.restore_train_state(str(tmp_path))
+    assert checkpoint_steps(tmp_path) == [1]
+    _, state, _ = restore_train_state(str(tmp_path))
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
 
 
@@ -176,8 +184,8 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
     config.max_nonfinite_steps = 10
     train.train_and_evaluate(config, str(tmp_path))
     assert [r['nonfinite_steps'] for r in metrics(tmp_path)] == [0, 1, 2, 3, 4, 5]
-    _, after_1, _ = checkpointing.restore_train_state(str(tmp_path), step=1)
-    _, after_6, _ = checkpointing.restore_train_state(str(tmp_path), step=6)
+    _, after_1, _ = restore_train_state(str(tmp_path), step=1)
+    _, after_6, _ = restore_train_state(str(tmp_path), step=6)
     # Skipped steps never touch the weights, the teacher or the queue.
     for key in ('params', 'teacher_params', 'queue', 'center'):
         jax.tree.map(np.testing.assert_array_equal, after_1[key], after_6[key])
@@ -193,10 +201,10 @@ def test_unreadable_data_and_unwritable_workdir_fail_before_compiling(tmp_path, 
         (bad / f'img_{i:02d}.jpg').write_text('not a jpeg')
     config = vitb.get_config('smoke')
     config.data.path = str(bad)
-    with pytest.raises(RuntimeError, match='img_00.jpg'):
+    with pytest.raises(errors.DataError, match=r'no usable images in 64 random tries .*img_'):
         train.train_and_evaluate(config, str(tmp_path / 'run'))
     (tmp_path / 'file').write_text('a file where the workdir should be')
     config.data.path = None
-    with pytest.raises(OSError, match="Cannot write to the workdir .*file/run"):
+    with pytest.raises(errors.WorkdirError, match="Cannot write to the workdir .*file/run"):
         train.train_and_evaluate(config, str(tmp_path / 'file' / 'run'))
     assert not compiled

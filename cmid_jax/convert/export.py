@@ -27,7 +27,8 @@ from typing import Any, Mapping
 from absl import logging
 import numpy as np
 
-from cmid_jax import checkpointing
+from cmid_jax.restore import restore_train_state
+from cmid_jax.workdir import Workdir
 from cmid_jax.data.bands import num_bands, type_max
 from cmid_jax.models import backbone_module
 from cmid_jax.models.cmid import STATE_KEYS, backbone_variables
@@ -104,7 +105,7 @@ def export_backbone(workdir: str, out: str, step: int | None = None, which: str 
         raise ValueError(f'which must be one of {sorted(STATE_KEYS)}, got {which!r}')
     if fmt == 'pth':
         _import_torch()
-    config, state, step = checkpointing.restore_train_state(workdir, step)
+    config, state, step = restore_train_state(workdir, step)
     arch, variant, size = config.model.arch, config.model.variant, config.data.image_size
     in_chans = num_bands(config.data)
     models = backbone_module(arch).torch_models(variant, img_size=size, in_chans=in_chans,
@@ -142,7 +143,7 @@ def export_backbone(workdir: str, out: str, step: int | None = None, which: str 
         'variant': variant,
         'which': which,
         'step': int(step),
-        'workdir': os.path.abspath(workdir),
+        'workdir': str(Workdir(workdir)),
         'config': json.loads(config.to_json_best_effort()),
     }
     with open(out + '.json', 'w', encoding='utf-8') as f:

@@ -26,31 +26,31 @@ leaves the workdir untouched. A workdir that already holds checkpoints is refuse
 `--overwrite`, which deletes them.
 
 `torch.load` runs with `weights_only=True`. The official trainer checkpoint also pickles training
-objects (its metric storage), so for it alone the loader falls back to `weights_only=False`, with
-a warning: that unpickles arbitrary objects, so only do it for files from a source you trust.
+objects (its metric storage), which that refuses; such a file is then read with the restricted
+unpickler of `cmid_jax.convert.safe_unpickle`, which rebuilds tensors and plain containers and
+replaces every other pickled class or function by an inert placeholder, so no code from the file
+ever runs; it must then be a trainer checkpoint (a `model` entry of tensors).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
-import shutil
 from typing import Any, Mapping
 
 from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from cmid_jax import checkpointing, optim
+from cmid_jax import optim
 from cmid_jax.convert.adapt import adapt_stem
-from cmid_jax.convert import official
+from cmid_jax.convert import official, safe_unpickle
 from cmid_jax.models import BACKBONES, backbone_module
 from cmid_jax.models.cmid import STATE_KEYS
 from cmid_jax.models.common import as_numpy
 from cmid_jax.step import Trainer
+from cmid_jax.workdir import IMPORT, Workdir
 
 # A state_dict saved from a DistributedDataParallel wrapper has every key under this prefix.
 _DDP_PREFIX = 'module.'
@@ -66,19 +66,17 @@ def _torch():
 
 
 def _torch_load(path: str) -> tuple[Any, bool]:
-    """`torch.load` with weights_only=True; returns (object, whether it needed unpickling)."""
+    """`torch.load` with weights_only=True, else with the restricted unpickler; returns
+    (object, whether the restricted unpickler replaced pickled objects)."""
     torch = _torch()
     try:
         return torch.load(path, map_location='cpu', weights_only=True), False
     except pickle.UnpicklingError:
         pass
-    unsafe = (torch.serialization.get_unsafe_globals_in_checkpoint(path)
-              if hasattr(torch.serialization, 'get_unsafe_globals_in_checkpoint') else '?')
-    logging.warning(
-        '%s does not load with weights_only=True (it pickles %s). Loading it with '
-        'weights_only=False, which UNPICKLES ARBITRARY OBJECTS and can run code from the file: '
-        'accepted only for a full CMID trainer checkpoint from a source you trust.', path, unsafe)
-    return torch.load(path, map_location='cpu', weights_only=False), True
+    obj, replaced = safe_unpickle.load(path)
+    logging.warning('%s pickles objects besides tensors (%s); they were read as inert '
+                    'placeholders: none of their code ran.', path, ', '.join(replaced))
+    return obj, True
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -105,8 +103,8 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     elif isinstance(obj.get('state_dict'), Mapping):
         obj = obj['state_dict']
     if unpickled and not info['trainer_checkpoint']:
-        raise ValueError(f'{path} needed weights_only=False but is not a CMID trainer checkpoint '
-                         "(no 'model' entry); refusing it")
+        raise ValueError(f'{path} pickles objects besides tensors but is not a CMID trainer '
+                         "checkpoint (no 'model' entry); refusing it")
     not_tensors = sorted(k for k, v in obj.items() if not hasattr(v, 'shape'))
     if not_tensors:
         raise ValueError(f'{path}: entries that are not tensors: {not_tensors}')
@@ -153,11 +151,6 @@ def _mismatch_header(config: ml_collections.ConfigDict, keys, kind: str) -> str:
     return '\n'.join(lines)
 
 
-def _has_checkpoints(workdir: str) -> bool:
-    ckpt = os.path.join(workdir, 'ckpt')
-    return os.path.isdir(ckpt) and bool(os.listdir(ckpt))
-
-
 def _check_like(state: dict, abstract: dict) -> None:
     """The imported state must have exactly the shapes and dtypes `main` restores into."""
     spec = lambda tree: {jax.tree_util.keystr(p): (tuple(x.shape), np.dtype(x.dtype))
@@ -182,7 +175,8 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
     Returns the import record (also written to `workdir/import.json`). Raises ValueError, with
     nothing written, when the checkpoint does not match the config.
     """
-    if _has_checkpoints(workdir) and not overwrite:
+    wd = Workdir(workdir)
+    if wd.has_checkpoints() and not overwrite:
         raise FileExistsError(f'{workdir} already has checkpoints; pass overwrite=True '
                               '(--overwrite) to replace them')
     state_dict, info = read_checkpoint(checkpoint)
@@ -242,17 +236,14 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
                                        'initialised; student and teacher backbones both come '
                                        'from the file']),
     }
-    if overwrite and os.path.isdir(os.path.join(workdir, 'ckpt')):
-        shutil.rmtree(os.path.join(workdir, 'ckpt'))
-    os.makedirs(workdir, exist_ok=True)
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'ckpt')),
-                                    options=ocp.CheckpointManagerOptions(create=True))
-    manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-    manager.wait_until_finished()
-    manager.close()
-    checkpointing.write_config(workdir, config)
-    with open(os.path.join(workdir, 'import.json'), 'w', encoding='utf-8') as f:
-        json.dump(record, f, indent=2)
+    if overwrite:
+        wd.remove_checkpoints()
+    wd.make()
+    checkpoints = wd.checkpoints()
+    checkpoints.save(0, state, force=True)  # No data item: the iterator starts afresh.
+    checkpoints.close()
+    wd.write_config(config)
+    wd.write_json(IMPORT, record)
     logging.info('Imported the %s checkpoint %s into %s at step 0 (%s).', kind, checkpoint,
                  workdir, '; '.join(record['notes']))
     return record

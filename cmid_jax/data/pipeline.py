@@ -23,12 +23,14 @@ the block masks are drawn on the device, in the train step (:mod:`cmid_jax.augme
 * Randomness: every element gets its own ``np.random.Generator`` seeded by
   ``(seed, batch index, position in the global batch)``, so crops differ
   between epochs and the pipeline is deterministic and resumable bit-identically.
-* Bad files: an undecodable file is replaced by the next file(s) of the list (up to
-  ``MAX_DECODE_TRIES`` files in all); ``bad_images`` (int32) counts the files skipped
-  for that element. Sources with ``retry_random`` (tiles) draw replacements at random
-  from the element's generator instead, since a bad or nodata region of a scene spans
-  many neighbouring windows. A tile rejected for nodata (``TileRejected``) is replaced
-  the same way but is not counted as bad.
+* Bad files: an undecodable element is replaced by one drawn at random from the whole
+  dataset with the element's generator (up to ``MAX_DECODE_TRIES`` elements in all), since
+  bad files cluster (a broken sub-folder, a bad or nodata region of a scene spanning many
+  neighbouring windows) and the next files in sorted order are often bad too.
+  ``bad_images`` (int32, one row per element) holds ``1 +`` the index of every unreadable
+  element skipped for it, 0-padded, so the train loop learns *which* files are bad (it
+  reports and counts each once) even when decoding runs in grain worker processes. A tile
+  rejected for nodata (``TileRejected``) is replaced the same way but is not bad.
 
 ``make_iterator`` turns it into a checkpointable ``grain.DatasetIterator`` (optionally
 with ``mp_prefetch`` worker processes).
@@ -57,14 +59,15 @@ from cmid_jax.data.views import check_image_size, make_views
 
 log = logging.getLogger(__name__)
 
-MAX_DECODE_TRIES = 16
+# With random replacement an element fails only if all its tries hit bad files: 0.5**64 for
+# data that is half bad; the train loop stops long before, on the share of bad files.
+MAX_DECODE_TRIES = 64
 
 
 class Source(Protocol):
     """Random-access elements of a dataset, each an (H, W, C) uint8 / uint16 array."""
 
     unit: str  # what an element is, for logs: 'images', 'tiles', 'records'
-    retry_random: bool  # replace a bad element by a random one (True) or by the next one
     dtype: np.dtype  # pixel type of every element
     num_bands: int  # C of every element
 
@@ -89,7 +92,6 @@ class FileSource:
     """
 
     unit = "images"
-    retry_random = False
 
     def __init__(self, files: Sequence[str], bands: Sequence[int | str] | str | None = None):
         self.files = list(files)
@@ -150,10 +152,11 @@ class DecodeProcessSlice(grain.transforms.MapWithIndex):
     batch ``k``; its augmentations come from ``np.random.default_rng([seed, k, pos])``, so
     a global batch is the same whatever the number of processes that share it.
 
-    If decoding fails, the following elements (wrapping around; random ones for a source
-    with ``retry_random``) are tried, at most ``max_tries`` in all; ``bad_images`` holds the
-    number of unreadable elements skipped. If all of them fail a ``RuntimeError`` naming them
-    is raised. Module-level and picklable, so it works with spawned grain worker processes.
+    If decoding fails, elements drawn at random with the element's generator are tried, at
+    most ``max_tries`` in all; ``bad_images`` holds ``1 +`` the indices of the unreadable
+    elements skipped (0-padded to ``max_tries``). If all of them fail a ``RuntimeError``
+    naming them is raised. Module-level and picklable, so it works with spawned grain
+    worker processes.
 
     ``source`` is a :class:`Source` or a list of image paths (a :class:`FileSource` in 8-bit
     RGB mode).
@@ -187,15 +190,11 @@ class DecodeProcessSlice(grain.transforms.MapWithIndex):
 
     def decode(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         source = self.source
-        n = len(source)
-        tries = self.max_tries if source.retry_random else min(self.max_tries, n)
+        bad = np.zeros(self.max_tries, np.int32)
         failures: list[str] = []
         rejected = 0
-        for k in range(tries):
-            if k == 0:
-                i = index
-            else:
-                i = int(rng.integers(n)) if source.retry_random else (index + k) % n
+        for k in range(self.max_tries):
+            i = index if k == 0 else int(rng.integers(len(source)))
             try:
                 image = source.read(i)
             except TileRejected as e:
@@ -203,17 +202,20 @@ class DecodeProcessSlice(grain.transforms.MapWithIndex):
                 rejected += 1
                 continue
             except Exception as e:  # ImageError or anything else a decoder throws
-                where = source.describe(i)
-                log.warning("skipping unreadable %s: %s", where, e)
-                failures.append(f"{where} ({type(e).__name__}: {e})")
+                # The train loop reports each bad file once, from its index in bad_images.
+                log.debug("replacing unreadable %s: %s", source.describe(i), e)
+                bad[len(failures)] = i + 1
+                failures.append(f"{source.describe(i)} ({type(e).__name__}: {e})")
                 continue
             out = make_views(image, rng, self.image_size)
-            out["bad_images"] = np.int32(len(failures))
+            out["bad_images"] = bad
             return out
+        distinct = list(dict.fromkeys(failures))
+        more = f" and {len(distinct) - 3} more" if len(distinct) > 3 else ""
         raise RuntimeError(
-            f"no usable element in {tries} tries from {source.describe(index)}: "
-            f"{len(failures)} unreadable, {rejected} rejected as mostly nodata "
-            f"(data.max_nodata). Unreadable:\n  " + "\n  ".join(failures)
+            f"no usable {source.unit} in {self.max_tries} random tries starting from "
+            f"{source.describe(index)}: {len(failures)} unreadable, {rejected} rejected as "
+            f"mostly nodata (data.max_nodata); unreadable: {'; '.join(distinct[:3])}{more}"
         )
 
 
@@ -254,7 +256,8 @@ def build_dataset(
     ``files`` is a list of image paths (8-bit RGB, as before) or any :class:`Source`.
     Batches are dicts of numpy arrays: ``img_a``/``img_b`` (b, S, S, C) resized, flipped crops
     of the source's pixel type (uint8 RGB by default), ``loc_a``/``loc_b`` float32 (b, g, g, 2),
-    ``bad_images`` int32 (b,), with ``g = S // 32`` and ``b`` the local batch size. Crop B's
+    ``bad_images`` int32 (b, MAX_DECODE_TRIES) (1 + indices of unreadable elements, 0-padded),
+    with ``g = S // 32`` and ``b`` the local batch size. Crop B's
     photometric augmentation and the block masks are made on the device (:mod:`cmid_jax.augment`).
     """
     if process_count < 1 or not 0 <= process_index < process_count:

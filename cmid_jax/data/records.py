@@ -93,7 +93,6 @@ class RecordSource:
     """The records of a prepared folder (global random access over all shards)."""
 
     unit = "records"
-    retry_random = False
 
     def __init__(self, path: str | os.PathLike, bands: Sequence[int | str] | None = None):
         self.path = os.fspath(path)

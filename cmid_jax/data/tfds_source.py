@@ -58,7 +58,6 @@ def _image_key(features, spec: str) -> str:
 
 class TfdsSource:
     unit = "records"
-    retry_random = False
 
     def __init__(self, spec: str, *, data_dir: str | None = None,
                  bands: Sequence[int | str] | None = None):

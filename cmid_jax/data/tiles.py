@@ -159,7 +159,6 @@ class TileSource:
     """
 
     unit = "tiles"
-    retry_random = True
 
     def __init__(self, index: TileIndex, *, rgb8: bool, max_nodata: float = 1.0):
         if not 0.0 <= max_nodata <= 1.0:

@@ -6,14 +6,13 @@ process 0 writes files.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import ml_collections
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cmid_jax import visualize
+from cmid_jax.workdir import METRICS, Workdir
 from cmid_jax.evaluation.online import make_online_knn
 from cmid_jax.evaluation.reconstruction import make_reconstruction_fn
 
@@ -21,12 +20,12 @@ from cmid_jax.evaluation.reconstruction import make_reconstruction_fn
 class PeriodicEvals:
     """Built once (the labelled split is decoded into memory, the functions jitted)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, workdir: str, writer,
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, workdir: Workdir, writer,
                  total_steps: int):
         self.config, self.writer, self.total_steps = config, writer, total_steps
         self.is_main = jax.process_index() == 0
-        self.images_dir = os.path.join(workdir, 'images')
-        self.metrics_path = os.path.join(workdir, 'metrics.jsonl')
+        self.images_dir = workdir.images_dir()
+        self.metrics_path = workdir / METRICS
         self.knn = make_online_knn(config, mesh=mesh) if config.eval.path else None
         self.reconstruct = None
         if config.loss.use_mim and config.images_every_steps:
@@ -41,7 +40,8 @@ class PeriodicEvals:
         self.writer.write_scalars(step, scores)
         logging.info('step %d: %s', step, ' '.join(f'{k}={v:.4f}' for k, v in scores.items()))
         if self.is_main:
-            visualize.plot_knn_curve(self.metrics_path, os.path.join(self.images_dir, 'knn.png'))
+            self.writer.flush()  # The curve reads metrics.jsonl back (buffered when remote).
+            visualize.plot_knn_curve(self.metrics_path, self.images_dir / 'knn.png')
         return scores
 
     def __call__(self, step: int, state: dict, batch: dict) -> dict[str, float]:
@@ -54,7 +54,6 @@ class PeriodicEvals:
             if self.is_main:
                 grid = visualize.reconstruction_grid(views, views['reconstruction'],
                                                      self.config.data.mean, self.config.data.std)
-                visualize.save_png(os.path.join(self.images_dir, f'reconstruction_{step:08d}.png'),
-                                   grid)
+                visualize.save_png(self.images_dir / f'reconstruction_{step:08d}.png', grid)
                 self.writer.write_images(step, {'reconstruction': grid[None]})
         return scores

@@ -18,20 +18,20 @@ by `cmid_jax.convert.import_torch`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 
 import numpy as np
 
-from cmid_jax import checkpointing
 from cmid_jax.evaluation.features import WHICH, FeatureExtractor, load_images
 from cmid_jax.models.cmid import backbone_variables
+from cmid_jax.restore import restore_train_state
 from cmid_jax.evaluation.finetune import FinetuneRecipe, finetune_top1
 from cmid_jax.evaluation.knn import knn_top1
 from cmid_jax.evaluation.labelled import load_split
 from cmid_jax.evaluation.linear import L2, linear_probe_top1
+from cmid_jax.workdir import EVAL, Workdir
 
 PROTOCOLS = ('knn', 'linear', 'finetune')
 
@@ -46,7 +46,7 @@ def evaluate(workdir: str, data: str, protocol: str = 'knn', *, which: str = 'st
     if which not in WHICH:
         raise ValueError(f'which must be one of {WHICH}, got {which!r}')
     t0 = time.monotonic()
-    config, state, ckpt_step = checkpointing.restore_train_state(workdir, step)
+    config, state, ckpt_step = restore_train_state(workdir, step)
     split = load_split(data, train_fraction, seed)
     size = int(config.data.image_size)
     train_images = load_images(split.train_files, size, config.data)
@@ -85,6 +85,5 @@ def evaluate(workdir: str, data: str, protocol: str = 'knn', *, which: str = 'st
         'variant': config.model.variant, 'image_size': size, **recipe,
         'seconds': round(time.monotonic() - t0, 1),
     }
-    with open(os.path.join(workdir, 'eval.jsonl'), 'a', encoding='utf-8') as f:
-        f.write(json.dumps(result) + '\n')
+    Workdir(workdir).append_jsonl(EVAL, result)
     return result

@@ -12,7 +12,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cmid_jax import parallel
+from cmid_jax import errors, parallel
 from cmid_jax.perf.benchmark import DATA_SOURCES, run_benchmark
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    app.run(main)
+    errors.run(main)
 
 
 if __name__ == '__main__':

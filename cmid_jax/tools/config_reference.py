@@ -16,7 +16,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from cmid_jax import config_base
+from cmid_jax import config_base, errors
 
 _WRITE = flags.DEFINE_bool('write', False, 'Rewrite the README section in place.')
 
@@ -80,7 +80,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    app.run(main)
+    errors.run(main)
 
 
 if __name__ == '__main__':

@@ -19,6 +19,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from cmid_jax import errors
 from cmid_jax.data.stats import source_stats, write_stats
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -31,8 +32,9 @@ flags.mark_flags_as_required(['config', 'out'])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    stats = source_stats(_CONFIG.value, _SAMPLES.value)
-    write_stats(stats, _OUT.value)
+    with errors.expected(errors.DataError, 'check data.path and data.bands'):
+        stats = source_stats(_CONFIG.value, _SAMPLES.value)
+        write_stats(stats, _OUT.value)
     print(json.dumps({k: stats[k] for k in ('mean', 'std', 'value_range', 'dtype', 'bands')}))
     print(f'{stats["elements_used"]} of {stats["elements_sampled"]} sampled elements used '
           f'({stats["rejected_nodata"]} rejected as nodata, {stats["unreadable"]} unreadable); '
@@ -40,7 +42,7 @@ def main(argv):
 
 
 def run() -> None:
-    app.run(main)
+    errors.run(main)
 
 
 if __name__ == '__main__':

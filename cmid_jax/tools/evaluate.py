@@ -11,6 +11,7 @@ import json
 
 from absl import app, flags
 
+from cmid_jax import errors
 from cmid_jax.evaluation.finetune import FinetuneRecipe
 from cmid_jax.evaluation.run import PROTOCOLS, evaluate
 from cmid_jax.evaluation.features import WHICH
@@ -34,14 +35,15 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     recipe = FinetuneRecipe(epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value, lr=_LR.value,
                             seed=_SEED.value)
-    result = evaluate(_WORKDIR.value, _DATA.value, _PROTOCOL.value, which=_WHICH.value,
-                      train_fraction=_TRAIN_FRACTION.value, seed=_SEED.value, step=_STEP.value,
-                      finetune=recipe)
+    with errors.expected(errors.DataError, 'check --data (one sub-folder per class)'):
+        result = evaluate(_WORKDIR.value, _DATA.value, _PROTOCOL.value, which=_WHICH.value,
+                          train_fraction=_TRAIN_FRACTION.value, seed=_SEED.value,
+                          step=_STEP.value, finetune=recipe)
     print(json.dumps(result), flush=True)
 
 
 def run() -> None:
-    app.run(main)
+    errors.run(main)
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ See `cmid_jax.convert.export` for the files written.
 
 from absl import app, flags
 
+from cmid_jax import errors
 from cmid_jax.convert import export
 from cmid_jax.models import layouts
 from cmid_jax.models.cmid import STATE_KEYS
@@ -26,12 +27,13 @@ flags.mark_flags_as_required(['workdir', 'out'])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    export.export_backbone(_WORKDIR.value, _OUT.value, step=_STEP.value, which=_WHICH.value,
-                           layout=_LAYOUT.value)
+    with errors.expected(errors.UserError):
+        export.export_backbone(_WORKDIR.value, _OUT.value, step=_STEP.value, which=_WHICH.value,
+                               layout=_LAYOUT.value)
 
 
 def run() -> None:
-    app.run(main)
+    errors.run(main)
 
 
 if __name__ == '__main__':

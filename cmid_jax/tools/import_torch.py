@@ -10,6 +10,7 @@ See `cmid_jax.convert.import_torch` for what is read and checked.
 from absl import app, flags
 from ml_collections import config_flags
 
+from cmid_jax import errors
 from cmid_jax.convert.import_torch import import_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file('config', None,
@@ -24,12 +25,13 @@ flags.mark_flags_as_required(['config', 'checkpoint', 'workdir'])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    import_checkpoint(_CHECKPOINT.value, _CONFIG.value, _WORKDIR.value,
-                      overwrite=_OVERWRITE.value)
+    with errors.expected(errors.UserError, 'the config must describe the checkpoint'):
+        import_checkpoint(_CHECKPOINT.value, _CONFIG.value, _WORKDIR.value,
+                          overwrite=_OVERWRITE.value)
 
 
 def run() -> None:
-    app.run(main)
+    errors.run(main)
 
 
 if __name__ == '__main__':

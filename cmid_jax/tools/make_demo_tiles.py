@@ -20,6 +20,8 @@ import os
 import numpy as np
 from absl import app, flags
 
+from cmid_jax import errors
+
 
 def cut_tiles(image: np.ndarray, tile: int, checkerboard: bool):
     """Yield ``(top, left, tile_array)`` for the kept tiles of an (H, W, C) image."""
@@ -79,4 +81,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

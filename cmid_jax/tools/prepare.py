@@ -10,6 +10,7 @@ import os
 
 from absl import app, flags
 
+from cmid_jax import errors
 from cmid_jax.data import records
 from cmid_jax.data.prepare import prepare
 
@@ -35,9 +36,10 @@ def parse_bands(values: list[str] | None) -> tuple[int | str, ...] | None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    m = prepare(_SRC.value, _OUT.value, tile=_TILE.value, bands=parse_bands(_BANDS.value),
-                max_nodata=_MAX_NODATA.value, records_per_shard=_RECORDS_PER_SHARD.value,
-                workers=_WORKERS.value)
+    with errors.expected(errors.DataError):
+        m = prepare(_SRC.value, _OUT.value, tile=_TILE.value, bands=parse_bands(_BANDS.value),
+                    max_nodata=_MAX_NODATA.value, records_per_shard=_RECORDS_PER_SHARD.value,
+                    workers=_WORKERS.value)
     print(f"wrote {m['records']} records ({m['bands']} x {m['dtype']}, "
           f"{'tiles of ' + str(m['tile_size']) if m['tile_size'] else 'whole images'}) in "
           f"{len(m['shards'])} shards to {_OUT.value} in {m['seconds']:.1f} s "
@@ -47,7 +49,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    app.run(main)
+    errors.run(main)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,171 @@
+"""Errors a user can fix, and the one way every command reports them.
+
+Every command (`cmid_jax.main`, `cmid_jax/tools/*.py`) starts through `run(main)`:
+
+* an expected error (a `UserError`: config, paths, data, workdir, incompatible resume, lock,
+  failed save; or a flag that does not parse, a misspelt `--config.FIELD`, a missing config
+  file) prints one line and a hint, without a traceback, and exits with status 2;
+* a preempted run (`Preempted`: SIGTERM, state saved) exits with status 75 (EX_TEMPFAIL), so
+  schedulers and retry loops run the same command again;
+* anything else is a bug: Python's traceback and status 1.
+
+`CMID_TRACEBACK=1` shows the traceback of expected errors too. Library INFO chatter (orbax's
+per-save lines, JAX's `Unable to initialize backend 'tpu'`) is kept out of every command's log.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import functools
+import os
+import sys
+from typing import Callable, Iterator
+
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL in sysexits.h: "try again later".
+TRACEBACK_ENV = 'CMID_TRACEBACK'
+_HINT_TRACEBACK = f'{TRACEBACK_ENV}=1 shows the traceback'
+
+
+class UserError(Exception):
+    """An error the user can fix: printed as one line plus a hint, exit status 2."""
+
+    def __init__(self, message: str, hint: str = ''):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work, alone or with the others."""
+
+
+class DataError(UserError, ValueError):
+    """Training data that cannot be found or read."""
+
+
+class WorkdirError(UserError):
+    """A workdir that cannot be used as asked: locked, incompatible, missing files."""
+
+
+class SaveError(UserError):
+    """A checkpoint (or another workdir file) could not be written."""
+
+
+class Preempted(Exception):
+    """The run received SIGTERM, saved its state and stopped; exit status 75."""
+
+    def __init__(self, step: int, workdir: str):
+        super().__init__(f'Preempted (SIGTERM): saved the checkpoint of step {step} in '
+                         f'{workdir}; run the same command to resume.')
+        self.step = step
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line (a Python traceback inside it reduced to its end)."""
+    text = str(error).strip()
+    if text[:1] in '\'"' and text[:1] == text[-1:]:  # A KeyError's message is a repr.
+        with contextlib.suppress(ValueError, SyntaxError):
+            text = str(ast.literal_eval(text))
+    if 'Traceback (most recent call last)' in text:  # absl wraps config-file errors this way.
+        text = text.splitlines()[-1]
+    return ' '.join(part.strip() for part in text.splitlines() if part.strip())
+
+
+@contextlib.contextmanager
+def expected(kind: type[UserError], hint: str = '') -> Iterator[None]:
+    """Turns a ValueError / OSError / RuntimeError into `kind` (one line, exit status 2).
+
+    Use it around calls whose such errors come from user input: reading config values, files,
+    images and checkpoints (the tools wrap their one library call). A bug inside is then one
+    line too; `CMID_TRACEBACK=1` shows where it came from.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, OSError, RuntimeError) as e:
+        raise kind(one_line(e), hint) from e
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """`absl.app.run(main)` with the error reporting, exit codes and log filters above."""
+    from absl import app  # pylint: disable=import-outside-toplevel
+    app.run(functools.partial(_run_main, main), flags_parser=_parse_flags)
+
+
+def _show_tracebacks() -> bool:
+    return os.environ.get(TRACEBACK_ENV, '') not in ('', '0')
+
+
+def _fail(message: str, hint: str, status: int = EXIT_USER_ERROR) -> None:
+    hints = '; '.join(h for h in (hint, _HINT_TRACEBACK) if h)
+    sys.stderr.write(f'Error: {message}\n  ({hints})\n')
+    sys.stderr.flush()
+    sys.exit(status)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every failure (including config files) as one line."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(one_line(e), 'pass --helpshort to list the flags')
+    except (AttributeError, KeyError) as e:  # `--config.FIELD=...` naming no field.
+        if _show_tracebacks():
+            raise
+        _fail(f'unknown config field: {one_line(e)}', 'see the config reference in README.md')
+    except (TypeError, ValueError, OSError) as e:
+        if _show_tracebacks():
+            raise
+        _fail(one_line(e), 'pass --helpshort to list the flags')
+    for name in flags.FLAGS:
+        flag = flags.FLAGS[name]
+        if flag.value is None or not hasattr(flag, 'config_filename'):
+            continue
+        try:  # A config file that failed to load raises on first use.
+            _ = flag.value.keys
+        except OSError as e:
+            path = config_flags.get_config_filename(flag).split(':', 1)[0]
+            message = (f'config file {path!r} (--{name}) not found' if not os.path.exists(path)
+                       else f'config file {path!r} (--{name}) does not load: {one_line(e)}')
+            _fail(message, 'the configs are in configs/, e.g. --config=configs/vitb.py:smoke')
+    return rest
+
+
+def _run_main(main: Callable[[list[str]], None], argv: list[str]) -> None:
+    _quiet_library_logs()
+    try:
+        main(argv)
+    except Preempted as e:
+        from absl import logging  # pylint: disable=import-outside-toplevel
+        logging.warning('%s', e)
+        sys.exit(EXIT_PREEMPTED)
+    except UserError as e:
+        if _show_tracebacks():
+            raise
+        _fail(e.message, e.hint)
+
+
+def _quiet_library_logs() -> None:
+    from absl import logging  # pylint: disable=import-outside-toplevel
+    logging.get_absl_handler().addFilter(_LibraryChatter(_show_tracebacks()))
+
+
+class _LibraryChatter:
+    """Drops orbax's INFO lines and background-thread tracebacks (a failed save is reported as
+    one `SaveError` line instead) and JAX's note that there is no TPU."""
+
+    def __init__(self, keep_tracebacks: bool):
+        self.keep_tracebacks = keep_tracebacks
+
+    def filter(self, record) -> bool:
+        import logging  # pylint: disable=import-outside-toplevel
+        if '/orbax/' in record.pathname:
+            if record.levelno < logging.WARNING:
+                return False
+            return self.keep_tracebacks or not record.exc_info
+        return not (record.levelno < logging.WARNING
+                    and record.getMessage().startswith('Unable to initialize backend'))
