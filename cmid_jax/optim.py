@@ -158,7 +158,7 @@ def adan(learning_rate: optax.ScalarOrSchedule, weight_decay: float, *, b1: floa
 
     Weight decay on the leaves `mask` selects (ndim > 1 by default): decoupled (D5, the default)
     p <- p - lr (u + wd p), i.e. timm's `no_prox=True`; with `prox=True` the official default
-    p <- (p - lr u) / (1 + lr wd). The two differ by O((lr wd)^2) per step.
+    p <- (p - lr u) / (1 + lr wd). The two agree to first order in lr wd.
 
     The state is (AdanState, MaskedState(EmptyState), ScaleByScheduleState) for a schedule, the
     layout of `optax.adan`'s whatever `prox` is, so checkpoints written with `optax.adan` (before
