@@ -31,20 +31,23 @@ TORCH_NAMES: dict[tuple[str, str], str] = {
 
 
 def build_backbone(arch: str, variant: str, *, img_size: int, dtype: Any = jnp.float32,
-                   attention_impl: str = 'xla') -> nn.Module:
+                   attention_impl: str = 'auto', platform: str | None = None,
+                   remat: str = 'none') -> nn.Module:
     """Backbone module for `arch` in {'resnet', 'vit', 'swin'} and a variant of it.
 
     `img_size` sets the ViT position-embedding length (ResNets accept any multiple of 32, Swins any
     multiple of 32 from `min_image_size`, 224 px for window 7);
-    `attention_impl` ('xla' or 'cudnn') only applies to the ViT.
+    `attention_impl` ('auto', 'xla' or 'cudnn') only applies to the ViT, resolved for `platform`
+    (None = this machine's; `cmid_jax.models.attention`); `remat` ('none', 'dots', 'full') wraps
+    the blocks (`cmid_jax.models.remat`).
     """
     if arch == 'resnet':
-        return resnet.build_resnet(variant, dtype=dtype)
+        return resnet.build_resnet(variant, dtype=dtype, remat=remat)
     if arch == 'vit':
         return vit.build_vit(variant, img_size=img_size, dtype=dtype,
-                             attention_impl=attention_impl)
+                             attention_impl=attention_impl, platform=platform, remat=remat)
     if arch == 'swin':
-        return swin.build_swin(variant, dtype=dtype)
+        return swin.build_swin(variant, dtype=dtype, remat=remat)
     raise ValueError(f'unknown backbone arch {arch!r}; allowed: {list(ARCHS)}')
 
 
