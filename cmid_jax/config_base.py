@@ -61,7 +61,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.arch = 'vit'  # 'vit' or 'resnet'.
     c.model.variant = 'B/16'  # vit: mu/16, Ti/16, S/16, B/16; resnet: 50, tiny, nano; swin: B, ...
-    c.model.attention_impl = 'xla'  # 'xla' everywhere; 'cudnn' for fused attention on NVIDIA GPUs.
+    # ViT attention: 'auto' = cuDNN fused attention on NVIDIA GPUs (bf16/fp16), XLA elsewhere;
+    # 'xla' or 'cudnn' force one ('cudnn' where it cannot run is an error before compiling).
+    c.model.attention_impl = 'auto'
+    # What each backbone block keeps for the backward pass: 'none' (all), 'dots' (matmul and conv
+    # outputs; recomputes norms, activations and attention) or 'full' (block inputs only).
+    c.model.remat = 'dots'
     c.model.compute_dtype = 'bfloat16'  # Activations; params, optimizer, teacher and losses stay float32.
     c.model.proj_hidden_dim = 2048  # Global projector C-2048-256 (no BN).
     c.model.proj_dim = 256  # Width of the InfoNCE embeddings and queue keys.
@@ -118,6 +123,7 @@ def smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.image_size = 64
     c.data.num_workers = 0
     c.model.compute_dtype = 'float32'
+    c.model.remat = 'none'  # Tiny models: memory is no concern, recomputation only costs time.
     c.model.proj_hidden_dim = 64
     c.model.proj_dim = 32
     c.model.local_hidden_dim = 64

@@ -1,8 +1,9 @@
 """The CMID objective for one batch: student and teacher forwards and the three losses.
 
 Follows `MoCoBasedDDP.forward` of the official code (cmid-method.md sections 5-6): the student
-sees the two mean-filled masked crops, the teacher the two unmasked crops, each crop in its own
-backbone call so BatchNorm statistics stay per crop. Everything returned is float32.
+sees the two mean-filled masked crops, the teacher the two unmasked crops. A backbone with
+BatchNorm sees each crop in its own call, so its statistics stay per crop; the others see both
+crops in one call. Everything returned is float32.
 """
 
 from __future__ import annotations
@@ -106,13 +107,25 @@ def pool_to_grid(fmap: jax.Array, grid: int) -> jax.Array:
     return fmap.reshape(b, grid, fh, grid, fw, c).mean(axis=(2, 4))
 
 
+def over_crops(fn, per_crop: bool, **inputs: dict) -> dict:
+    """`fn(**inputs)` for crops 'a' and 'b' (each input a {'a': x, 'b': y} dict): one call per
+    crop, or one call on both crops stacked on the batch axis (A first), split afterwards."""
+    if per_crop:
+        return {v: fn(**{k: x[v] for k, x in inputs.items()}) for v in ('a', 'b')}
+    out = fn(**{k: jnp.concatenate([x['a'], x['b']]) for k, x in inputs.items()})
+    out_a, out_b = jnp.split(out, 2)
+    return {'a': out_a, 'b': out_b}
+
+
 def cmid_loss(student: dict, teacher: dict, queue: jax.Array, center: jax.Array, views: dict, *,
-              nets: Networks, cfg: LossConfig, teacher_temp: jax.Array):
+              nets: Networks, cfg: LossConfig, teacher_temp: jax.Array,
+              per_crop: bool | None = None):
     """Returns (total loss, aux) for one batch.
 
     `student` = {'params', 'batch_stats'} (differentiated through 'params'); `teacher` likewise
     (constant). aux holds every loss term, the updated batch statistics, queue keys and centre,
-    and health signals; the caller applies them.
+    and health signals; the caller applies them. `per_crop` runs the backbones once per crop;
+    None = only for a backbone with batch statistics (tests compare both paths).
     """
     sp, sbs = student['params'], dict(student['batch_stats'])
     tp, tbs = teacher['params'], dict(teacher['batch_stats'])
@@ -126,13 +139,17 @@ def cmid_loss(student: dict, teacher: dict, queue: jax.Array, center: jax.Array,
             stats[name] = new
         return out
 
-    # Backbones: one call per crop (per-crop BN statistics, as the official two forward passes).
-    s_map, t_map = {}, {}
-    for v in ('a', 'b'):
-        s_map[v] = run('backbone', sp, sbs, views[v]['masked'], mask=views[v]['block_mask'],
-                       mask_token=sp['mask_token'])
-    for v in ('a', 'b'):
-        t_map[v] = jax.lax.stop_gradient(run('backbone', tp, tbs, views[v]['target']))
+    # Backbones. A BatchNorm backbone runs once per crop, so its statistics stay per crop as in
+    # the official two forward passes; any other runs once on both crops (the same values, half
+    # the calls: larger matmuls and one pass over the weights).
+    if per_crop is None:
+        per_crop = bool(jax.tree.leaves(sbs.get('backbone', {})))
+    crops = lambda key: {v: views[v][key] for v in ('a', 'b')}
+    s_map = over_crops(
+        lambda x, mask: run('backbone', sp, sbs, x, mask=mask, mask_token=sp['mask_token']),
+        per_crop, x=crops('masked'), mask=crops('block_mask'))
+    t_map = over_crops(lambda x: jax.lax.stop_gradient(run('backbone', tp, tbs, x)),
+                       per_crop, x=crops('target'))
 
     terms = {}
     aux = {}
@@ -179,7 +196,7 @@ def cmid_loss(student: dict, teacher: dict, queue: jax.Array, center: jax.Array,
 
     total = terms['mim'] + terms['global'] + terms['local']
     aux.update(terms=terms, student_batch_stats=sbs, teacher_batch_stats=tbs, center=center,
-               embedding_std=jnp.mean(jnp.std(q['a'], axis=0)))
+               embedding_std=jnp.mean(jnp.std(q['a'], axis=0)), teacher_temp=teacher_temp)
     return total, aux
 
 

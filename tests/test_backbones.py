@@ -363,7 +363,10 @@ def test_cudnn_path_padding_matches_xla_model(monkeypatch):
     ref = xla_model.apply(variables, x, train=False)
 
     monkeypatch.setattr(jax.nn, 'dot_product_attention', fake)
-    cudnn_model = build_backbone('vit', 'mu/16', img_size=64, attention_impl='cudnn')
+    # The module itself, as `build` resolves it on a GPU ('cudnn' needs bf16 there; the
+    # padding logic is checked in float32 here).
+    cudnn_model = vit.VisionTransformer(**vit.VARIANTS['mu/16'], img_size=64,
+                                        attention_impl='cudnn')
     out = cudnn_model.apply(variables, x, train=False)
     assert [s[:2] for s in seen] == [('cudnn', 24)] * 2  # 17 tokens padded to 24, both blocks
     assert all(np.all(np.asarray(s[2]) == 17) for s in seen)

@@ -1,16 +1,21 @@
 """Train step: heads against PyTorch, EMA, queue, and sharded == single-device."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
 from cmid_jax import augment, objective, optim, parallel
+from cmid_jax.models.cmid import Networks
 from cmid_jax.models.heads import LocalHead, Projector, pixel_shuffle
-from cmid_jax.step import Trainer
+from cmid_jax.objective import cmid_loss
 from cmid_jax.perf.synthetic import synthetic_batch
-from configs import resnet50, vitb
+from cmid_jax.step import Trainer
+from configs import resnet50, swinb, vitb
 
 
 def make_trainer(config_module, total_steps=10, **overrides):
@@ -164,3 +169,72 @@ def test_sharded_step_equals_single_device(config_module):
     for key in ('params', 'batch_stats', 'teacher_params', 'teacher_batch_stats', 'queue', 'center'):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                      single_state[key], sharded_state[key])
+
+
+# --- both crops in one backbone call, and the non-finite guard --------------------------------
+
+def record_network_calls(monkeypatch) -> list:
+    """(sub-network name, batch size) of every `Networks.apply` call from now on."""
+    calls = []
+    apply = Networks.apply
+
+    def recording_apply(self, name, variables, x, *args, **kw):
+        calls.append((name, x.shape[0]))
+        return apply(self, name, variables, x, *args, **kw)
+
+    monkeypatch.setattr(Networks, 'apply', recording_apply)
+    return calls
+
+
+@pytest.mark.parametrize('config_module', [vitb, swinb], ids=['vit', 'swin'])
+def test_one_backbone_call_for_both_crops_equals_one_per_crop(config_module, monkeypatch):
+    """Backbones without BatchNorm see both crops in one call: the losses, gradients and aux equal
+    the per-crop path (the official two calls) to fp32 rounding."""
+    trainer, _ = make_trainer(config_module)
+    state = trainer.init_state(jax.random.key(0))
+    batch = synthetic_batch(3, 8, 64)
+    calls = record_network_calls(monkeypatch)
+    results = {}
+    for per_crop in (None, True):
+        monkeypatch.setattr(objective, 'cmid_loss',
+                            functools.partial(cmid_loss, per_crop=per_crop))
+        calls.clear()
+        loss_fn, _ = trainer.objective(state, batch)
+        results[per_crop] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state['params'])
+        backbone_batches = [b for name, b in calls if name == 'backbone']
+        assert backbone_batches == ([16, 16] if per_crop is None else [8] * 4)
+    (loss, aux), grads = results[None]
+    (ref_loss, ref_aux), ref_grads = results[True]
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for k in ('mim', 'global', 'local'):
+        np.testing.assert_allclose(aux['terms'][k], ref_aux['terms'][k], rtol=1e-6, err_msg=k)
+    np.testing.assert_allclose(aux['new_keys'], ref_aux['new_keys'], atol=1e-6)
+    np.testing.assert_allclose(aux['center'], ref_aux['center'], atol=1e-7)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 grads, ref_grads)
+    assert optax.tree.norm(grads) > 0
+
+
+def test_resnet_keeps_one_backbone_call_per_crop(monkeypatch):
+    trainer, _ = make_trainer(resnet50)
+    state = trainer.init_state(jax.random.key(0))
+    calls = record_network_calls(monkeypatch)
+    loss_fn, _ = trainer.objective(state, synthetic_batch(3, 8, 64))
+    jax.eval_shape(loss_fn, state['params'])
+    assert [b for name, b in calls if name == 'backbone'] == [8] * 4
+
+
+def test_nonfinite_step_leaves_every_state_array_unchanged():
+    """ResNet (BN statistics in the backbone and the local head): an infinite mask token makes the
+    loss NaN; weights, teacher, Adan moments, BN statistics, queue, pointer and centre stay
+    bit-identical, and only the step and the non-finite count move."""
+    trainer, _ = make_trainer(resnet50)
+    state = trainer.init_state(jax.random.key(0))
+    state['params']['mask_token'] = jnp.full_like(state['params']['mask_token'], jnp.inf)
+    before = jax.device_get(state)
+    new_state, metrics = jax.jit(trainer.train_step)(state, synthetic_batch(1, 8, 64))
+    after = jax.device_get(new_state)
+    assert not np.isfinite(metrics['loss'])
+    assert (int(after['step']), int(after['nonfinite_steps'])) == (1, 1)
+    for key in set(before) - {'step', 'nonfinite_steps'}:
+        jax.tree.map(np.testing.assert_array_equal, after[key], before[key])

@@ -53,9 +53,9 @@ class Toy(nn.Module):
         return nn.Conv(self.num_features, (8, 8), strides=8, dtype=self.dtype, name='body')(x)
 
 
-def build(variant: str, *, img_size: int, dtype: Any = jnp.float32,
-          attention_impl: str = 'xla') -> Toy:
-    del img_size, attention_impl
+def build(variant: str, *, img_size: int, dtype: Any = jnp.float32, attention_impl: str = 'auto',
+          platform: str | None = None, remat: str = 'none') -> Toy:
+    del img_size, attention_impl, platform, remat
     return Toy(VARIANTS[variant], dtype)
 
 

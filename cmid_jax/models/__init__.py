@@ -35,8 +35,8 @@ class Backbone(Protocol):
     TELL_KEYS: tuple[str, ...]  # torch state_dict keys only this arch has (one per layout)
     HAS_BATCH_NORM: bool  # BN in the backbone (and, as officially, in the local head)
 
-    def build(self, variant: str, *, img_size: int, dtype: Any = ...,
-              attention_impl: str = ...) -> nn.Module: ...
+    def build(self, variant: str, *, img_size: int, dtype: Any = ..., attention_impl: str = ...,
+              platform: str | None = None, remat: str = ...) -> nn.Module: ...
 
     def to_torch_state_dict(self, variables: Mapping[str, Any],
                             layout: str | None = None) -> dict[str, Any]: ...
@@ -66,8 +66,10 @@ def backbone_module(arch: str) -> Backbone:
 
 
 def build_backbone(arch: str, variant: str, *, img_size: int, **options: Any) -> nn.Module:
-    """The Linen module of `arch`/`variant` for `img_size` inputs; `options` are `dtype` and
-    `attention_impl` (ignored by backbones without attention)."""
+    """The Linen module of `arch`/`variant` for `img_size` inputs. `options`: `dtype`;
+    `attention_impl` ('auto', 'xla', 'cudnn'; ignored without attention) resolved for `platform`
+    (None = this machine's, `cmid_jax.models.attention`); `remat` ('none', 'dots', 'full': which
+    block activations the backward pass recomputes, `cmid_jax.models.remat`)."""
     return backbone_module(arch).build(variant, img_size=img_size, **options)
 
 

@@ -51,11 +51,13 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
                          "'bfloat16' or 'float32'.") from None
 
 
-def build_networks(config: ml_collections.ConfigDict) -> Networks:
+def build_networks(config: ml_collections.ConfigDict, platform: str | None = None) -> Networks:
+    """The networks of `config`, for lowering on `platform` (None = this machine's)."""
     dtype = compute_dtype(config)
     m = config.model
     backbone = build_backbone(m.arch, m.variant, img_size=config.data.image_size, dtype=dtype,
-                              attention_impl=m.attention_impl)
+                              attention_impl=m.attention_impl, platform=platform,
+                              remat=m.get('remat', 'none'))
     # The official local head has BN exactly for the CNN backbones (use_bn: True for ResNet).
     use_bn = m.local_use_bn if m.local_use_bn is not None else backbone_module(m.arch).HAS_BATCH_NORM
     in_chans = num_bands(config.data)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmid_jax.models import remat as remat_lib
 from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict, resolve_layout,
                                     torch_model_spec, unflatten)
 
@@ -68,7 +69,7 @@ class Bottleneck(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool) -> Array:
         conv = functools.partial(
             nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
             kernel_init=_conv_init)
@@ -101,11 +102,15 @@ class ResNet(nn.Module):
       stage_sizes: blocks per stage; (3, 4, 6, 3) is ResNet-50.
       width: stem channels and the planes of stage 1 (64 in every torchvision ResNet).
       dtype: compute dtype (params are always float32; BN statistics reduce in float32).
+      remat: 'none', 'dots' or 'full': what each bottleneck keeps for the backward pass
+        (`cmid_jax.models.remat`; the recomputation repeats the BN normalisation with the same
+        batch statistics and updates the running averages once).
     """
 
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
     width: int = 64
     dtype: Any = jnp.float32
+    remat: str = 'none'
 
     feature_stride = 32
 
@@ -141,27 +146,30 @@ class ResNet(nn.Module):
         # Lets tests (and debugging) see the stride-4 map right after token injection.
         self.sow('intermediates', 'stem_tokens', x)
 
+        bottleneck = remat_lib.block(Bottleneck, self.remat, static_argnums=(2,))  # train
         for s, n_blocks in enumerate(self.stage_sizes):
             for b in range(n_blocks):
-                x = Bottleneck(
+                x = bottleneck(
                     planes=self.width * 2 ** s,
                     stride=2 if (s > 0 and b == 0) else 1,
                     downsample=(b == 0),  # also layer1.0: width -> 4 * width channels
                     dtype=self.dtype,
                     name=f'layer{s + 1}_{b}',
-                )(x, train=train)
+                )(x, train)
         return x
 
 
-def build(variant: str, *, img_size: int, dtype: Any = jnp.float32,
-          attention_impl: str = 'xla') -> ResNet:
-    """ResNet for a variant name ('50', or the small 'tiny' and 'nano'); any input size that is a
-    multiple of 32 works, and there is no attention to choose."""
-    del img_size, attention_impl
+def build(variant: str, *, img_size: int, dtype: Any = jnp.float32, attention_impl: str = 'auto',
+          platform: str | None = None, remat: str = 'none') -> ResNet:
+    """ResNet for a variant name ('50', or the small 'tiny' and 'nano'), its bottlenecks
+    rematerialised per `remat` (`cmid_jax.models.remat`); any input size that is a multiple of 32
+    works, and there is no attention to choose."""
+    del img_size, attention_impl, platform
     if variant not in VARIANTS:
         raise ValueError(f'unknown ResNet variant {variant!r}; allowed: {sorted(VARIANTS)}')
+    remat_lib.check(remat)
     stage_sizes, width = VARIANTS[variant]
-    return ResNet(stage_sizes=stage_sizes, width=width, dtype=dtype)
+    return ResNet(stage_sizes=stage_sizes, width=width, dtype=dtype, remat=remat)
 
 
 def forward_flops(variant: str, image_size: int, in_chans: int = 3) -> int:

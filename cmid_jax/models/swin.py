@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmid_jax.models import remat as remat_lib
 from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict, patch_conv,
                                     resolve_layout, torch_default_bias_init,
                                     torch_default_kernel_init, torch_model_spec, unflatten)
@@ -247,11 +248,13 @@ class SwinStage(nn.Module):
     downsample: bool
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32
+    remat: str = 'none'
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        block = remat_lib.block(SwinBlock, self.remat)
         for i in range(self.depth):
-            x = SwinBlock(self.num_heads, self.window_size, shift=i % 2 == 1,
+            x = block(self.num_heads, self.window_size, shift=i % 2 == 1,
                           mlp_ratio=self.mlp_ratio, dtype=self.dtype, name=f'blocks_{i}')(x)
         if self.downsample:
             x = PatchMerging(self.dtype, name='downsample')(x)
@@ -279,6 +282,12 @@ class SwinTransformer(nn.Module):
       depths / num_heads: blocks and attention heads per stage.
       window_size: attention window (7 for every official Swin).
       dtype: compute dtype (params are always float32; attention softmax runs in float32).
+      remat: 'none', 'dots' or 'full': what each block keeps for the backward pass
+        (`cmid_jax.models.remat`).
+
+    Window attention stays XLA's on every platform: cuDNN's fused attention rejects the 49-token
+    windows in training (odd lengths with a bias), would need the relative-position bias and shift
+    mask as a materialised (B*nW, heads, 49, 49) bias, and gains little on 49x49 score matrices.
     """
 
     patch_size: int = 4
@@ -288,6 +297,7 @@ class SwinTransformer(nn.Module):
     window_size: int = 7
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32
+    remat: str = 'none'
 
     @property
     def feature_stride(self) -> int:
@@ -333,19 +343,22 @@ class SwinTransformer(nn.Module):
         n = len(self.depths)
         for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
             x = SwinStage(depth, heads, self.window_size, downsample=i < n - 1,
-                          mlp_ratio=self.mlp_ratio, dtype=self.dtype, name=f'stages_{i}')(x)
+                          mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat,
+                          name=f'stages_{i}')(x)
         return _layer_norm(self.dtype, f'norm{n - 1}')(x)
 
 
-def build(variant: str, *, img_size: int, dtype: Any = jnp.float32,
-          attention_impl: str = 'xla') -> SwinTransformer:
-    """Swin for a variant name ('B', or the small 'tiny-test' and 'nano'). Inputs of any multiple
-    of 32 from `min_image_size` work; window attention always runs in XLA (its relative-position
-    bias and shift mask are no fused-kernel case)."""
-    del img_size, attention_impl
+def build(variant: str, *, img_size: int, dtype: Any = jnp.float32, attention_impl: str = 'auto',
+          platform: str | None = None, remat: str = 'none') -> SwinTransformer:
+    """Swin for a variant name ('B', or the small 'tiny-test' and 'nano'), its blocks
+    rematerialised per `remat`. Inputs of any multiple of 32 from `min_image_size` work; window
+    attention always runs in XLA (its relative-position bias and shift mask are no fused-kernel
+    case)."""
+    del img_size, attention_impl, platform
     if variant not in VARIANTS:
         raise ValueError(f'unknown Swin variant {variant!r}; allowed: {sorted(VARIANTS)}')
-    return SwinTransformer(**VARIANTS[variant], dtype=dtype)
+    remat_lib.check(remat)
+    return SwinTransformer(**VARIANTS[variant], dtype=dtype, remat=remat)
 
 
 def forward_flops(variant: str, image_size: int, in_chans: int = 3) -> int:

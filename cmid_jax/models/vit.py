@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmid_jax.models import attention, remat as remat_lib
 from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict, patch_conv,
                                     resolve_layout, torch_model_spec, unflatten)
 
@@ -156,7 +157,10 @@ class VisionTransformer(nn.Module):
       img_size: training resolution; sets the number of position-embedding rows.
       dtype: compute dtype (params are always float32).
       attention_impl: 'xla' (any backend) or 'cudnn' (GPU only; needs dtype bf16/fp16 and a head
-        dim that is a multiple of 8; the tokens are padded to a multiple of 8).
+        dim that is a multiple of 8; the tokens are padded to a multiple of 8). `build`
+        resolves 'auto' (`cmid_jax.models.attention`).
+      remat: 'none', 'dots' or 'full': what each block keeps for the backward pass
+        (`cmid_jax.models.remat`).
     """
 
     patch_size: int = 16
@@ -167,6 +171,7 @@ class VisionTransformer(nn.Module):
     img_size: int = 224
     dtype: Any = jnp.float32
     attention_impl: str = 'xla'
+    remat: str = 'none'
 
     @property
     def feature_stride(self) -> int:
@@ -213,22 +218,29 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x], axis=1)
         x = x + pos.astype(self.dtype)
 
+        block = remat_lib.block(Block, self.remat)
         for i in range(self.depth):
-            x = Block(d, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
+            x = block(d, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
                       name=f'blocks_{i}')(x)
         x = _layer_norm(self.dtype, 'norm')(x)
         return x[:, 1:].reshape(b, gh, gw, d)
 
 
-def build(variant: str, *, img_size: int, dtype: Any = jnp.float32,
-          attention_impl: str = 'xla') -> VisionTransformer:
-    """ViT for a variant name ('mu/16' test-only, 'Ti/16', 'S/16', 'B/16') at `img_size`."""
+def build(variant: str, *, img_size: int, dtype: Any = jnp.float32, attention_impl: str = 'auto',
+          platform: str | None = None, remat: str = 'none') -> VisionTransformer:
+    """ViT for a variant name ('mu/16' test-only, 'Ti/16', 'S/16', 'B/16') at `img_size`.
+
+    `attention_impl` ('auto', 'xla', 'cudnn') is resolved for `platform` ('cuda', 'tpu', ...;
+    None = this machine's), the platform the model will be lowered for.
+    """
     if variant not in VARIANTS:
         raise ValueError(f'unknown ViT variant {variant!r}; allowed: {sorted(VARIANTS)}')
-    if attention_impl not in ('xla', 'cudnn'):
-        raise ValueError(f"attention_impl must be 'xla' or 'cudnn', got {attention_impl!r}")
-    return VisionTransformer(**VARIANTS[variant], img_size=img_size, dtype=dtype,
-                             attention_impl=attention_impl)
+    remat_lib.check(remat)
+    v = VARIANTS[variant]
+    impl = attention.resolve(attention_impl, platform=platform or attention.current_platform(),
+                             dtype=dtype, head_dim=v['embed_dim'] // v['num_heads'])
+    return VisionTransformer(**v, img_size=img_size, dtype=dtype, attention_impl=impl,
+                             remat=remat)
 
 
 def forward_flops(variant: str, image_size: int, in_chans: int = 3) -> int:
