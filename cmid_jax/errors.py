@@ -128,6 +128,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
         try:  # A config file that failed to load raises on first use.
             _ = flag.value.keys
         except OSError as e:
+            if _show_tracebacks():
+                raise
             path = config_flags.get_config_filename(flag).split(':', 1)[0]
             message = (f'config file {path!r} (--{name}) not found' if not os.path.exists(path)
                        else f'config file {path!r} (--{name}) does not load: {one_line(e)}')

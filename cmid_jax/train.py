@@ -13,7 +13,6 @@ from typing import Iterator
 import grain
 import jax
 import ml_collections
-import numpy as np
 from absl import flags
 
 from cmid_jax import metrics as metrics_lib, optim, parallel
@@ -24,7 +23,8 @@ from cmid_jax.data.pipeline import Source, build_dataset, make_iterator
 from cmid_jax.errors import DataError, Preempted, WorkdirError, expected, one_line
 from cmid_jax.evaluation.periodic import PeriodicEvals
 from cmid_jax.step import Trainer
-from cmid_jax.workdir import BAD_FILES, CKPT, CONFIG, HISTORY, METRICS, Workdir
+from cmid_jax.workdir import (BAD_FILES, CKPT, CONFIG, HISTORY, METRICS, Workdir,
+                              share_from_process_0)
 
 __all__ = ['check_config', 'input_pipeline', 'train_and_evaluate']
 
@@ -193,12 +193,10 @@ def _exclusive(wd: Workdir) -> Iterator[None]:
             lock.acquire()
         except WorkdirError as e:
             failure = e
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-        taken = multihost_utils.broadcast_one_to_all(np.int32(failure is not None))
-        if taken and failure is None:
-            failure = WorkdirError(f'Process 0 could not lock the workdir {wd}',
-                                   'see the log of process 0')
+    refusal = share_from_process_0('workdir_lock', failure.message if failure else '')
+    if failure is None and refusal:
+        failure = WorkdirError(f'Process 0 could not lock the workdir: {refusal}',
+                               'see the log of process 0')
     if failure is not None:
         raise failure
     try:
@@ -213,12 +211,13 @@ def closing_summary(wd: Workdir, config: ml_collections.ConfigDict, step: int) -
     records = wd.read_jsonl(METRICS)
     last = next((r for r in reversed(records) if 'loss' in r), {})
     knn = next((r for r in reversed(records) if 'knn_top1_student' in r), None)
-    seconds = sum(r.get('seconds', 0) for r in wd.read_jsonl(HISTORY)
-                  if r.get('event') == 'end')
+    sessions = [r for r in wd.read_jsonl(HISTORY) if r.get('event') == 'end']
+    seconds = sum(r.get('seconds', 0) for r in sessions)
     losses = ' '.join(f'{k}={last[k]:.4f}' for k in ('loss', 'loss_mim', 'loss_global',
                                                      'loss_local') if k in last)
-    lines = [f'Finished {step}/{config.total_steps} steps in {metrics_lib.duration(seconds)} '
-             f'of training sessions; step {last.get("step", "?")}: {losses or "no metrics"}.']
+    lines = [f'Run complete: step {step} of {config.total_steps}, '
+             f'{metrics_lib.duration(seconds)} of wall time in {len(sessions)} session(s); '
+             f'at step {last.get("step", "?")}: {losses or "no metrics logged"}.']
     if knn is not None:
         lines.append(f'kNN top-1 at step {knn["step"]}: student {knn["knn_top1_student"]:.4f}, '
                      f'teacher {knn["knn_top1_teacher"]:.4f}.')

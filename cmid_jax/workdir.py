@@ -422,9 +422,23 @@ def _shapes(tree) -> dict[str, tuple]:
 
 
 def _sync_processes(name: str) -> None:
+    """A barrier of all processes through JAX's coordination service (no device collective, so
+    it never creates a communicator the train step's collectives would have to agree on)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-        multihost_utils.sync_global_devices(name)
+        ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key(name))
+
+
+def share_from_process_0(name: str, value: str | None) -> str:
+    """`value` of process 0, on every process (through the coordination service's key-value
+    store); `value` is ignored elsewhere."""
+    if jax.process_count() == 1:
+        return value
+    client = ocp.multihost.get_jax_distributed_client()
+    key = f'cmid_jax/{ocp.multihost.unique_barrier_key(name)}'
+    if jax.process_index() == 0:
+        client.key_value_set(key, value)
+        return value
+    return client.blocking_key_value_get(key, ocp.multihost.coordination_timeout() * 1000)
 
 
 # --- Lock ---------------------------------------------------------------------------------

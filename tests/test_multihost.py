@@ -28,8 +28,11 @@ def launch_two_processes(workdir) -> None:
     port = free_port()
     procs = []
     for pid in range(2):
+        # No persistent compilation cache: a process that loads the step from it while the
+        # other compiles can leave it waiting past Gloo's 30 s set-up deadline.
         env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
-                   JAX_PROCESS_ID=str(pid), XLA_FLAGS='--xla_force_host_platform_device_count=4')
+                   JAX_PROCESS_ID=str(pid), XLA_FLAGS='--xla_force_host_platform_device_count=4',
+                   JAX_ENABLE_COMPILATION_CACHE='false')
         procs.append(subprocess.Popen(
             [sys.executable, '-m', 'cmid_jax.main', '--config=configs/vitb.py:smoke',
              f'--workdir={workdir}', *FLAGS],

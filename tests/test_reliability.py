@@ -3,6 +3,7 @@ exit codes and one-line errors, as a user meets them."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ from cmid_jax import errors, metrics as metrics_lib, train
 from cmid_jax.config_checks import check_config, resume_changes
 from cmid_jax.data import list_images, pipeline
 from cmid_jax.data.bad_files import BadFiles
+from cmid_jax.restore import restore_train_state
 from cmid_jax.workdir import Workdir
 from configs import vitb
 from conftest import REPO, SHARED_DATA, run_tool
@@ -298,12 +300,19 @@ def test_a_failed_save_stops_the_run_at_once_in_one_line(tmp_path):
          '--config.total_steps=40', '--config.checkpoint_every_steps=1'],
         cwd=REPO, capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)
     assert proc.returncode == errors.EXIT_USER_ERROR, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-2] == (f'Error: Saving the checkpoint of step 1 to {workdir}/ckpt failed: File '
-                         'too large (errno 27); no earlier checkpoint exists')
+    error = proc.stderr.strip().splitlines()[-2]
+    match = re.fullmatch(rf'Error: Saving the checkpoint of step (\d+) to {workdir}/ckpt failed: '
+                         r'File too large \(errno 27\); (the checkpoint of step (\d+) is intact|'
+                         r'no earlier checkpoint exists)', error)
+    assert match, error
     assert 'Traceback' not in proc.stderr and 'orbax' not in proc.stderr
+    failed = int(match.group(1))
     logged = [json.loads(line)['step'] for line in open(workdir / 'metrics.jsonl')]
-    assert logged[-1] < 10  # stopped within a few steps, not at the end of the run
+    assert logged[-1] <= failed + 1  # stopped at once, not at the end of the 40 steps
+    assert str(failed) not in os.listdir(workdir / 'ckpt')
+    if match.group(3):  # the newest intact checkpoint restores
+        _, state, step = restore_train_state(str(workdir))
+        assert step == int(match.group(3)) == int(state['step'])
     history = Workdir(workdir).read_jsonl('history.jsonl')
-    assert history[-1]['status'].startswith('failed: Saving the checkpoint of step 1')
+    assert history[-1]['status'].startswith(f'failed: Saving the checkpoint of step {failed}')
 
