@@ -1,6 +1,8 @@
 """Benchmark CLI on CPU, and the analytic FLOPs against published counts and XLA's own count."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +12,11 @@ from jax.experimental.compilation_cache import compilation_cache
 from cmid_jax.perf import benchmark, flops
 from cmid_jax.models import build_backbone
 from configs import vitb
-from conftest import run_tool
+from conftest import REPO, run_tool
 
 FIELDS = {
     'implementation', 'config', 'arch', 'variant', 'image_size', 'compute_dtype', 'attention_impl',
+    'remat',
     'data', 'platform', 'device_kind', 'device_count', 'process_count', 'global_batch',
     'warmup_steps', 'timed_steps', 'step_time_ms_mean', 'step_time_ms_median', 'images_per_sec',
     'input_images_per_sec',
@@ -132,3 +135,26 @@ def test_peak_flops_table():
     assert flops.peak_flops('TPU v5p') == 459e12
     assert flops.peak_flops('TPU v6 lite') == 918e12
     assert flops.peak_flops('cpu') is None
+
+
+def test_gpu_summary_table_has_one_row_per_record(tmp_path):
+    """run_gpu.sh ends with this table; partial output of a crashed run is skipped."""
+    record = {'implementation': 'jax', 'arch': 'vit', 'variant': 'B/16', 'global_batch': 256,
+              'compute_dtype': 'bfloat16', 'attention_impl': 'cudnn', 'remat': 'dots',
+              'data': 'synthetic', 'images_per_sec': 1600.4, 'step_time_ms_mean': 160.0,
+              'step_time_ms_median': 159.5, 'mfu': 0.3712, 'peak_memory_bytes': 3 * 2 ** 30,
+              'compile_time_s': 41.6, 'device_kind': 'NVIDIA H100 80GB HBM3'}
+    torch_record = dict(record, implementation='torch', arch='resnet', variant='50', mfu=None,
+                        attention_impl=None, config='torch_reference.py --compile',
+                        peak_memory_bytes=None, compile_time_s=None)
+    results = tmp_path / 'results.jsonl'
+    results.write_text(json.dumps(record) + '\n{"truncated\n' + json.dumps(torch_record) + '\n')
+    proc = subprocess.run([sys.executable, 'experiments/benchmarks/summarize.py', str(results)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    header, rule, *rows = proc.stdout.strip().splitlines()
+    assert header.startswith('| backbone | implementation | options') and len(rows) == 2
+    assert rows[0] == ('| ViT-B/16 | cmid_jax | bfloat16, cudnn attention, remat dots | 256 | '
+                       '1,600 | 160.0 / 159.5 | 37.1% | 3.0 | 42 | NVIDIA H100 80GB HBM3 |')
+    assert rows[1].startswith('| ResNet-50 | PyTorch | bfloat16, compile | 256 | 1,600 |')
+    assert rows[1].endswith('| – | – | – | NVIDIA H100 80GB HBM3 |')

@@ -186,7 +186,8 @@ def record_network_calls(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize('config_module', [vitb, swinb], ids=['vit', 'swin'])
+@pytest.mark.parametrize('config_module', [
+    vitb, pytest.param(swinb, marks=pytest.mark.slow)], ids=['vit', 'swin'])
 def test_one_backbone_call_for_both_crops_equals_one_per_crop(config_module, monkeypatch):
     """Backbones without BatchNorm see both crops in one call: the losses, gradients and aux equal
     the per-crop path (the official two calls) to fp32 rounding."""
@@ -224,6 +225,7 @@ def test_resnet_keeps_one_backbone_call_per_crop(monkeypatch):
     assert [b for name, b in calls if name == 'backbone'] == [8] * 4
 
 
+@pytest.mark.slow
 def test_nonfinite_step_leaves_every_state_array_unchanged():
     """ResNet (BN statistics in the backbone and the local head): an infinite mask token makes the
     loss NaN; weights, teacher, Adan moments, BN statistics, queue, pointer and centre stay

@@ -1,6 +1,6 @@
 """Throughput of the real CMID train step: compile, warm up, time N steps, print one JSON line.
 
-    python -m cmid_jax.tools.benchmark --config=configs/vitb.py --config.model.attention_impl=cudnn
+    python -m cmid_jax.tools.benchmark --config=configs/vitb.py --config.model.remat=none
     python -m cmid_jax.tools.benchmark --config=configs/resnet50.py --data=pipeline \
         --config.data.path=IMAGES
 
@@ -193,7 +193,9 @@ def run_benchmark(config: ml_collections.ConfigDict, *, data: str = 'synthetic',
         'variant': m.variant,
         'image_size': config.data.image_size,
         'compute_dtype': m.compute_dtype,
-        'attention_impl': m.attention_impl if m.arch == 'vit' else None,
+        # As resolved for this platform ('auto' -> 'cudnn' or 'xla'); null for CNNs and Swin.
+        'attention_impl': getattr(trainer.nets.backbone, 'attention_impl', None),
+        'remat': m.remat,
         'data': data,
         'platform': device.platform,
         'device_kind': device.device_kind,

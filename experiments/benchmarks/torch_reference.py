@@ -463,6 +463,7 @@ def run(args) -> dict:
         'image_size': args.image_size,
         'compute_dtype': {'bf16': 'bfloat16', 'fp16': 'float16', 'none': 'float32'}[args.amp],
         'attention_impl': student.backbone.attention_impl,
+        'remat': None,  # Eager PyTorch keeps every activation autograd saves.
         'data': 'synthetic',
         'platform': 'gpu' if cuda else device.type,
         'device_kind': kind,
