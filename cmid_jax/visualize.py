@@ -72,17 +72,61 @@ def reconstruction_grid(batch_views: Mapping[str, np.ndarray], reconstruction: n
     prediction = (np.asarray(reconstruction, np.float32)[:n] * np.asarray(std, np.float32)
                   + np.asarray(mean, np.float32))
     lo, hi = _display_range(images)
-
-    def to_uint8(a):
-        a = a[..., :3] if a.shape[-1] >= 3 else np.repeat(a[..., :1], 3, axis=-1)
-        a = np.nan_to_num((a - lo) / (hi - lo), nan=0.0)  # A diverged run still gets a picture.
-        return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
-
-    shown = to_uint8(x)
+    shown = _to_uint8(x, lo, hi)
     channel_mean = np.rint(shown.astype(np.float32).mean(axis=(1, 2), keepdims=True))
     masked = np.where(pixel_mask, channel_mean, shown).astype(np.uint8)
-    composite = np.where(pixel_mask, to_uint8(prediction), shown)
+    composite = np.where(pixel_mask, _to_uint8(prediction, lo, hi), shown)
     return _tile([shown, masked, composite, shown], gap)
+
+
+def _to_uint8(fraction: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Pixels in type-maximum units -> RGB uint8 of the first three bands (one band as grey),
+    `lo` / `hi` mapped to black / white."""
+    a = fraction[..., :3] if fraction.shape[-1] >= 3 else np.repeat(fraction[..., :1], 3, axis=-1)
+    a = np.nan_to_num((a - lo) / (hi - lo), nan=0.0)  # A diverged run still gets a picture.
+    return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+
+
+def display_images(images: np.ndarray) -> np.ndarray:
+    """(n, H, W, bands) uint8 / uint16 images -> (n, H, W, 3) uint8 for display: 8-bit RGB as it
+    is, other data stretched per band between the 2nd and 98th percentile of `images`."""
+    return _to_uint8(_fraction(images), *_display_range(images))
+
+
+def class_colors(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """uint8 class indices (...) -> (..., 3) uint8: class c in the c-th plot colour (two classes
+    in black and white, as change masks), any other value (the ignore value) in mid grey."""
+    palette = np.full((256, 3), 128, np.uint8)
+    if num_classes == 2:
+        palette[:2] = ((0, 0, 0), (255, 255, 255))
+    else:
+        palette[:num_classes] = [_COLORS[c % len(_COLORS)] for c in range(num_classes)]
+    return palette[np.asarray(labels, np.uint8)]
+
+
+def labelled_grid(rows: Mapping[str, np.ndarray], gap: int = 2, margin: int = 80,
+                  legend: Mapping[str, Sequence[int]] | None = None) -> np.ndarray:
+    """`{row name: (n, S, S, 3) uint8}` -> one image of the rows laid out as `_tile` does, each
+    row's name written in a white `margin` on its left, and an optional `legend` line below
+    (`{name: RGB colour}`, e.g. the classes of a label row)."""
+    grid = _tile(list(rows.values()), gap)
+    line = 20 if legend else 0
+    out = np.full((grid.shape[0] + line, margin + grid.shape[1], 3), GAP_VALUE, np.uint8)
+    out[:grid.shape[0], margin:] = grid
+    img = Image.fromarray(out)
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    size = next(iter(rows.values())).shape[1]
+    for r, name in enumerate(rows):
+        draw.text((margin - 6, r * (size + gap) + size / 2), name, fill='black', font=font,
+                  anchor='rm')
+    x, y = margin, grid.shape[0] + line / 2
+    for name, color in (legend or {}).items():
+        draw.rectangle([x, y - 5, x + 10, y + 5], fill=tuple(int(c) for c in color),
+                       outline='black')
+        draw.text((x + 14, y), name, fill='black', font=font, anchor='lm')
+        x += 24 + draw.textlength(name, font=font)
+    return np.asarray(img)
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:

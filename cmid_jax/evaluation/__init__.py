@@ -1,8 +1,11 @@
-"""Evaluation of pretrained backbones on a labelled class-per-folder dataset.
+"""Evaluation of pretrained backbones on labelled scenes, segmentation masks and change pairs.
 
 `labelled` (seeded per-class split), `features` (image cache and frozen-backbone features),
-`knn`, `linear` and `finetune` (the three protocols), `online` (the kNN monitor for the train
-loop) and `reconstruction` (the student's MIM output for the reconstruction grids).
+`knn`, `linear` and `finetune` (the three classification protocols), the dense probes `dense`
+(segmentation and change detection) with `dense_data` (datasets, checks, split by image),
+`dense_head` (heads and their recipe), `dense_metrics` and `tiling` (sliding windows), `run`
+(`evaluate`, every protocol), `online` (the kNN monitor for the train loop) and
+`reconstruction` (the student's MIM output for the reconstruction grids).
 """
 
 from cmid_jax.evaluation.features import FeatureExtractor, load_images

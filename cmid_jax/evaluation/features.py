@@ -5,9 +5,11 @@ Images are read once as pretraining reads its image files (a `FileSource` with t
 checked against the model's band count and pixel type, center-resized to `config.data.image_size`
 (shorter side resized with PIL bicubic, then the central square cropped: for square images this
 is the pretraining pre-resize, per band for non-RGB / uint16 data) and kept as one
-(N, S, S, bands) uint8 / uint16 array. Features are the global average pool of the
-backbone's last feature map in float32, computed with BatchNorm in inference mode (running
-statistics) and the pretraining normalisation `config.data.mean` / `config.data.std`.
+(N, S, S, bands) uint8 / uint16 array (`load_images`), or kept at their own size for the dense
+protocols (`read_images`). Features are the global average pool of the backbone's last feature
+map in float32, or the map itself (`make_feature_map_fn`, `FeatureExtractor(feature_map=True)`),
+computed with BatchNorm in inference mode (running statistics) and the pretraining
+normalisation `config.data.mean` / `config.data.std`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import types
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +84,12 @@ class LabelledReader:
         return image
 
 
+def _map_threads(fn: Callable[[int], object], n: int, num_threads: int | None) -> list:
+    workers = num_threads or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL.
+        return list(pool.map(fn, range(n)))
+
+
 def load_images(files: Sequence[str], size: int, data: Mapping = RGB8,
                 num_threads: int | None = None) -> np.ndarray:
     """Reads (`LabelledReader`) and center-resizes every file into one (N, size, size, bands)
@@ -92,14 +100,44 @@ def load_images(files: Sequence[str], size: int, data: Mapping = RGB8,
     def load(i):
         out[i] = center_resize(read(i), size)
 
-    workers = num_threads or min(8, os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL.
-        list(pool.map(load, range(len(files))))
+    _map_threads(load, len(files), num_threads)
     return out
 
 
+def read_images(files: Sequence[str], data: Mapping = RGB8,
+                num_threads: int | None = None) -> list[np.ndarray]:
+    """Every file at its own size, (H, W, bands) of the model's pixel type, read as
+    `load_images` reads them (`LabelledReader`); `data` is the workdir's `config.data`."""
+    return _map_threads(LabelledReader(files, data), len(files), num_threads)
+
+
+def make_feature_map_fn(config: ml_collections.ConfigDict
+                        ) -> Callable[[dict, jax.Array], jax.Array]:
+    """`fn(variables, images) -> (B, h, w, C)` float32: the backbone's last feature map (stride
+    `feature_stride`) of (B, S, S, bands) uint8 / uint16 images, normalised with
+    `config.data.mean` / `std` and BatchNorm in inference mode. Not jitted: callers compose it."""
+    nets = cmid.build_networks(config)
+    mean, std = tuple(config.data.mean), tuple(config.data.std)
+
+    def feature_map(variables, images):
+        x = objective.normalize(images, mean, std)
+        fmap, _ = nets.apply('backbone', variables, x, train=False)
+        return fmap.astype(jnp.float32)
+
+    return feature_map
+
+
+def pad_batch(batch: np.ndarray, size: int) -> np.ndarray:
+    """`batch` zero-padded along its first axis to `size` rows: one compiled shape for all."""
+    if len(batch) == size:
+        return batch
+    return np.concatenate([batch, np.zeros((size - len(batch),) + batch.shape[1:], batch.dtype)])
+
+
 class FeatureExtractor:
-    """Batched, jitted (once) frozen-backbone features: `extractor(variables, images) -> (N, C)`.
+    """Batched, jitted (once) frozen-backbone features: `extractor(variables, images) -> (N, C)`,
+    the global average pool of the last feature map, or with `feature_map=True` the map itself,
+    (N, h, w, C).
 
     With a `mesh`, each batch is split over its `data` axis (the batch size is rounded up to a
     multiple of the device count) and the features come back replicated, so this also works when
@@ -108,14 +146,12 @@ class FeatureExtractor:
     """
 
     def __init__(self, config: ml_collections.ConfigDict, *, batch_size: int = 128,
-                 mesh: Mesh | None = None):
-        nets = cmid.build_networks(config)
-        mean, std = tuple(config.data.mean), tuple(config.data.std)
+                 mesh: Mesh | None = None, feature_map: bool = False):
+        fmap_fn = make_feature_map_fn(config)
 
         def features(variables, images):
-            x = objective.normalize(images, mean, std)
-            fmap, _ = nets.apply('backbone', variables, x, train=False)
-            return jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+            fmap = fmap_fn(variables, images)
+            return fmap if feature_map else jnp.mean(fmap, axis=(1, 2))
 
         if mesh is None:
             self._images_sharding = None
@@ -135,14 +171,9 @@ class FeatureExtractor:
                                             lambda idx: batch[idx])
 
     def __call__(self, variables: dict, images: np.ndarray) -> np.ndarray:
-        """(N, S, S, bands) uint8 / uint16 images -> (N, C) float32 features; the last batch is
-        zero-padded."""
+        """(N, S, S, bands) uint8 / uint16 images -> (N, C) or (N, h, w, C) float32 features;
+        the last batch is zero-padded."""
         n, bs = len(images), self.batch_size
-        out = []
-        for start in range(0, n, bs):
-            batch = images[start:start + bs]
-            if len(batch) < bs:  # One compiled shape for every batch.
-                batch = np.concatenate([batch, np.zeros((bs - len(batch),) + batch.shape[1:],
-                                                        batch.dtype)])
-            out.append(self._fn(variables, self._put(batch)))  # Dispatched without waiting.
+        out = [self._fn(variables, self._put(pad_batch(images[start:start + bs], bs)))
+               for start in range(0, n, bs)]  # Dispatched without waiting.
         return np.concatenate([np.asarray(f) for f in jax.device_get(out)])[:n]

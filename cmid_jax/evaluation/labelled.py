@@ -64,11 +64,17 @@ def _rank_key(seed: int, class_name: str, class_dir: str, path: str) -> str:
     return hashlib.sha256(f'{seed}/{class_name}/{rel}'.encode()).hexdigest()
 
 
+def train_count(train_fraction: float, n: int) -> int:
+    """How many of `n` ranked items go to train: `floor(train_fraction * n + 0.5)`, at least 1
+    and at most n - 1 (half-up rounding: Python's round() would send 2.5 to 2 but 3.5 to 4)."""
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f'train_fraction must be in (0, 1), got {train_fraction}')
+    return min(max(math.floor(train_fraction * n + 0.5), 1), n - 1)
+
+
 def split_per_class(files_by_class: dict[str, list[str]], train_fraction: float,
                     seed: int) -> LabelledSplit:
     """Seeded per-class split of `{class: files}` (see the module docstring)."""
-    if not 0.0 < train_fraction < 1.0:
-        raise ValueError(f'train_fraction must be in (0, 1), got {train_fraction}')
     names = tuple(sorted(files_by_class))
     train_f, train_y, test_f, test_y = [], [], [], []
     for label, name in enumerate(names):
@@ -79,8 +85,7 @@ def split_per_class(files_by_class: dict[str, list[str]], train_fraction: float,
         # The deepest folder common to the class's files: the class folder for a flat layout.
         class_dir = os.path.commonpath([os.path.dirname(f) for f in files])
         ranked = sorted(files, key=lambda f: _rank_key(seed, name, class_dir, f))
-        # Half-up rounding (Python's round() would send 2.5 to 2 but 3.5 to 4).
-        n_train = min(max(math.floor(train_fraction * len(files) + 0.5), 1), len(files) - 1)
+        n_train = train_count(train_fraction, len(files))
         train_f += ranked[:n_train]
         test_f += ranked[n_train:]
         train_y += [label] * n_train

@@ -3,8 +3,10 @@
     python experiments/ablation/collect.py runs/ablation_aid10k* --out experiments/ablation/results.jsonl
 
 Each workdir's `eval.jsonl` (written by `python -m cmid_jax.tools.evaluate`) gets the setting and the
-pretraining seed read from its `config.json`; the table gives top-1 (%) per backbone, setting and
-protocol, the mean over seeds first and each seed's value after it.
+pretraining seed read from its `config.json`; the table gives, per backbone, setting and protocol,
+the mean over seeds first and each seed's value after it: top-1 (%) for kNN and the linear probe,
+mIoU (%) for segmentation and the change class's F1 (%) for change detection, one column per
+dense data set.
 """
 
 from __future__ import annotations
@@ -21,6 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from configs.ablation import SETTINGS  # noqa: E402
 
 PROTOCOLS = ('knn', 'linear')
+DENSE_METRIC = {'segmentation': 'miou', 'change': 'f1'}
+
+
+def column(row: dict) -> str:
+    """The table column of an evaluation: its protocol, and for a dense one its data set and
+    head."""
+    if row['protocol'] in DENSE_METRIC:
+        return (f"{row['protocol']} {Path(row['data']).name} {row['head']} "
+                f"({DENSE_METRIC[row['protocol']]})")
+    return row['protocol']
+
+
+def score(row: dict) -> float:
+    return 100 * row[DENSE_METRIC.get(row['protocol'], 'top1')]
 
 
 def setting_of(config: dict, step: int) -> str:
@@ -45,16 +61,18 @@ def collect(roots: list[Path]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    top1 = collections.defaultdict(list)
+    scores = collections.defaultdict(list)
     for r in sorted(rows, key=lambda r: r['pretrain_seed']):
-        top1[(r['arch'], r['variant'], r['setting'], r['protocol'])].append(100 * r['top1'])
-    lines = ['| backbone | setting | ' + ' | '.join(PROTOCOLS) + ' |',
-             '|---|---|' + '---|' * len(PROTOCOLS)]
-    for arch, variant in sorted({(k[0], k[1]) for k in top1}):
+        scores[(r['arch'], r['variant'], r['setting'], column(r))].append(score(r))
+    columns = [p for p in PROTOCOLS if any(k[3] == p for k in scores)]
+    columns += sorted({k[3] for k in scores} - set(PROTOCOLS))
+    lines = ['| backbone | setting | ' + ' | '.join(columns) + ' |',
+             '|---|---|' + '---|' * len(columns)]
+    for arch, variant in sorted({(k[0], k[1]) for k in scores}):
         for setting in SETTINGS:
             cells = []
-            for protocol in PROTOCOLS:
-                values = top1.get((arch, variant, setting, protocol))
+            for protocol in columns:
+                values = scores.get((arch, variant, setting, protocol))
                 if not values:
                     cells.append('')
                     continue
