@@ -29,6 +29,7 @@ import numpy as np
 
 from cmid_jax.restore import restore_train_state
 from cmid_jax.workdir import Workdir
+from cmid_jax.convert import require_torch
 from cmid_jax.data.bands import num_bands, type_max
 from cmid_jax.models import backbone_module
 from cmid_jax.models.cmid import STATE_KEYS, backbone_variables
@@ -45,15 +46,6 @@ def weights_format(path: str) -> str:
     return WEIGHT_SUFFIXES[suffix]
 
 
-def _import_torch():
-    try:
-        import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as err:
-        raise ImportError('writing or reading a .pth file needs PyTorch (pip install torch); a '
-                          '.safetensors file needs only the safetensors package') from err
-    return torch
-
-
 def save_weights(state_dict: Mapping[str, np.ndarray], path: str,
                  metadata: Mapping[str, str] | None = None) -> None:
     """Writes a numpy state_dict as `.pth` (torch.save) or `.safetensors` (no torch needed)."""
@@ -64,7 +56,7 @@ def save_weights(state_dict: Mapping[str, np.ndarray], path: str,
         save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path,
                   metadata={'format': 'pt', **(metadata or {})})
     else:
-        torch = _import_torch()
+        torch = require_torch('writing or reading a .pth file')
         torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()},
                    path)
 
@@ -104,7 +96,7 @@ def export_backbone(workdir: str, out: str, step: int | None = None, which: str 
     if which not in STATE_KEYS:
         raise ValueError(f'which must be one of {sorted(STATE_KEYS)}, got {which!r}')
     if fmt == 'pth':
-        _import_torch()
+        require_torch('writing or reading a .pth file')
     config, state, step = restore_train_state(workdir, step)
     arch, variant, size = config.model.arch, config.model.variant, config.data.image_size
     in_chans = num_bands(config.data)
@@ -177,10 +169,10 @@ def build_torch_model(spec: Mapping[str, Any]) -> Any:
 def read_weights(path: str) -> dict[str, Any]:
     """An exported state_dict as torch tensors."""
     if weights_format(path) == 'safetensors':
-        _import_torch()
+        require_torch('writing or reading a .pth file')
         from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
         return load_file(path)
-    return _import_torch().load(path, map_location='cpu', weights_only=True)
+    return require_torch('writing or reading a .pth file').load(path, map_location='cpu', weights_only=True)
 
 
 def load_torch_model(metadata_path: str, alternative: int | None = None) -> Any:

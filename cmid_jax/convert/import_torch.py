@@ -45,7 +45,7 @@ import numpy as np
 
 from cmid_jax import optim
 from cmid_jax.convert.adapt import adapt_stem
-from cmid_jax.convert import official, safe_unpickle
+from cmid_jax.convert import official, require_torch, safe_unpickle
 from cmid_jax.models import BACKBONES, backbone_module
 from cmid_jax.models.cmid import STATE_KEYS
 from cmid_jax.models.common import as_numpy
@@ -56,19 +56,10 @@ from cmid_jax.workdir import IMPORT, Workdir
 _DDP_PREFIX = 'module.'
 # Classifier heads of plain timm / torchvision state_dicts; not part of a backbone.
 _CLASSIFIER_PREFIXES = ('fc.', 'head.')
-def _torch():
-    try:
-        import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as err:
-        raise ImportError('reading a .pth checkpoint needs PyTorch (pip install torch); '
-                          'a .safetensors file needs only the safetensors package') from err
-    return torch
-
-
 def _torch_load(path: str) -> tuple[Any, bool]:
     """`torch.load` with weights_only=True, else with the restricted unpickler; returns
     (object, whether the restricted unpickler replaced pickled objects)."""
-    torch = _torch()
+    torch = require_torch('reading a .pth checkpoint')
     try:
         return torch.load(path, map_location='cpu', weights_only=True), False
     except pickle.UnpicklingError:

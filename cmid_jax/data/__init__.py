@@ -1,5 +1,8 @@
 """Data loading for CMID pretraining: sources (files, GeoTIFF tiles, ArrayRecord, TFDS), bands
-and value scale, the two views, and the grain pipeline. Start at :mod:`cmid_jax.data.sources`."""
+and value scale, the two views, and the grain pipeline. Start at :mod:`cmid_jax.data.sources`.
+
+The names below are the package's interface for the rest of cmid_jax (evaluation reads labelled
+images and resamples them as pretraining does); the modules behind them are internals."""
 
 from __future__ import annotations
 
@@ -14,7 +17,13 @@ from cmid_jax.data.pipeline import (
     make_iterator,
 )
 from cmid_jax.data.sources import describe_source, open_source, resolve_data_config
-from cmid_jax.data.views import location_grid, make_views
+from cmid_jax.data.views import (
+    bicubic_resize,
+    location_grid,
+    make_views,
+    resized_crop,
+    sample_crop_box,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -23,6 +32,7 @@ __all__ = [
     "FileSource",
     "Source",
     "TileRejected",
+    "bicubic_resize",
     "build_dataset",
     "demo_data_path",
     "describe_source",
@@ -34,6 +44,8 @@ __all__ = [
     "make_views",
     "num_bands",
     "open_source",
+    "resized_crop",
     "resolve_data_config",
+    "sample_crop_box",
     "type_max",
 ]

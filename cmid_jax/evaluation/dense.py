@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from cmid_jax import visualize
-from cmid_jax.data.views import bicubic_resize
+from cmid_jax.data import bicubic_resize
 from cmid_jax.evaluation import dense_data, dense_head, dense_metrics, tiling
 from cmid_jax.evaluation.features import FeatureExtractor, make_feature_map_fn, read_images
 

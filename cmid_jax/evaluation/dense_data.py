@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from cmid_jax.data.files import IMAGE_EXTENSIONS
+from cmid_jax.data import IMAGE_EXTENSIONS
 from cmid_jax.evaluation.labelled import train_count
 
 IGNORE_INDEX = 255

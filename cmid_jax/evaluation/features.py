@@ -26,10 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cmid_jax import objective
-from cmid_jax.data.bands import num_bands
-from cmid_jax.data.errors import ImageError
-from cmid_jax.data.pipeline import FileSource
-from cmid_jax.data.views import bicubic_resize
+from cmid_jax.data import FileSource, ImageError, bicubic_resize, num_bands
 from cmid_jax.models import cmid
 
 WHICH = tuple(cmid.STATE_KEYS)  # 'student', 'teacher'

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from cmid_jax import objective, optim
-from cmid_jax.data.views import resized_crop, sample_crop_box
+from cmid_jax.data import resized_crop, sample_crop_box
 from cmid_jax.evaluation.features import FeatureExtractor
 from cmid_jax.models import cmid
 

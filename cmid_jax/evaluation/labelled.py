@@ -19,7 +19,7 @@ import hashlib
 import math
 import os
 
-from cmid_jax.data.files import list_images
+from cmid_jax.data import list_images
 
 
 @dataclasses.dataclass(frozen=True)
