@@ -166,9 +166,20 @@ def test_sharded_step_equals_single_device(config_module):
     for a, b in zip(single, sharded):
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    # A bias right before BatchNorm (the ResNet local head's fc1 / fc2) has a zero gradient in
+    # exact arithmetic: only rounding noise, whose sign Adan's normalised step follows (as the
+    # official Adan does), so its updates may differ by up to 2 lr per step between reduction
+    # orders. Every other leaf must agree to float32 precision.
+    noise_only = {('local_head', 'fc1', 'bias'), ('local_head', 'fc2', 'bias')}
+    bound = 2 * sum(m['lr'] for m in single) * 1.001
     for key in ('params', 'batch_stats', 'teacher_params', 'teacher_batch_stats', 'queue', 'center'):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-                     single_state[key], sharded_state[key])
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(single_state[key]),
+                                jax.tree.leaves(sharded_state[key])):
+            names = tuple(getattr(k, 'key', None) for k in path)
+            if key == 'params' and names in noise_only and trainer.nets.local_head.use_bn:
+                assert np.abs(a - b).max() <= bound, (names, np.abs(a - b).max(), bound)
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f'{key} {names}')
 
 
 # --- both crops in one backbone call, and the non-finite guard --------------------------------
