@@ -133,7 +133,7 @@ class Workdir:
             return []
         return _parse_jsonl(path.read_text())
 
-    def jsonl(self, name: str) -> 'JsonlFile':
+    def jsonl(self, name: str) -> JsonlFile:
         self.make()
         return JsonlFile(self / name, local=self.is_local)
 
@@ -158,7 +158,7 @@ class Workdir:
         return self / IMAGES
 
     def checkpoints(self, *, every_steps: int | None = None, keep: int | None = None,
-                    read_only: bool = False) -> 'Checkpoints':
+                    read_only: bool = False) -> Checkpoints:
         return Checkpoints(self, every_steps=every_steps, keep=keep, read_only=read_only)
 
     def has_checkpoints(self) -> bool:
@@ -169,7 +169,7 @@ class Workdir:
         if (self / CKPT).exists():
             (self / CKPT).rmtree()
 
-    def lock(self) -> 'WorkdirLock':
+    def lock(self) -> WorkdirLock:
         return WorkdirLock(self)
 
 
@@ -378,7 +378,7 @@ class Checkpoints:
             f'shapes than this config builds ({len(diff)} differences; {shown})',
             f'resume with the config in {self.workdir / CONFIG}, or use a new workdir')
 
-    def _move_aside(self, damaged: 'DamagedCheckpoint') -> str:
+    def _move_aside(self, damaged: DamagedCheckpoint) -> str:
         if jax.process_index() != 0:
             return 'process 0 moves it aside'
         stamp = time.strftime('%Y%m%d-%H%M%S')
@@ -494,7 +494,7 @@ class WorkdirLock:
         if (self._read() or {}).get('token') == self.token:
             self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> 'WorkdirLock':
+    def __enter__(self) -> WorkdirLock:
         self.acquire()
         return self
 
