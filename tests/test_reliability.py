@@ -175,14 +175,19 @@ def test_a_cluster_of_bad_files_never_stops_decoding(tmp_path, aid_subset):
         bad_seen |= set(out['bad_images'][out['bad_images'] > 0] - 1)
     assert {files[i] for i in bad_seen} == set(list_images(broken))
 
-    # From a grain worker process, the indices come back in the batch all the same.
+
+@pytest.mark.slow
+def test_bad_file_indices_come_back_from_grain_worker_processes(tmp_path, aid_subset):
+    for i in range(20):
+        (tmp_path / f'a_{i:02d}.jpg').write_bytes(b'')
+    files = sorted(aid_subset[:10] + list_images(tmp_path))
     dataset = pipeline.build_dataset(files, image_size=64, global_batch_size=30, seed=0)
     iterator = pipeline.make_iterator(dataset, num_workers=1)
     try:
         skipped = next(iterator)['bad_images']
     finally:
         iterator.close()
-    assert {files[i] for i in skipped[skipped > 0] - 1} == set(list_images(broken))
+    assert {files[i] for i in skipped[skipped > 0] - 1} == set(list_images(tmp_path))
 
 
 class FakeSource:
