@@ -25,8 +25,8 @@ pytest.importorskip('safetensors')
 
 from cmid_jax import parallel, train  # noqa: E402
 from cmid_jax.restore import restore_train_state  # noqa: E402
-from cmid_jax.convert import export  # noqa: E402
-from cmid_jax.models import build_backbone, official  # noqa: E402
+from cmid_jax.convert import export, official  # noqa: E402
+from cmid_jax.models import build_backbone  # noqa: E402
 from configs import resnet50, vitb  # noqa: E402
 
 from conftest import run_tool  # noqa: E402

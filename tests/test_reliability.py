@@ -19,6 +19,7 @@ from cmid_jax.data import list_images, pipeline
 from cmid_jax.data.bad_files import BadFiles
 from cmid_jax.restore import restore_train_state
 from cmid_jax.workdir import Workdir
+from cmid_jax.workdir_lock import WorkdirLock
 from configs import vitb
 from conftest import REPO, SHARED_DATA, run_tool
 
@@ -125,7 +126,7 @@ def test_running_a_finished_run_again_says_so_and_exits_0(tmp_path):
 
 def test_a_second_run_on_a_live_workdir_refuses_in_one_line(tmp_path):
     workdir = tmp_path / 'run'
-    with Workdir(workdir).lock():  # this test process is the live run
+    with WorkdirLock(Workdir(workdir)):  # this test process is the live run
         out = run_tool('main', SMOKE, f'--workdir={workdir}')
     assert out.returncode == errors.EXIT_USER_ERROR
     first, hint = out.stderr.strip().splitlines()[-2:]
