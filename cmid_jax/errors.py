@@ -154,6 +154,17 @@ def _run_main(main: Callable[[list[str]], None], argv: list[str]) -> None:
 def _quiet_library_logs() -> None:
     from absl import logging  # pylint: disable=import-outside-toplevel
     logging.get_absl_handler().addFilter(_LibraryChatter(_show_tracebacks()))
+    if not _show_tracebacks():
+        sys.unraisablehook = functools.partial(_drop_closed_loop_callbacks, sys.unraisablehook)
+
+
+def _drop_closed_loop_callbacks(default: Callable, unraisable) -> None:
+    """After a background save fails, orbax closes its event loop while TensorStore is still
+    completing the other writes; each completion then reports 'Event loop is closed' (dozens of
+    tracebacks). The failure itself is reported once, as a SaveError."""
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+        default(unraisable)
 
 
 class _LibraryChatter:

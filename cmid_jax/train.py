@@ -25,6 +25,7 @@ from cmid_jax.evaluation.periodic import PeriodicEvals
 from cmid_jax.step import Trainer
 from cmid_jax.workdir import (BAD_FILES, CKPT, CONFIG, HISTORY, METRICS, Workdir,
                               share_from_process_0)
+from cmid_jax.workdir_lock import WorkdirLock
 
 __all__ = ['check_config', 'input_pipeline', 'train_and_evaluate']
 
@@ -187,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 @contextlib.contextmanager
 def _exclusive(wd: Workdir) -> Iterator[None]:
     """Holds the workdir lock (process 0) for the run; every process stops if it is taken."""
-    lock, failure = wd.lock(), None
+    lock, failure = WorkdirLock(wd), None
     if jax.process_index() == 0:
         try:
             lock.acquire()

@@ -19,6 +19,7 @@ from cmid_jax.data import list_images, pipeline
 from cmid_jax.data.bad_files import BadFiles
 from cmid_jax.restore import restore_train_state
 from cmid_jax.workdir import Workdir
+from cmid_jax.workdir_lock import WorkdirLock
 from configs import vitb
 from conftest import REPO, SHARED_DATA, run_tool
 
@@ -125,7 +126,7 @@ def test_running_a_finished_run_again_says_so_and_exits_0(tmp_path):
 
 def test_a_second_run_on_a_live_workdir_refuses_in_one_line(tmp_path):
     workdir = tmp_path / 'run'
-    with Workdir(workdir).lock():  # this test process is the live run
+    with WorkdirLock(Workdir(workdir)):  # this test process is the live run
         out = run_tool('main', SMOKE, f'--workdir={workdir}')
     assert out.returncode == errors.EXIT_USER_ERROR
     first, hint = out.stderr.strip().splitlines()[-2:]
@@ -174,6 +175,20 @@ def test_a_cluster_of_bad_files_never_stops_decoding(tmp_path, aid_subset):
         assert out['img_a'].shape == (64, 64, 3)
         bad_seen |= set(out['bad_images'][out['bad_images'] > 0] - 1)
     assert {files[i] for i in bad_seen} == set(list_images(broken))
+
+
+@pytest.mark.slow
+def test_bad_file_indices_come_back_from_grain_worker_processes(tmp_path, aid_subset):
+    for i in range(20):
+        (tmp_path / f'a_{i:02d}.jpg').write_bytes(b'')
+    files = sorted(aid_subset[:10] + list_images(tmp_path))
+    dataset = pipeline.build_dataset(files, image_size=64, global_batch_size=30, seed=0)
+    iterator = pipeline.make_iterator(dataset, num_workers=1)
+    try:
+        skipped = next(iterator)['bad_images']
+    finally:
+        iterator.close()
+    assert {files[i] for i in skipped[skipped > 0] - 1} == set(list_images(tmp_path))
 
 
 class FakeSource:
@@ -316,3 +331,22 @@ def test_a_failed_save_stops_the_run_at_once_in_one_line(tmp_path):
     history = Workdir(workdir).read_jsonl('history.jsonl')
     assert history[-1]['status'].startswith(f'failed: Saving the checkpoint of step {failed}')
 
+
+
+def test_closing_summary_names_steps_time_losses_knn_checkpoint_and_next_commands(tmp_path):
+    wd = Workdir(tmp_path)
+    for record in ({'step': 10, 'loss': 5.0, 'loss_mim': 0.5, 'loss_global': 2.0,
+                    'loss_local': 2.5}, {'step': 10, 'knn_top1_student': 0.25,
+                                         'knn_top1_teacher': 0.5}):
+        wd.append_jsonl('metrics.jsonl', record)
+    for seconds, status in ((60.0, 'preempted'), (3600.5, 'finished')):
+        wd.append_history('end', status=status, step=10, seconds=seconds)
+    text = train.closing_summary(wd, smoke(total_steps=10, **{'eval.path': '/aid'}), 10)
+    assert text.splitlines() == [
+        'Run complete: step 10 of 10, 1:01:00 of wall time in 2 session(s); at step 10: '
+        'loss=5.0000 loss_mim=0.5000 loss_global=2.0000 loss_local=2.5000.',
+        'kNN top-1 at step 10: student 0.2500, teacher 0.5000.',
+        f'Checkpoint: {tmp_path}/ckpt/10',
+        'Next:',
+        f'  cmid-export --workdir={tmp_path} --out={tmp_path}/export/backbone.safetensors',
+        f'  cmid-evaluate --workdir={tmp_path} --data=/aid']

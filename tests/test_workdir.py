@@ -15,8 +15,9 @@ import pytest
 from etils.epath import backend as epath_backend, gpath
 from fsspec.implementations.memory import MemoryFileSystem
 
-from cmid_jax import errors, visualize, workdir as workdir_lib
+from cmid_jax import errors, visualize, workdir as workdir_lib, workdir_lock
 from cmid_jax.workdir import EVAL, HISTORY, METRICS, Workdir
+from cmid_jax.workdir_lock import WorkdirLock
 from conftest import REPO
 from configs import vitb
 
@@ -93,10 +94,10 @@ def test_remote_workdir_round_trips_every_file(gcs):
     assert {'/bucket/runs/a/images/grid.png', '/bucket/runs/a/images/knn.png'} <= gcs.keys()
     assert (wd.images_dir() / 'grid.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
-    with wd.lock():  # the lock works on an object store too
+    with WorkdirLock(wd):  # the lock works on an object store too
         assert wd.read_json('lock')['pid'] == os.getpid()
         with pytest.raises(errors.WorkdirError, match=f'pid {os.getpid()}'):
-            wd.lock().acquire()
+            WorkdirLock(wd).acquire()
     assert not (wd / 'lock').exists()
 
 
@@ -127,17 +128,17 @@ def dead_pid() -> int:
 
 def write_lock(tmp_path, **fields):
     record = {'host': socket.gethostname(), 'pid': os.getpid(),
-              'boot_id': workdir_lib._boot_id(),
-              'process_start': workdir_lib._process_start(os.getpid()),
+              'boot_id': workdir_lock._boot_id(),
+              'process_start': workdir_lock._process_start(os.getpid()),
               'started': '2026-01-01T00:00:00', 'heartbeat': 0.0, 'token': 'theirs', **fields}
     (tmp_path / 'lock').write_text(json.dumps(record))
 
 
 def test_a_live_lock_refuses_with_host_and_pid(tmp_path):
     wd = Workdir(tmp_path)
-    with wd.lock():
+    with WorkdirLock(wd):
         with pytest.raises(errors.WorkdirError) as e:
-            Workdir(tmp_path).lock().acquire()
+            WorkdirLock(Workdir(tmp_path)).acquire()
     assert str(tmp_path) in e.value.message
     assert f'host {socket.gethostname()}, pid {os.getpid()}' in e.value.message
     assert not (tmp_path / 'lock').exists()  # released
@@ -153,7 +154,7 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, holder, caplog):
     if holder.get('pid') == 'dead':
         holder['pid'] = dead_pid()
     write_lock(tmp_path, **holder)
-    lock = Workdir(tmp_path).lock()
+    lock = WorkdirLock(Workdir(tmp_path))
     with caplog.at_level('WARNING'):
         lock.acquire()
     assert 'Taking over the stale lock' in caplog.text
@@ -165,7 +166,7 @@ def test_another_hosts_fresh_heartbeat_keeps_the_lock(tmp_path):
     import time
     write_lock(tmp_path, host='elsewhere', pid=4242, heartbeat=time.time())
     with pytest.raises(errors.WorkdirError, match='host elsewhere, pid 4242'):
-        Workdir(tmp_path).lock().acquire()
+        WorkdirLock(Workdir(tmp_path)).acquire()
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -28,7 +28,7 @@ class Inert:
     def __init__(self, *args, **kwargs):
         del args, kwargs
 
-    def __call__(self, *args, **kwargs) -> 'Inert':
+    def __call__(self, *args, **kwargs) -> Inert:
         return Inert()
 
     def __setstate__(self, state) -> None:
