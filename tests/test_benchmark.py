@@ -49,6 +49,7 @@ def compilation_cache_dir(tmp_path_factory):
     compilation_cache.reset_cache()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('data', ['synthetic', 'pipeline'])
 def test_benchmark_returns_one_sane_record(data, compilation_cache_dir):
     config = vitb.get_config('smoke')
@@ -73,6 +74,7 @@ def test_benchmark_returns_one_sane_record(data, compilation_cache_dir):
     assert r['versions']['jax'] == jax.__version__
 
 
+@pytest.mark.slow
 def test_cli_prints_one_json_line_with_the_overrides():
     config = 'configs/vitb.py:smoke'
     proc = run_tool('tools.benchmark', f'--config={config}', '--config.batch_size=16',

@@ -194,6 +194,7 @@ def offline(pretrained):
     return results
 
 
+@pytest.mark.slow
 def test_evaluate_protocols_beat_chance(pretrained, offline):
     workdir, data = pretrained
     for name, r in offline.items():
@@ -210,6 +211,7 @@ def test_evaluate_protocols_beat_chance(pretrained, offline):
     assert last == out
 
 
+@pytest.mark.slow
 def test_finetune_runs_one_epoch(pretrained):
     workdir, data = pretrained
     r = evaluate.evaluate(workdir, data, 'finetune',
@@ -219,6 +221,7 @@ def test_finetune_runs_one_epoch(pretrained):
     assert r['top1'] > 0.2
 
 
+@pytest.mark.slow
 def test_online_hooks_on_the_training_mesh(pretrained, offline):
     """make_online_knn and the reconstruction grid as train.py uses them: replicated state on an
     8-device mesh; the online kNN agrees with the offline one on the same split."""

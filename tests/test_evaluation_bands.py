@@ -159,6 +159,7 @@ def workdirs(tmp_path_factory, rgbn_set, landsat_set):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,dtype,bands', [('rgbn', 'uint8', 4), ('landsat', 'uint16', 3)])
 def test_knn_and_linear_on_n_band_workdirs(workdirs, name, dtype, bands):
     workdir, data = workdirs[name]
@@ -177,6 +178,7 @@ def test_knn_and_linear_on_n_band_workdirs(workdirs, name, dtype, bands):
     assert abs(online['knn_top1_student'] - knn['top1']) < 1e-6
 
 
+@pytest.mark.slow
 def test_finetune_on_the_uint16_workdir(workdirs):
     workdir, data = workdirs['landsat']
     r = evaluate.evaluate(workdir, data, 'finetune',
@@ -184,6 +186,7 @@ def test_finetune_on_the_uint16_workdir(workdirs):
     assert r['protocol'] == 'finetune' and r['num_test'] == 6 and 0.0 <= r['top1'] <= 1.0
 
 
+@pytest.mark.slow
 def test_images_that_do_not_fit_the_model_are_named(workdirs, rgbn_set, landsat_set, tmp_path):
     workdir, _ = workdirs['rgbn']  # bands (3, 0, 1, 2) of uint8 pixels
     landsat, three_bands = landsat_set

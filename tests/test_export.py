@@ -94,6 +94,7 @@ def _input(size: int, seed: int = 0, batch: int = 2) -> np.ndarray:
 # ------------------------------------------------------------------------------ workdir exports
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
 @pytest.mark.parametrize('arch', ['vit', 'resnet'])
 def test_export_loads_strict_and_matches_jax_features(arch, suffix, request, tmp_path):
@@ -117,6 +118,7 @@ def test_export_loads_strict_and_matches_jax_features(arch, suffix, request, tmp
         assert ours.shape == ref.shape and err < PARITY_TOL
 
 
+@pytest.mark.slow
 def test_teacher_export_and_metadata(vit_run, tmp_path):
     out = str(tmp_path / 'teacher.safetensors')
     meta = export.export_backbone(vit_run.workdir, out, step=3, which='teacher')
@@ -146,6 +148,7 @@ def test_teacher_export_and_metadata(vit_run, tmp_path):
     assert any(not np.array_equal(teacher[k], student[k]) for k in teacher)
 
 
+@pytest.mark.slow
 def test_cli_writes_safetensors_without_torch(vit_run, tmp_path):
     out = str(tmp_path / 'cli.safetensors')
     # torch made unimportable: the safetensors route must not need it.

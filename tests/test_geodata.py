@@ -353,6 +353,7 @@ def test_adapt_input_channels_matches_timm_on_resnet_and_vit_kernels():
 
 
 # ------------------------------------------------------------------------ training
+@pytest.mark.slow
 def test_two_training_steps_on_a_4_band_geotiff_folder(tmp_path):
     import json
 

@@ -207,6 +207,7 @@ def official_like(config, seed: int = 0) -> OfficialLike:
     return module.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch', ['resnet', 'vit'])
 def test_full_checkpoint_from_timm_modules_matches_torch(arch, tmp_path):
     config = smoke_config(arch, **({'variant': 'tiny'} if arch == 'resnet' else {}))
@@ -261,6 +262,7 @@ def test_full_checkpoint_from_timm_modules_matches_torch(arch, tmp_path):
     assert int(state['queue_ptr']) == 6
 
 
+@pytest.mark.slow
 def test_training_resumes_from_imported_workdir(tmp_path):
     config = smoke_config('vit')
     sd = official.to_official_state_dict(random_state(config), arch='vit')

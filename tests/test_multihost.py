@@ -1,5 +1,6 @@
 """Two JAX processes x 4 CPU devices run the same computation as one process with 8 devices."""
 
+import pytest
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ def losses(workdir):
             for r in rows}
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_and_resume(tmp_path):
     config = vitb.get_config('smoke')
     config.total_steps, config.log_every_steps, config.checkpoint_every_steps = 6, 1, 3

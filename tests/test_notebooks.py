@@ -28,6 +28,7 @@ def test_saved_notebook_has_no_outputs(name):
             assert cell.execution_count is None, f'{name} cell {i} has an execution count'
 
 
+@pytest.mark.slow
 def test_notebooks_execute(tmp_path, monkeypatch):
     monkeypatch.setenv('CMID_NOTEBOOK_FAST', '1')
     monkeypatch.setenv('CMID_NOTEBOOK_WORKDIR', str(tmp_path / 'workdir'))

@@ -156,6 +156,7 @@ def test_loss_terms_can_be_switched_off():
     assert int(state['queue_ptr']) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config_module', [vitb, resnet50], ids=['vit', 'resnet'])
 def test_sharded_step_equals_single_device(config_module):
     assert jax.device_count() == 8

@@ -293,6 +293,7 @@ def test_bf16_compute_keeps_fp32_params():
 # ------------------------------------------------------------------------------ training
 
 
+@pytest.mark.slow
 def test_smoke_preset_trains(tmp_path):
     assert swinb.get_config().model.variant == 'B'
     assert swinb.get_config().model.local_use_bn is None  # BN in the local head: ResNets only

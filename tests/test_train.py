@@ -97,6 +97,7 @@ def wait_for_step(proc, workdir, step):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, uninterrupted):
     workdir = tmp_path / 'preempted'
     flags = [*RUN_FLAGS, '--config.checkpoint_every_steps=1000']
@@ -118,6 +119,7 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, uninter
     assert_same_run(workdir, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpointing_never_loses_a_complete_checkpoint(tmp_path, uninterrupted):
     """SIGKILL at random moments (a save is in flight at almost every step); every relaunch
     resumes from a complete checkpoint and the finished run equals an uninterrupted one."""
@@ -145,6 +147,7 @@ def test_sigkill_during_checkpointing_never_loses_a_complete_checkpoint(tmp_path
     assert_same_run(workdir, uninterrupted)
 
 
+@pytest.mark.slow
 def test_short_pretraining_on_aid_lowers_the_loss(tmp_path):
     """120 ResNet steps on the real AID subset: the total loss and the MIM loss fall."""
     config = resnet50.get_config('smoke')
@@ -165,6 +168,7 @@ def test_short_pretraining_on_aid_lowers_the_loss(tmp_path):
     assert rows[-1]['bad_images'] == 0
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     config = vitb.get_config('smoke')
     config.total_steps, config.checkpoint_every_steps = 6, 2
@@ -176,6 +180,7 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
     config = vitb.get_config('smoke')
     config.total_steps, config.checkpoint_every_steps, config.log_every_steps = 6, 1, 1
