@@ -154,8 +154,10 @@ def train_probe(config: ml_collections.ConfigDict, variables: dict, train: Label
         inputs = extract(variables, windows)
     stats = dense_head.channel_stats(inputs)
     head = dense_head.build_head(head_name, num_classes)
-    params, losses = dense_head.train_head(head, inputs, dense_head.label_grid(labels), stats,
-                                           seed=seed)
+    targets = dense_head.label_grid(labels)
+    weights = dense_head.balanced_weights(targets, num_classes) if change else None
+    params, losses = dense_head.train_head(head, inputs, targets, stats, seed=seed,
+                                           class_weights=weights)
     logging.info('%s head on %d windows of %s features: loss %.3f -> %.3f.', head_name,
                  len(inputs), inputs.shape[1:], losses[:50].mean(), losses[-50:].mean())
     return Probe(head, params, stats, losses, size // inputs.shape[1], len(inputs))
@@ -267,5 +269,6 @@ def run_probe(config: ml_collections.ConfigDict, variables: dict,
         'test_window_stride': sliding_stride(size), 'scale': scale, 'split': split.digest(),
         'head_steps': dense_head.STEPS, 'head_batch_size': dense_head.BATCH_SIZE,
         'head_lr': dense_head.LR, 'label_stride': dense_head.LABEL_STRIDE,
+        'class_weights': 'balanced' if change else 'none',
         'head_loss': round(float(probe.losses[-50:].mean()), 4),
     }
