@@ -168,8 +168,11 @@ def _drop_closed_loop_callbacks(default: Callable, unraisable) -> None:
 
 
 class _LibraryChatter:
-    """Drops orbax's INFO lines and background-thread tracebacks (a failed save is reported as
-    one `SaveError` line instead) and JAX's note that there is no TPU."""
+    """Drops orbax's INFO lines, its notes on read-only use (export and evaluation restore
+    read-only on purpose) and background-thread tracebacks (a failed save is reported as one
+    `SaveError` line instead), and JAX's note that there is no TPU."""
+
+    _READ_ONLY_NOTES = ('Given directory is read only', 'CheckpointManagerOptions.read_only=True')
 
     def __init__(self, keep_tracebacks: bool):
         self.keep_tracebacks = keep_tracebacks
@@ -177,7 +180,8 @@ class _LibraryChatter:
     def filter(self, record) -> bool:
         import logging  # pylint: disable=import-outside-toplevel
         if '/orbax/' in record.pathname:
-            if record.levelno < logging.WARNING:
+            if (record.levelno < logging.WARNING
+                    or record.getMessage().startswith(self._READ_ONLY_NOTES)):
                 return False
             return self.keep_tracebacks or not record.exc_info
         return not (record.levelno < logging.WARNING

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -302,18 +301,14 @@ def test_eta_comes_from_the_step_rate_after_compilation(monkeypatch):
 
 @pytest.mark.slow
 def test_a_failed_save_stops_the_run_at_once_in_one_line(tmp_path):
-    """Checkpoint files larger than the file-size limit fail to write, as on a full disk."""
-    import resource
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
-
+    """Checkpoint files larger than the file-size limit (1 MB) fail to write, as on a full disk;
+    SIGXFSZ ignored, the write fails with EFBIG."""
     workdir = tmp_path / 'run'
+    limited = ['bash', '-c', 'trap "" XFSZ; ulimit -f 1000; exec "$0" "$@"', sys.executable]
     proc = subprocess.run(
-        [sys.executable, '-m', 'cmid_jax.main', SMOKE, f'--workdir={workdir}',
+        [*limited, '-m', 'cmid_jax.main', SMOKE, f'--workdir={workdir}',
          '--config.total_steps=40', '--config.checkpoint_every_steps=1'],
-        cwd=REPO, capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)
+        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == errors.EXIT_USER_ERROR, proc.stderr[-3000:]
     error = proc.stderr.strip().splitlines()[-2]
     match = re.fullmatch(rf'Error: Saving the checkpoint of step (\d+) to {workdir}/ckpt failed: '
