@@ -6,9 +6,9 @@ are saved for evaluation). ARCH is `resnet` (ResNet-50) or `vit` (ViT-S/16).
 
 GPU recipe (full AID, 10,000 images at 224 px, labels ignored; 100 epochs of batch 256):
 
-  python -m cmid_jax.main --config=configs/ablation.py:vit,full --workdir=runs/ablation/vit_full \
-      --config.data.path=/data/AID --config.model.attention_impl=cudnn
-  python -m cmid_jax.tools.evaluate --workdir=runs/ablation/vit_full --data=/data/AID --protocol=knn
+  cmid-pretrain --config=configs/ablation.py:vit,full --workdir=runs/ablation/vit_full \
+      --config.data.path=/data/AID
+  cmid-evaluate --workdir=runs/ablation/vit_full --data=/data/AID --protocol=knn
 
 CPU recipe (`ARCH,SETTING,cpu`): the small variants at 64 px for 600 steps of batch 32 (more
 with --config.total_steps), on the 1,200-image AID subset or the full AID, a few minutes per run
