@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA, run_tool
-from cmid_jax import checkpointing, train
+from cmid_jax import train
+from cmid_jax.restore import restore_train_state
 from cmid_jax.data.files import load_image
 from cmid_jax.evaluation import dense, dense_data, dense_head, dense_metrics, tiling
 from cmid_jax.evaluation import run as evaluate
@@ -322,7 +323,7 @@ def test_segmentation_end_to_end(workdir, tmp_path):
 
     # The probe learns from the features: on its own train images it beats always predicting
     # their majority class. Halving the images still scores every labelled full-size pixel.
-    config, state, _ = checkpointing.restore_train_state(workdir)
+    config, state, _ = restore_train_state(workdir)
     variables = backbone_variables(state)
     labelled, _ = read(data)
     train = labelled.subset(dense_data.split_names(labelled.names, 0.5, 0, AREA).train)
