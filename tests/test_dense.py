@@ -20,7 +20,8 @@ from cmid_jax.restore import restore_train_state
 from cmid_jax.data.files import load_image
 from cmid_jax.evaluation import dense, dense_data, dense_head, dense_metrics, tiling
 from cmid_jax.evaluation import run as evaluate
-from cmid_jax.evaluation.features import RGB8, backbone_variables
+from cmid_jax.evaluation.features import RGB8
+from cmid_jax.models.cmid import backbone_variables
 from configs import vitb
 
 DUBAI = SHARED_DATA / 'dubai-seg'
