@@ -67,7 +67,8 @@ def levels_for(dtype, value_range: tuple[float, float] | None = None) -> Levels:
     black, white = (0.0, ceiling) if value_range is None else map(float, value_range)
     if not 0 <= black < white:
         raise ValueError(
-            f'data.value_range={value_range!r} must be (black, white), 0 <= black < white')
+            f'data.value_range={value_range!r} must be (black, white), 0 <= black < white'
+        )
     return Levels(black, white, ceiling)
 
 
@@ -114,6 +115,7 @@ def sample_draws(key: jax.Array, shape: tuple[int, int, int]) -> Draws:
 # ----------------------------------------------------------------------------------- ops
 # Every op takes and returns float32 pixel values of one (H, W, C) image on the pixel grid.
 
+
 def _q(x: jax.Array, levels: Levels) -> jax.Array:
     """Round (half to even, as np.rint) and clip to the pixel grid [0, ceiling]."""
     return jnp.clip(jnp.round(x), 0.0, levels.ceiling)
@@ -143,8 +145,9 @@ def _rgb_to_hsv(x):
     delta = maxc - jnp.minimum(jnp.minimum(r, g), b)
     s = delta / jnp.maximum(maxc, 1e-12)
     inv = 1.0 / jnp.maximum(delta, 1e-12)
-    h = jnp.where(maxc == r, (g - b) * inv,
-                  jnp.where(maxc == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
+    h = jnp.where(
+        maxc == r, (g - b) * inv, jnp.where(maxc == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0)
+    )
     h = jnp.where(delta > 0, h / 6.0, 0.0)
     return h - jnp.floor(h), s, maxc
 
@@ -165,11 +168,15 @@ def adjust_hue(x, factor, levels: Levels):
 
 def color_jitter(x, factors, order, levels: Levels, rgb: bool):
     """The four jitter ops in `order`; saturation and hue leave non-RGB data unchanged."""
-    ops = [lambda y: adjust_brightness(y, factors[0], levels),
-           lambda y: adjust_contrast(y, factors[1], levels, rgb)]
+    ops = [
+        lambda y: adjust_brightness(y, factors[0], levels),
+        lambda y: adjust_contrast(y, factors[1], levels, rgb),
+    ]
     if rgb:
-        ops += [lambda y: adjust_saturation(y, factors[2], levels),
-                lambda y: adjust_hue(y, factors[3], levels)]
+        ops += [
+            lambda y: adjust_saturation(y, factors[2], levels),
+            lambda y: adjust_hue(y, factors[3], levels),
+        ]
     else:
         ops += [lambda y: y, lambda y: y]
     for op in order:  # Batched over images, each switch evaluates all four ops and selects.
@@ -190,9 +197,9 @@ def gaussian_blur(x, size, sigma, levels: Levels):
     kernel, r = blur_kernel(size, sigma), MAX_BLUR_RADIUS
     h, w = x.shape[:2]
     pad = jnp.pad(x, ((r, r), (0, 0), (0, 0)), mode='reflect')
-    x = sum(kernel[i] * pad[i:i + h] for i in range(2 * r + 1))
+    x = sum(kernel[i] * pad[i : i + h] for i in range(2 * r + 1))
     pad = jnp.pad(x, ((0, 0), (r, r), (0, 0)), mode='reflect')
-    x = sum(kernel[i] * pad[:, i:i + w] for i in range(2 * r + 1))
+    x = sum(kernel[i] * pad[:, i : i + w] for i in range(2 * r + 1))
     return _q(x, levels)
 
 
@@ -231,14 +238,20 @@ def mask_count(grid: int, ratio: float) -> int:
 def block_mask(key: jax.Array, grid: int, ratio: float) -> jax.Array:
     """Bool (grid, grid), True = masked: `mask_count` cells uniformly without replacement."""
     n = grid * grid
-    chosen = jnp.argsort(jax.random.uniform(key, (n,)))[:mask_count(grid, ratio)]
+    chosen = jnp.argsort(jax.random.uniform(key, (n,)))[: mask_count(grid, ratio)]
     return jnp.zeros((n,), bool).at[chosen].set(True).reshape(grid, grid)
 
 
 # --------------------------------------------------------------------------------- batch
-def augment_batch(batch: dict, key: jax.Array, *, mask_ratio: float, mask_patch: int,
-                  value_range: tuple[float, float] | None = None,
-                  rgb: bool | None = None) -> dict:
+def augment_batch(
+    batch: dict,
+    key: jax.Array,
+    *,
+    mask_ratio: float,
+    mask_patch: int,
+    value_range: tuple[float, float] | None = None,
+    rgb: bool | None = None,
+) -> dict:
     """The pipeline's batch (`img_a`, `img_b` (B, S, S, C) uint8/uint16 crops) -> float32 pixel
     values `img_a` and photometric `img_b` plus bool block masks `mask_a`, `mask_b` (B, g, g).
 
@@ -257,10 +270,16 @@ def augment_batch(batch: dict, key: jax.Array, *, mask_ratio: float, mask_patch:
     def one(k, image):
         k_photo, k_a, k_b = jax.random.split(k, 3)
         x = image.astype(jnp.float32)
-        return (photometric(x, sample_draws(k_photo, image.shape), levels, rgb),
-                block_mask(k_a, grid, mask_ratio), block_mask(k_b, grid, mask_ratio))
+        return (
+            photometric(x, sample_draws(k_photo, image.shape), levels, rgb),
+            block_mask(k_a, grid, mask_ratio),
+            block_mask(k_b, grid, mask_ratio),
+        )
 
     img_b, mask_a, mask_b = jax.vmap(one)(keys, images)
-    return {'img_a': batch['img_a'].astype(jnp.float32), 'img_b': img_b,
-            'mask_a': mask_a, 'mask_b': mask_b}
-
+    return {
+        'img_a': batch['img_a'].astype(jnp.float32),
+        'img_b': img_b,
+        'mask_a': mask_a,
+        'mask_b': mask_b,
+    }

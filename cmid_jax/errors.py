@@ -20,7 +20,7 @@ import contextlib
 import functools
 import os
 import sys
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL in sysexits.h: "try again later".
@@ -56,8 +56,10 @@ class Preempted(Exception):
     """The run received SIGTERM, saved its state and stopped; exit status 75."""
 
     def __init__(self, step: int, workdir: str):
-        super().__init__(f'Preempted (SIGTERM): saved the checkpoint of step {step} in '
-                         f'{workdir}; run the same command to resume.')
+        super().__init__(
+            f'Preempted (SIGTERM): saved the checkpoint of step {step} in '
+            f'{workdir}; run the same command to resume.'
+        )
         self.step = step
 
 
@@ -91,6 +93,7 @@ def expected(kind: type[UserError], hint: str = '') -> Iterator[None]:
 def run(main: Callable[[list[str]], None]) -> None:
     """`absl.app.run(main)` with the error reporting, exit codes and log filters above."""
     from absl import app  # pylint: disable=import-outside-toplevel
+
     app.run(functools.partial(_run_main, main), flags_parser=_parse_flags)
 
 
@@ -109,6 +112,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every failure (including config files) as one line."""
     from absl import flags  # pylint: disable=import-outside-toplevel
     from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
@@ -131,8 +135,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
             if _show_tracebacks():
                 raise
             path = config_flags.get_config_filename(flag).split(':', 1)[0]
-            message = (f'config file {path!r} (--{name}) not found' if not os.path.exists(path)
-                       else f'config file {path!r} (--{name}) does not load: {one_line(e)}')
+            message = (
+                f'config file {path!r} (--{name}) not found'
+                if not os.path.exists(path)
+                else f'config file {path!r} (--{name}) does not load: {one_line(e)}'
+            )
             _fail(message, 'the configs are in configs/, e.g. --config=configs/vitb.py:smoke')
     return rest
 
@@ -143,6 +150,7 @@ def _run_main(main: Callable[[list[str]], None], argv: list[str]) -> None:
         main(argv)
     except Preempted as e:
         from absl import logging  # pylint: disable=import-outside-toplevel
+
         logging.warning('%s', e)
         sys.exit(EXIT_PREEMPTED)
     except UserError as e:
@@ -153,6 +161,7 @@ def _run_main(main: Callable[[list[str]], None], argv: list[str]) -> None:
 
 def _quiet_library_logs() -> None:
     from absl import logging  # pylint: disable=import-outside-toplevel
+
     logging.get_absl_handler().addFilter(_LibraryChatter(_show_tracebacks()))
     if not _show_tracebacks():
         sys.unraisablehook = functools.partial(_drop_closed_loop_callbacks, sys.unraisablehook)
@@ -179,10 +188,14 @@ class _LibraryChatter:
 
     def filter(self, record) -> bool:
         import logging  # pylint: disable=import-outside-toplevel
+
         if '/orbax/' in record.pathname:
-            if (record.levelno < logging.WARNING
-                    or record.getMessage().startswith(self._READ_ONLY_NOTES)):
+            if record.levelno < logging.WARNING or record.getMessage().startswith(
+                self._READ_ONLY_NOTES
+            ):
                 return False
             return self.keep_tracebacks or not record.exc_info
-        return not (record.levelno < logging.WARNING
-                    and record.getMessage().startswith('Unable to initialize backend'))
+        return not (
+            record.levelno < logging.WARNING
+            and record.getMessage().startswith('Unable to initialize backend')
+        )

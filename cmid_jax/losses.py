@@ -24,24 +24,22 @@ documented on the function concerned (tie-breaking in
 
 from __future__ import annotations
 
-from typing import Union
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ArrayLike = Union[jax.Array, np.ndarray, float, int]
+ArrayLike = jax.Array | np.ndarray | float | int
 
 __all__ = [
-    "focal_l1_loss",
-    "focal_frequency_loss",
-    "mim_loss",
-    "infonce_loss",
-    "match_positions",
-    "gather_positions",
-    "dino_local_loss",
-    "update_center",
-    "teacher_temperature",
+    'focal_l1_loss',
+    'focal_frequency_loss',
+    'mim_loss',
+    'infonce_loss',
+    'match_positions',
+    'gather_positions',
+    'dino_local_loss',
+    'update_center',
+    'teacher_temperature',
 ]
 
 
@@ -51,11 +49,11 @@ def _f32(x: ArrayLike) -> jax.Array:
 
 def _check_mask(pred: jax.Array, pixel_mask: jax.Array) -> None:
     if pred.ndim != 4:
-        raise ValueError(f"expected NHWC (B,H,W,C) images, got shape {pred.shape}")
+        raise ValueError(f'expected NHWC (B,H,W,C) images, got shape {pred.shape}')
     if pixel_mask.shape != pred.shape[:3]:
         raise ValueError(
-            f"pixel_mask must have shape (B,H,W)={pred.shape[:3]} (full resolution, "
-            f"1 = masked), got {pixel_mask.shape}"
+            f'pixel_mask must have shape (B,H,W)={pred.shape[:3]} (full resolution, '
+            f'1 = masked), got {pixel_mask.shape}'
         )
 
 
@@ -123,7 +121,7 @@ def focal_frequency_loss(
 
     # ave_spectrum: mean over the batch of the spectra == spectrum of the mean.
     diff = jnp.mean(x_tilde - target, axis=0)  # (H, W, C)
-    spec = jnp.fft.fft2(diff, axes=(0, 1), norm="ortho")
+    spec = jnp.fft.fft2(diff, axes=(0, 1), norm='ortho')
     dre, dim = jnp.real(spec), jnp.imag(spec)
     freq_dist = dre * dre + dim * dim  # (H, W, C)
 
@@ -226,11 +224,11 @@ def match_positions(
     ls = jax.lax.stop_gradient(_f32(loc_student))
     lt = jax.lax.stop_gradient(_f32(loc_teacher))
     if ls.ndim != 4 or ls.shape[-1] != 2 or ls.shape != lt.shape:
-        raise ValueError(f"expected two (B,g,g,2) location grids, got {ls.shape} and {lt.shape}")
+        raise ValueError(f'expected two (B,g,g,2) location grids, got {ls.shape} and {lt.shape}')
     b = ls.shape[0]
     n = ls.shape[1] * ls.shape[2]
     if not 0 < num_matches <= n:
-        raise ValueError(f"num_matches must be in [1, {n}], got {num_matches}")
+        raise ValueError(f'num_matches must be in [1, {n}], got {num_matches}')
     ls = ls.reshape(b, n, 2)
     lt = lt.reshape(b, n, 2)
     diff = ls[:, :, None, :] - lt[:, None, :, :]  # (B, N, N, 2)
@@ -315,8 +313,6 @@ def teacher_temperature(
     epoch = jnp.asarray(epoch).astype(jnp.int32)
     if warmup_epochs <= 0:
         return jnp.full(epoch.shape, final_temp, dtype=jnp.float32)
-    table = jnp.asarray(
-        np.linspace(warmup_temp, final_temp, warmup_epochs).astype(np.float32)
-    )
+    table = jnp.asarray(np.linspace(warmup_temp, final_temp, warmup_epochs).astype(np.float32))
     idx = jnp.clip(epoch, 0, warmup_epochs - 1)
     return jnp.where(epoch < warmup_epochs, table[idx], jnp.float32(final_temp))

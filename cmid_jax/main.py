@@ -13,15 +13,21 @@ from ml_collections import config_flags
 
 from cmid_jax import errors, parallel, train
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics '
-                               '(local, or gs://... / s3://... through etils.epath).')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file.', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    'workdir',
+    None,
+    'Directory for checkpoints and metrics (local, or gs://... / s3://... through etils.epath).',
+)
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    'allow_config_change', False,
+    'allow_config_change',
+    False,
     'Resume although fields that change the train state or its meaning differ from the '
     "workdir's config.json: the saved weights, optimizer state, queue, step and data position "
-    'continue under the new values (recorded in history.jsonl).')
+    'continue under the new values (recorded in history.jsonl).',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -29,8 +35,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     parallel.maybe_initialize_distributed()
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    train.train_and_evaluate(
+        _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+    )
 
 
 def run() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -33,8 +33,7 @@ class MetricWriter:
         except ImportError:
             logging.debug('TensorFlow not installed: metrics go to metrics.jsonl only.')
         else:
-            self._tensorboard = metric_writers.SummaryWriter(
-                str(workdir / workdir_lib.TENSORBOARD))
+            self._tensorboard = metric_writers.SummaryWriter(str(workdir / workdir_lib.TENSORBOARD))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if self._jsonl is not None:
@@ -76,8 +75,11 @@ class Progress:
     def line(self, step: int, scalars: Mapping[str, float]) -> tuple[str, float]:
         """(the line, steps per second; 0.0 until it can be measured)."""
         now = time.monotonic()
-        terms = ' '.join(f'{k}={scalars[k]:.4f}' for k in
-                         ('loss', 'loss_mim', 'loss_global', 'loss_local') if k in scalars)
+        terms = ' '.join(
+            f'{k}={scalars[k]:.4f}'
+            for k in ('loss', 'loss_mim', 'loss_global', 'loss_local')
+            if k in scalars
+        )
         head = f'step {step}/{self.total_steps} {terms}'
         if self._since is None:
             self._since = step, now

@@ -21,6 +21,7 @@ from cmid_jax.models.cmid import Networks
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """Static (hashable) loss settings, taken from `config.loss`."""
+
     use_mim: bool = True
     use_global: bool = True
     use_local: bool = True
@@ -30,7 +31,7 @@ class LossConfig:
     center_momentum: float = 0.9
 
     @classmethod
-    def from_config(cls, loss_config) -> 'LossConfig':
+    def from_config(cls, loss_config) -> LossConfig:
         return cls(**{f.name: loss_config[f.name] for f in dataclasses.fields(cls)})
 
 
@@ -43,8 +44,10 @@ def upsample_mask(block_mask: jax.Array, factor: int) -> jax.Array:
 def standardize(x: jax.Array, mean, std) -> jax.Array:
     """Per band `(x - mean) / std` of [0, 1] pixels; `mean` / `std` are `config.data.mean/std`."""
     if len(mean) != x.shape[-1] or len(std) != x.shape[-1]:
-        raise ValueError(f'data.mean / data.std have {len(mean)} / {len(std)} values, but the '
-                         f'images have {x.shape[-1]} bands')
+        raise ValueError(
+            f'data.mean / data.std have {len(mean)} / {len(std)} values, but the '
+            f'images have {x.shape[-1]} bands'
+        )
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
@@ -64,6 +67,7 @@ def mean_fill(x: jax.Array, pixel_mask: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class ViewConfig:
     """Static (hashable) settings of the device-side view preparation, from `config`."""
+
     seed: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -73,12 +77,17 @@ class ViewConfig:
     rgb: bool | None = None
 
     @classmethod
-    def from_config(cls, config) -> 'ViewConfig':
+    def from_config(cls, config) -> ViewConfig:
         d = config.data
-        return cls(seed=config.seed, mean=tuple(d.mean), std=tuple(d.std),
-                   mask_patch=config.mask.patch_size, mask_ratio=config.mask.ratio,
-                   value_range=None if d.value_range is None else tuple(d.value_range),
-                   rgb=is_rgb(d))
+        return cls(
+            seed=config.seed,
+            mean=tuple(d.mean),
+            std=tuple(d.std),
+            mask_patch=config.mask.patch_size,
+            mask_ratio=config.mask.ratio,
+            value_range=None if d.value_range is None else tuple(d.value_range),
+            rgb=is_rgb(d),
+        )
 
 
 def prepare_views(batch: dict, step: jax.Array, cfg: ViewConfig) -> dict:
@@ -86,15 +95,25 @@ def prepare_views(batch: dict, step: jax.Array, cfg: ViewConfig) -> dict:
     augmentation and both block masks (`cmid_jax/augment.py`), normalisation, and the student's
     mean-filled masked inputs."""
     scale = type_max(batch['img_a'].dtype)
-    pixels = augment.augment_batch(batch, augment.step_key(cfg.seed, step),
-                                   mask_ratio=cfg.mask_ratio, mask_patch=cfg.mask_patch,
-                                   value_range=cfg.value_range, rgb=cfg.rgb)
+    pixels = augment.augment_batch(
+        batch,
+        augment.step_key(cfg.seed, step),
+        mask_ratio=cfg.mask_ratio,
+        mask_patch=cfg.mask_patch,
+        value_range=cfg.value_range,
+        rgb=cfg.rgb,
+    )
     views = {}
     for v in ('a', 'b'):
         x = standardize(pixels[f'img_{v}'] / scale, cfg.mean, cfg.std)
         pm = upsample_mask(pixels[f'mask_{v}'], cfg.mask_patch)
-        views[v] = dict(target=x, masked=mean_fill(x, pm), pixel_mask=pm,
-                        block_mask=pixels[f'mask_{v}'], loc=batch[f'loc_{v}'])
+        views[v] = dict(
+            target=x,
+            masked=mean_fill(x, pm),
+            pixel_mask=pm,
+            block_mask=pixels[f'mask_{v}'],
+            loc=batch[f'loc_{v}'],
+        )
     return views
 
 
@@ -117,9 +136,18 @@ def over_crops(fn, per_crop: bool, **inputs: dict) -> dict:
     return {'a': out_a, 'b': out_b}
 
 
-def cmid_loss(student: dict, teacher: dict, queue: jax.Array, center: jax.Array, views: dict, *,
-              nets: Networks, cfg: LossConfig, teacher_temp: jax.Array,
-              per_crop: bool | None = None):
+def cmid_loss(
+    student: dict,
+    teacher: dict,
+    queue: jax.Array,
+    center: jax.Array,
+    views: dict,
+    *,
+    nets: Networks,
+    cfg: LossConfig,
+    teacher_temp: jax.Array,
+    per_crop: bool | None = None,
+):
     """Returns (total loss, aux) for one batch.
 
     `student` = {'params', 'batch_stats'} (differentiated through 'params'); `teacher` likewise
@@ -147,9 +175,13 @@ def cmid_loss(student: dict, teacher: dict, queue: jax.Array, center: jax.Array,
     crops = lambda key: {v: views[v][key] for v in ('a', 'b')}
     s_map = over_crops(
         lambda x, mask: run('backbone', sp, sbs, x, mask=mask, mask_token=sp['mask_token']),
-        per_crop, x=crops('masked'), mask=crops('block_mask'))
-    t_map = over_crops(lambda x: jax.lax.stop_gradient(run('backbone', tp, tbs, x)),
-                       per_crop, x=crops('target'))
+        per_crop,
+        x=crops('masked'),
+        mask=crops('block_mask'),
+    )
+    t_map = over_crops(
+        lambda x: jax.lax.stop_gradient(run('backbone', tp, tbs, x)), per_crop, x=crops('target')
+    )
 
     terms = {}
     aux = {}
@@ -158,21 +190,33 @@ def cmid_loss(student: dict, teacher: dict, queue: jax.Array, center: jax.Array,
     # MIM: rebuild the normalised unmasked crop from the student's masked-crop features.
     if cfg.use_mim:
         rec = {v: run('decoder', sp, sbs, s_map[v]) for v in ('a', 'b')}
-        terms['mim'] = sum(losses.mim_loss(rec[v], views[v]['target'], views[v]['pixel_mask'])
-                           for v in ('a', 'b')) / 2
+        terms['mim'] = (
+            sum(
+                losses.mim_loss(rec[v], views[v]['target'], views[v]['pixel_mask'])
+                for v in ('a', 'b')
+            )
+            / 2
+        )
         aux['reconstruction'] = rec['a']
     else:
         terms['mim'] = zero
 
     # Global: crossed InfoNCE, student(masked A) vs teacher(B) and student(masked B) vs teacher(A).
-    q = {v: run('projector', sp, sbs, s_map[v].astype(jnp.float32).mean(axis=(1, 2)))
-         for v in ('a', 'b')}
+    q = {
+        v: run('projector', sp, sbs, s_map[v].astype(jnp.float32).mean(axis=(1, 2)))
+        for v in ('a', 'b')
+    }
     if cfg.use_global:
-        k = {v: jax.lax.stop_gradient(
-            run('projector', tp, tbs, t_map[v].astype(jnp.float32).mean(axis=(1, 2))))
-            for v in ('a', 'b')}
-        terms['global'] = (losses.infonce_loss(q['a'], k['b'], queue, cfg.temperature)
-                           + losses.infonce_loss(q['b'], k['a'], queue, cfg.temperature)) / 2
+        k = {
+            v: jax.lax.stop_gradient(
+                run('projector', tp, tbs, t_map[v].astype(jnp.float32).mean(axis=(1, 2)))
+            )
+            for v in ('a', 'b')
+        }
+        terms['global'] = (
+            losses.infonce_loss(q['a'], k['b'], queue, cfg.temperature)
+            + losses.infonce_loss(q['b'], k['a'], queue, cfg.temperature)
+        ) / 2
         aux['new_keys'] = jnp.concatenate([k['b'], k['a']])  # Official enqueue order: view, img.
     else:
         terms['global'] = zero
@@ -186,8 +230,9 @@ def cmid_loss(student: dict, teacher: dict, queue: jax.Array, center: jax.Array,
             t_feat = losses.gather_positions(pool_to_grid(t_map[t], nets.grid), idx_t)
             s_out = run('local_head', sp, sbs, s_feat)
             t_out = jax.lax.stop_gradient(run('local_head', tp, tbs, t_feat))
-            loss_local += losses.dino_local_loss(s_out, t_out, center, cfg.student_temp,
-                                                 teacher_temp)
+            loss_local += losses.dino_local_loss(
+                s_out, t_out, center, cfg.student_temp, teacher_temp
+            )
             # The official LocalLoss updates its centre after each of its two calls (Q6).
             center = losses.update_center(center, t_out, cfg.center_momentum)
         terms['local'] = loss_local / 2
@@ -195,8 +240,14 @@ def cmid_loss(student: dict, teacher: dict, queue: jax.Array, center: jax.Array,
         terms['local'] = zero
 
     total = terms['mim'] + terms['global'] + terms['local']
-    aux.update(terms=terms, student_batch_stats=sbs, teacher_batch_stats=tbs, center=center,
-               embedding_std=jnp.mean(jnp.std(q['a'], axis=0)), teacher_temp=teacher_temp)
+    aux.update(
+        terms=terms,
+        student_batch_stats=sbs,
+        teacher_batch_stats=tbs,
+        center=center,
+        embedding_std=jnp.mean(jnp.std(q['a'], axis=0)),
+        teacher_temp=teacher_temp,
+    )
     return total, aux
 
 
@@ -207,9 +258,12 @@ def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array) -> tuple[jax.Arra
     return queue.at[idx].set(keys.astype(queue.dtype)), (ptr + keys.shape[0]) % size
 
 
-def masked_psnr(reconstruction: jax.Array, target: jax.Array, pixel_mask: jax.Array, std) -> jax.Array:
+def masked_psnr(
+    reconstruction: jax.Array, target: jax.Array, pixel_mask: jax.Array, std
+) -> jax.Array:
     """PSNR (dB, 0-1 pixel scale) of the reconstruction on masked pixels: a health signal."""
     diff = (reconstruction - target) * jnp.asarray(std, jnp.float32)
     mse = jnp.sum(jnp.square(diff) * pixel_mask[..., None]) / (
-        jnp.sum(pixel_mask) * diff.shape[-1] + 1e-8)
+        jnp.sum(pixel_mask) * diff.shape[-1] + 1e-8
+    )
     return -10.0 * jnp.log10(mse + 1e-10)

@@ -21,6 +21,7 @@ import optax
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """Step counts that every schedule is defined on."""
+
     total_steps: int
     steps_per_epoch: int
 
@@ -28,8 +29,9 @@ class Schedule:
         return step // self.steps_per_epoch
 
 
-def learning_rate_fn(schedule: Schedule, base_lr: float, min_lr: float, warmup_epochs: float,
-                     warmup_factor: float):
+def learning_rate_fn(
+    schedule: Schedule, base_lr: float, min_lr: float, warmup_epochs: float, warmup_factor: float
+):
     """Per-step cosine from base_lr to min_lr over all steps, times an mmcv-style linear warm-up.
 
     During warm-up the factor ramps linearly from `warmup_factor` at step 0 to 1 at the end of
@@ -39,7 +41,9 @@ def learning_rate_fn(schedule: Schedule, base_lr: float, min_lr: float, warmup_e
 
     def lr(step):
         t = jnp.asarray(step, jnp.float32)
-        cosine = min_lr + (base_lr - min_lr) * 0.5 * (1 + jnp.cos(jnp.pi * t / schedule.total_steps))
+        cosine = min_lr + (base_lr - min_lr) * 0.5 * (
+            1 + jnp.cos(jnp.pi * t / schedule.total_steps)
+        )
         if warmup_steps == 0:
             return cosine
         ramp = 1.0 - (1.0 - t / warmup_steps) * (1.0 - warmup_factor)
@@ -48,8 +52,9 @@ def learning_rate_fn(schedule: Schedule, base_lr: float, min_lr: float, warmup_e
     return lr
 
 
-def ema_momentum(step: jax.Array, total_steps: int, base: float = 0.996,
-                 final: float = 1.0) -> jax.Array:
+def ema_momentum(
+    step: jax.Array, total_steps: int, base: float = 0.996, final: float = 1.0
+) -> jax.Array:
     """Teacher momentum: cosine from `base` at step 0 to `final` at `total_steps`."""
     t = jnp.asarray(step, jnp.float32)
     return final - (final - base) * (jnp.cos(jnp.pi * t / total_steps) + 1) / 2
@@ -69,6 +74,7 @@ class AdanState(NamedTuple):
     g and t mean the same here, their n averaged (g + (1 - b2) diff)^2 instead of
     (g + b2 diff)^2 and drifts to the new definition with time constant 1 / (1 - b3) = 100 steps.
     """
+
     m: optax.Updates
     v: optax.Updates
     n: optax.Updates
@@ -81,8 +87,9 @@ def _one_minus_power(b: float, t: jax.Array) -> jax.Array:
     return -jnp.expm1(t.astype(jnp.float32) * math.log(b))
 
 
-def scale_by_adan(b1: float = 0.98, b2: float = 0.92, b3: float = 0.99,
-                  eps: float = 1e-8) -> optax.GradientTransformation:
+def scale_by_adan(
+    b1: float = 0.98, b2: float = 0.92, b3: float = 0.99, eps: float = 1e-8
+) -> optax.GradientTransformation:
     """The Adan direction exactly as the official CMID code (`Pretrain/adan.py`, sail-sg Adan).
 
     With the gradient g, d = g - g_prev (0 at the first step) and the step count t from 1:
@@ -99,18 +106,20 @@ def scale_by_adan(b1: float = 0.98, b2: float = 0.92, b3: float = 0.99,
     def update_fn(updates, state, params=None):
         del params
         first = state.t == 0
-        diff = jax.tree.map(lambda g, prev: jnp.where(first, jnp.zeros_like(g), g - prev),
-                            updates, state.g)
+        diff = jax.tree.map(
+            lambda g, prev: jnp.where(first, jnp.zeros_like(g), g - prev), updates, state.g
+        )
         m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.m, updates)
         v = jax.tree.map(lambda v, d: b2 * v + (1 - b2) * d, state.v, diff)
-        n = jax.tree.map(lambda n, g, d: b3 * n + (1 - b3) * jnp.square(g + b2 * d),
-                         state.n, updates, diff)
+        n = jax.tree.map(
+            lambda n, g, d: b3 * n + (1 - b3) * jnp.square(g + b2 * d), state.n, updates, diff
+        )
         t = optax.safe_increment(state.t)
         c1, c2 = _one_minus_power(b1, t), _one_minus_power(b2, t)
         sqrt_c3 = jnp.sqrt(_one_minus_power(b3, t))
 
         def direction(m, v, n):
-            u = (m / c1.astype(m.dtype) + b2 * v / c2.astype(m.dtype))
+            u = m / c1.astype(m.dtype) + b2 * v / c2.astype(m.dtype)
             return u / (jnp.sqrt(n) / sqrt_c3.astype(n.dtype) + eps)
 
         u = jax.tree.map(direction, m, v, n)
@@ -119,8 +128,9 @@ def scale_by_adan(b1: float = 0.98, b2: float = 0.92, b3: float = 0.99,
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def scale_by_learning_rate_prox(learning_rate: optax.ScalarOrSchedule, weight_decay: float,
-                                mask=None) -> optax.GradientTransformation:
+def scale_by_learning_rate_prox(
+    learning_rate: optax.ScalarOrSchedule, weight_decay: float, mask=None
+) -> optax.GradientTransformation:
     """-lr (u + wd p) / (1 + lr wd) on decayed leaves, -lr u elsewhere: after
     `add_decayed_weights` this is the official proximal step p <- (p - lr u) / (1 + lr wd).
 
@@ -143,7 +153,8 @@ def scale_by_learning_rate_prox(learning_rate: optax.ScalarOrSchedule, weight_de
             decayed = jax.tree.map(lambda _: True, updates)
         prox = 1.0 / (1.0 + lr * weight_decay)
         updates = jax.tree.map(
-            lambda u, d: (-lr * jnp.where(d, prox, 1.0)).astype(u.dtype) * u, updates, decayed)
+            lambda u, d: (-lr * jnp.where(d, prox, 1.0)).astype(u.dtype) * u, updates, decayed
+        )
         if scheduled:
             state = optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
         return updates, state
@@ -151,9 +162,17 @@ def scale_by_learning_rate_prox(learning_rate: optax.ScalarOrSchedule, weight_de
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def adan(learning_rate: optax.ScalarOrSchedule, weight_decay: float, *, b1: float = 0.98,
-         b2: float = 0.92, b3: float = 0.99, eps: float = 1e-8, mask=weight_decay_mask,
-         prox: bool = False) -> optax.GradientTransformation:
+def adan(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float,
+    *,
+    b1: float = 0.98,
+    b2: float = 0.92,
+    b3: float = 0.99,
+    eps: float = 1e-8,
+    mask=weight_decay_mask,
+    prox: bool = False,
+) -> optax.GradientTransformation:
     """Adan as in the official CMID code: betas (0.98, 0.92, 0.99), eps 1e-8, bias-corrected.
 
     Weight decay on the leaves `mask` selects (ndim > 1 by default): decoupled (D5, the default)
@@ -168,5 +187,6 @@ def adan(learning_rate: optax.ScalarOrSchedule, weight_decay: float, *, b1: floa
         last = scale_by_learning_rate_prox(learning_rate, weight_decay, mask)
     else:
         last = optax.scale_by_learning_rate(learning_rate)
-    return optax.chain(scale_by_adan(b1, b2, b3, eps),
-                       optax.add_decayed_weights(weight_decay, mask), last)
+    return optax.chain(
+        scale_by_adan(b1, b2, b3, eps), optax.add_decayed_weights(weight_decay, mask), last
+    )

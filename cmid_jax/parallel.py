@@ -11,7 +11,8 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def maybe_initialize_distributed() -> None:
@@ -25,7 +26,8 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize(
             coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
             num_processes=int(env['JAX_NUM_PROCESSES']),
-            process_id=int(env['JAX_PROCESS_ID']))
+            process_id=int(env['JAX_PROCESS_ID']),
+        )
     elif any(k in env for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')):
         jax.distributed.initialize()
 
@@ -44,11 +46,12 @@ def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
 def global_batch(local_batch: dict, batch_sharding: NamedSharding) -> dict:
     """Assembles each host's slice of the batch into global arrays sharded over `data`."""
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(batch_sharding, np.asarray(x)),
-        local_batch)
+        lambda x: jax.make_array_from_process_local_data(batch_sharding, np.asarray(x)), local_batch
+    )
 
 
 def with_sharding(abstract_tree, sharding) -> dict:
     """`jax.ShapeDtypeStruct`s of `abstract_tree` placed with `sharding` (restore targets)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        abstract_tree)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_tree
+    )

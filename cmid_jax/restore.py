@@ -15,8 +15,9 @@ from cmid_jax.step import Trainer
 from cmid_jax.workdir import CKPT, Workdir
 
 
-def restore_train_state(workdir: str, step: int | None = None
-                        ) -> tuple[ml_collections.ConfigDict, dict, int]:
+def restore_train_state(
+    workdir: str, step: int | None = None
+) -> tuple[ml_collections.ConfigDict, dict, int]:
     """(config, train state, step) from a workdir's checkpoint, on the first local device.
 
     `step` None: the newest checkpoint that restores (a damaged newer one is skipped with a
@@ -26,10 +27,12 @@ def restore_train_state(workdir: str, step: int | None = None
     wd = Workdir(workdir)
     config = wd.read_config()
     # The schedule does not change any shape; an imported workdir may not have resolved it yet.
-    trainer = Trainer.create(config, optim.Schedule(config.total_steps or 1,
-                                                    config.steps_per_epoch or 1))
-    abstract = parallel.with_sharding(trainer.abstract_state,
-                                      jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    trainer = Trainer.create(
+        config, optim.Schedule(config.total_steps or 1, config.steps_per_epoch or 1)
+    )
+    abstract = parallel.with_sharding(
+        trainer.abstract_state, jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    )
     if not wd.has_checkpoints():
         raise WorkdirError(f'no checkpoint under {wd / CKPT}', 'run cmid-pretrain there first')
     checkpoints = wd.checkpoints(read_only=True)
@@ -37,11 +40,14 @@ def restore_train_state(workdir: str, step: int | None = None
         if step is None:
             state, step = checkpoints.restore_newest(abstract)
             if state is None:
-                raise WorkdirError(f'no complete checkpoint under {wd / CKPT}',
-                                   'run cmid-pretrain there first')
+                raise WorkdirError(
+                    f'no complete checkpoint under {wd / CKPT}', 'run cmid-pretrain there first'
+                )
         elif step not in checkpoints.steps():
-            raise WorkdirError(f'no checkpoint of step {step} in {wd / CKPT}',
-                               f'available steps: {checkpoints.steps()}')
+            raise WorkdirError(
+                f'no checkpoint of step {step} in {wd / CKPT}',
+                f'available steps: {checkpoints.steps()}',
+            )
         else:
             state = checkpoints.restore(step, abstract)
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ from cmid_jax.models.heads import l2_normalize
 @dataclasses.dataclass(frozen=True)
 class Trainer:
     """Everything static the step needs: networks, optimizer, schedules and loss settings."""
+
     nets: cmid.Networks
     tx: optax.GradientTransformation
     lr_fn: object
@@ -28,19 +29,31 @@ class Trainer:
     config: ml_collections.FrozenConfigDict
 
     @classmethod
-    def create(cls, config: ml_collections.ConfigDict, schedule: optim.Schedule,
-               platform: str | None = None) -> 'Trainer':
+    def create(
+        cls,
+        config: ml_collections.ConfigDict,
+        schedule: optim.Schedule,
+        platform: str | None = None,
+    ) -> Trainer:
         """The trainer of `config`; `platform` ('cuda', 'tpu', 'cpu'; None = this machine's) is
         the one the step will be lowered for, which picks the attention implementation."""
         o = config.optim
-        lr_fn = optim.learning_rate_fn(schedule, o.base_lr * config.batch_size / 256, o.min_lr,
-                                       o.warmup_epochs, o.warmup_factor)
-        return cls(nets=cmid.build_networks(config, platform),
-                   tx=optim.adan(lr_fn, o.weight_decay),
-                   lr_fn=lr_fn, schedule=schedule,
-                   loss_cfg=objective.LossConfig.from_config(config.loss),
-                   view_cfg=objective.ViewConfig.from_config(config),
-                   config=ml_collections.FrozenConfigDict(config))
+        lr_fn = optim.learning_rate_fn(
+            schedule,
+            o.base_lr * config.batch_size / 256,
+            o.min_lr,
+            o.warmup_epochs,
+            o.warmup_factor,
+        )
+        return cls(
+            nets=cmid.build_networks(config, platform),
+            tx=optim.adan(lr_fn, o.weight_decay),
+            lr_fn=lr_fn,
+            schedule=schedule,
+            loss_cfg=objective.LossConfig.from_config(config.loss),
+            view_cfg=objective.ViewConfig.from_config(config),
+            config=ml_collections.FrozenConfigDict(config),
+        )
 
     def init_state(self, rng: jax.Array) -> dict:
         """Student, identical teacher, Adan state, a random unit-norm queue and a zero centre."""
@@ -73,15 +86,25 @@ class Trainer:
         step = state['step']
         views = objective.prepare_views(batch, step, self.view_cfg)
         teacher_temp = losses.teacher_temperature(
-            self.schedule.epoch(step), c.loss.teacher_temp_warmup, c.loss.teacher_temp,
-            c.loss.teacher_temp_warmup_epochs)
+            self.schedule.epoch(step),
+            c.loss.teacher_temp_warmup,
+            c.loss.teacher_temp,
+            c.loss.teacher_temp_warmup_epochs,
+        )
         teacher = {'params': state['teacher_params'], 'batch_stats': state['teacher_batch_stats']}
 
         def loss_fn(params):
             student = {'params': params, 'batch_stats': state['batch_stats']}
-            return objective.cmid_loss(student, teacher, state['queue'], state['center'], views,
-                                       nets=self.nets, cfg=self.loss_cfg,
-                                       teacher_temp=teacher_temp)
+            return objective.cmid_loss(
+                student,
+                teacher,
+                state['queue'],
+                state['center'],
+                views,
+                nets=self.nets,
+                cfg=self.loss_cfg,
+                teacher_temp=teacher_temp,
+            )
 
         return loss_fn, views
 
@@ -101,15 +124,22 @@ class Trainer:
             params = optax.apply_updates(state['params'], updates)
             # EMA after the optimizer step (D6: no one-step lag), on the teacher's parts only.
             teacher_params = optax.incremental_update(
-                {k: params[k] for k in cmid.TEACHER_KEYS}, state['teacher_params'],
-                1.0 - momentum)
+                {k: params[k] for k in cmid.TEACHER_KEYS}, state['teacher_params'], 1.0 - momentum
+            )
             queue, queue_ptr = state['queue'], state['queue_ptr']
             if self.loss_cfg.use_global:
                 queue, queue_ptr = objective.enqueue(queue, queue_ptr, aux['new_keys'])
-            return dict(state, params=params, batch_stats=aux['student_batch_stats'],
-                        teacher_params=teacher_params,
-                        teacher_batch_stats=aux['teacher_batch_stats'], opt_state=opt_state,
-                        queue=queue, queue_ptr=queue_ptr, center=aux['center'])
+            return dict(
+                state,
+                params=params,
+                batch_stats=aux['student_batch_stats'],
+                teacher_params=teacher_params,
+                teacher_batch_stats=aux['teacher_batch_stats'],
+                opt_state=opt_state,
+                queue=queue,
+                queue_ptr=queue_ptr,
+                center=aux['center'],
+            )
 
         # A non-finite step leaves the state as it was (the loop then stops, or skips and counts
         # it), so a NaN never reaches the weights, the optimizer moments, the teacher, the batch
@@ -131,13 +161,18 @@ class Trainer:
         }
         if self.loss_cfg.use_mim:
             metrics['recon_psnr'] = objective.masked_psnr(
-                aux['reconstruction'], views['a']['target'], views['a']['pixel_mask'], c.data.std)
+                aux['reconstruction'], views['a']['target'], views['a']['pixel_mask'], c.data.std
+            )
         return new_state, metrics
 
     def jit_train_step(self, state_sharding, batch_sharding, replicated):
         """The train step compiled over the mesh, with the state donated."""
-        return jax.jit(self.train_step, in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+        return jax.jit(
+            self.train_step,
+            in_shardings=(state_sharding, batch_sharding),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=(0,),
+        )
 
     @functools.cached_property
     def abstract_state(self):

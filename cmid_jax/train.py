@@ -8,14 +8,15 @@ import logging
 import signal
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import grain
 import jax
 import ml_collections
 from absl import flags
 
-from cmid_jax import metrics as metrics_lib, optim, parallel
+from cmid_jax import metrics as metrics_lib
+from cmid_jax import optim, parallel
 from cmid_jax.config_checks import check_config, resume_changes
 from cmid_jax.data import describe_source, open_source, resolve_data_config
 from cmid_jax.data.bad_files import BadFiles
@@ -23,8 +24,15 @@ from cmid_jax.data.pipeline import Source, build_dataset, make_iterator
 from cmid_jax.errors import DataError, Preempted, WorkdirError, expected, one_line
 from cmid_jax.evaluation.periodic import PeriodicEvals
 from cmid_jax.step import Trainer
-from cmid_jax.workdir import (BAD_FILES, CKPT, CONFIG, HISTORY, METRICS, Workdir,
-                              share_from_process_0)
+from cmid_jax.workdir import (
+    BAD_FILES,
+    CKPT,
+    CONFIG,
+    HISTORY,
+    METRICS,
+    Workdir,
+    share_from_process_0,
+)
 from cmid_jax.workdir_lock import WorkdirLock
 
 __all__ = ['check_config', 'input_pipeline', 'train_and_evaluate']
@@ -32,16 +40,22 @@ __all__ = ['check_config', 'input_pipeline', 'train_and_evaluate']
 _DATA_HINT = 'check data.path, data.bands and data.tile_size'
 
 
-def input_pipeline(config: ml_collections.ConfigDict, source: Source,
-                   bad_files: BadFiles | None = None) -> grain.DatasetIterator:
+def input_pipeline(
+    config: ml_collections.ConfigDict, source: Source, bad_files: BadFiles | None = None
+) -> grain.DatasetIterator:
     """This process's checkpointable iterator of batch slices (`cmid_jax.data.pipeline`).
 
     One batch is decoded first, so unreadable data fail before anything is compiled (and, with
     `bad_files`, a first sample of bad files is reported).
     """
-    dataset = build_dataset(source, image_size=config.data.image_size,
-                            global_batch_size=config.batch_size, seed=config.seed,
-                            process_index=jax.process_index(), process_count=jax.process_count())
+    dataset = build_dataset(
+        source,
+        image_size=config.data.image_size,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     first = dataset[0]
     if bad_files is not None:
         bad_files.update(first['bad_images'], step=0)
@@ -50,8 +64,9 @@ def input_pipeline(config: ml_collections.ConfigDict, source: Source,
     return make_iterator(dataset, num_workers=config.data.num_workers)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: bool = False) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> dict:
     """Pretrains (or resumes) in `workdir`; returns the last logged metrics.
 
     Expected problems raise a `cmid_jax.errors.UserError` (one line, nothing overwritten); a
@@ -75,30 +90,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         with expected(DataError, _DATA_HINT):
             source = open_source(config.data)
             resolve_data_config(config.data, source)
-        steps_per_epoch = config.steps_per_epoch = (
-            config.steps_per_epoch or max(len(source) // config.batch_size, 1))
+        steps_per_epoch = config.steps_per_epoch = config.steps_per_epoch or max(
+            len(source) // config.batch_size, 1
+        )
         if config.total_steps is None:
             config.total_steps = config.epochs * steps_per_epoch
         total_steps = config.total_steps
-        ckpt = wd.checkpoints(every_steps=config.checkpoint_every_steps,
-                              keep=config.keep_checkpoints)
+        ckpt = wd.checkpoints(
+            every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
+        )
         cleanup.callback(ckpt.close)  # Waits for the last save; a failed one raises SaveError.
         latest = ckpt.latest_step()
         changes = {}
         if latest is not None and wd.has_config():
             changes = resume_changes(wd.read_config(), config, allow=allow_config_change)
         if latest is not None and latest >= total_steps:
-            logging.info('%s is complete (step %d of %d); nothing to do.\n%s', wd, latest,
-                         total_steps, closing_summary(wd, config, latest))
+            logging.info(
+                '%s is complete (step %d of %d); nothing to do.\n%s',
+                wd,
+                latest,
+                total_steps,
+                closing_summary(wd, config, latest),
+            )
             return _last_metrics(wd)
         if process == 0:
             wd.write_config(config)
-            wd.append_history('resume' if latest is not None else 'start', step=latest or 0,
-                              changes={k: list(v) for k, v in changes.items()})
+            wd.append_history(
+                'resume' if latest is not None else 'start',
+                step=latest or 0,
+                changes={k: list(v) for k, v in changes.items()},
+            )
         if changes:
-            logging.warning('Resuming with changed settings (%s): the saved weights, optimizer '
-                            'state, queue, step and data position continue under the new values.',
-                            ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changes.items()))
+            logging.warning(
+                'Resuming with changed settings (%s): the saved weights, optimizer '
+                'state, queue, step and data position continue under the new values.',
+                ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changes.items()),
+            )
         logging.info('Config: %s', wd / CONFIG)
 
         # --- Input pipeline ------------------------------------------------------------------
@@ -110,8 +137,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             data_iter = input_pipeline(config, source, bad_files)
         if hasattr(data_iter, 'close'):
             cleanup.callback(data_iter.close)  # Stops grain's worker processes.
-        logging.info('%s; %d steps of %d (%d per epoch).', describe_source(config.data, source),
-                     total_steps, config.batch_size, steps_per_epoch)
+        logging.info(
+            '%s; %d steps of %d (%d per epoch).',
+            describe_source(config.data, source),
+            total_steps,
+            config.batch_size,
+            steps_per_epoch,
+        )
 
         # --- Model, optimizer and state ------------------------------------------------------
         trainer = Trainer.create(config, optim.Schedule(total_steps, steps_per_epoch))
@@ -121,14 +153,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             logging.info('Resumed from the checkpoint of step %d in %s.', restored, wd)
         else:
             state = jax.jit(trainer.init_state, out_shardings=replicated)(
-                jax.random.key(config.seed))
+                jax.random.key(config.seed)
+            )
             if total_steps == 0:  # Saves the initial weights: the random-init evaluation baseline.
                 ckpt.save(0, state, data_iter, force=True)
         train_step = trainer.jit_train_step(replicated, batch_sharding, replicated)
 
         # --- Evals ---------------------------------------------------------------------------
-        writer = cleanup.enter_context(contextlib.closing(
-            metrics_lib.MetricWriter(wd, is_main_process=process == 0)))
+        writer = cleanup.enter_context(
+            contextlib.closing(metrics_lib.MetricWriter(wd, is_main_process=process == 0))
+        )
         evals = PeriodicEvals(config, mesh, wd, writer, total_steps)
         first_step = int(jax.device_get(state['step']))
         if evals.knn is not None and first_step == 0:
@@ -142,9 +176,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         cleanup.callback(preemption.restore)
         step, status = first_step, 'failed'
         if process == 0:
-            cleanup.callback(lambda: wd.append_history(
-                'end', status=status, step=step,
-                seconds=round(time.monotonic() - session_start, 1)))
+            cleanup.callback(
+                lambda: wd.append_history(
+                    'end',
+                    status=status,
+                    step=step,
+                    seconds=round(time.monotonic() - session_start, 1),
+                )
+            )
         try:
             for step in range(first_step + 1, total_steps + 1):
                 with expected(DataError, _DATA_HINT):
@@ -156,7 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     _check_finite(*previous, config.max_nonfinite_steps)
                 previous = step, step_metrics
                 preempted = preemption.received or (
-                    num_processes > 1 and ckpt.reached_preemption(step))
+                    num_processes > 1 and ckpt.reached_preemption(step)
+                )
                 save_due = ckpt.should_save(step) or step == total_steps or preempted
                 if step % config.log_every_steps == 0 or save_due or step == first_step + 1:
                     # Reading every metric back is a full sync; per step only the NaN flag is read.
@@ -196,8 +236,9 @@ def _exclusive(wd: Workdir) -> Iterator[None]:
             failure = e
     refusal = share_from_process_0('workdir_lock', failure.message if failure else '')
     if failure is None and refusal:
-        failure = WorkdirError(f'Process 0 could not lock the workdir: {refusal}',
-                               'see the log of process 0')
+        failure = WorkdirError(
+            f'Process 0 could not lock the workdir: {refusal}', 'see the log of process 0'
+        )
     if failure is not None:
         raise failure
     try:
@@ -214,18 +255,26 @@ def closing_summary(wd: Workdir, config: ml_collections.ConfigDict, step: int) -
     knn = next((r for r in reversed(records) if 'knn_top1_student' in r), None)
     sessions = [r for r in wd.read_jsonl(HISTORY) if r.get('event') == 'end']
     seconds = sum(r.get('seconds', 0) for r in sessions)
-    losses = ' '.join(f'{k}={last[k]:.4f}' for k in ('loss', 'loss_mim', 'loss_global',
-                                                     'loss_local') if k in last)
-    lines = [f'Run complete: step {step} of {config.total_steps}, '
-             f'{metrics_lib.duration(seconds)} of wall time in {len(sessions)} session(s); '
-             f'at step {last.get("step", "?")}: {losses or "no metrics logged"}.']
+    losses = ' '.join(
+        f'{k}={last[k]:.4f}' for k in ('loss', 'loss_mim', 'loss_global', 'loss_local') if k in last
+    )
+    lines = [
+        f'Run complete: step {step} of {config.total_steps}, '
+        f'{metrics_lib.duration(seconds)} of wall time in {len(sessions)} session(s); '
+        f'at step {last.get("step", "?")}: {losses or "no metrics logged"}.'
+    ]
     if knn is not None:
-        lines.append(f'kNN top-1 at step {knn["step"]}: student {knn["knn_top1_student"]:.4f}, '
-                     f'teacher {knn["knn_top1_teacher"]:.4f}.')
+        lines.append(
+            f'kNN top-1 at step {knn["step"]}: student {knn["knn_top1_student"]:.4f}, '
+            f'teacher {knn["knn_top1_teacher"]:.4f}.'
+        )
     eval_data = config.eval.path or 'LABELLED_DIR (one sub-folder per class)'
-    lines += [f'Checkpoint: {wd / CKPT / str(step)}', 'Next:',
-              f'  cmid-export --workdir={wd} --out={wd / "export" / "backbone.safetensors"}',
-              f'  cmid-evaluate --workdir={wd} --data={eval_data}']
+    lines += [
+        f'Checkpoint: {wd / CKPT / str(step)}',
+        'Next:',
+        f'  cmid-export --workdir={wd} --out={wd / "export" / "backbone.safetensors"}',
+        f'  cmid-evaluate --workdir={wd} --data={eval_data}',
+    ]
     return '\n'.join(lines)
 
 
@@ -267,4 +316,5 @@ def _check_finite(step: int, step_metrics: dict, allowed: int) -> None:
         f'mim={terms["loss_mim"]}, global={terms["loss_global"]}, local={terms["loss_local"]}, '
         f'grad_norm={terms["grad_norm"]}); {int(terms["nonfinite_steps"])} such steps so far, '
         f'max_nonfinite_steps={allowed}. The update was not applied and not saved; the last '
-        f'checkpoint is untouched. All metrics: {json.dumps(terms)}')
+        f'checkpoint is untouched. All metrics: {json.dumps(terms)}'
+    )

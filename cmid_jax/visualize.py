@@ -13,25 +13,34 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 GAP_VALUE = 255  # White separators between the cells of a grid.
-_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127))
+_COLORS = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+)
 
 
 def _tile(rows: Sequence[np.ndarray], gap: int) -> np.ndarray:
     """rows of (n, S, S, 3) uint8 -> one (R*S + (R-1)*gap, n*S + (n-1)*gap, 3) image."""
     n, s = rows[0].shape[:2]
-    out = np.full((len(rows) * s + (len(rows) - 1) * gap, n * s + (n - 1) * gap, 3), GAP_VALUE,
-                  np.uint8)
+    out = np.full(
+        (len(rows) * s + (len(rows) - 1) * gap, n * s + (n - 1) * gap, 3), GAP_VALUE, np.uint8
+    )
     for r, row in enumerate(rows):
         for c in range(n):
-            out[r * (s + gap):r * (s + gap) + s, c * (s + gap):c * (s + gap) + s] = row[c]
+            out[r * (s + gap) : r * (s + gap) + s, c * (s + gap) : c * (s + gap) + s] = row[c]
     return out
 
 
@@ -51,9 +60,16 @@ def _fraction(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / np.float32(scale)
 
 
-def reconstruction_grid(batch_views: Mapping[str, np.ndarray], reconstruction: np.ndarray,
-                        mean: Sequence[float], std: Sequence[float], *, view: str = 'a',
-                        max_images: int = 8, gap: int = 2) -> np.ndarray:
+def reconstruction_grid(
+    batch_views: Mapping[str, np.ndarray],
+    reconstruction: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    view: str = 'a',
+    max_images: int = 8,
+    gap: int = 2,
+) -> np.ndarray:
     """uint8 (4*S + 3*gap, n*S + (n-1)*gap, 3) grid: input, masked input, prediction, target.
 
     `batch_views` holds `img_<view>` (B, S, S, bands) uint8 or uint16 and `mask_<view>` (B, g, g)
@@ -69,8 +85,9 @@ def reconstruction_grid(batch_views: Mapping[str, np.ndarray], reconstruction: n
     factor = size // mask.shape[1]
     pixel_mask = np.repeat(np.repeat(mask, factor, axis=1), factor, axis=2)[..., None]
     x = _fraction(images)
-    prediction = (np.asarray(reconstruction, np.float32)[:n] * np.asarray(std, np.float32)
-                  + np.asarray(mean, np.float32))
+    prediction = np.asarray(reconstruction, np.float32)[:n] * np.asarray(
+        std, np.float32
+    ) + np.asarray(mean, np.float32)
     lo, hi = _display_range(images)
     shown = _to_uint8(x, lo, hi)
     channel_mean = np.rint(shown.astype(np.float32).mean(axis=(1, 2), keepdims=True))
@@ -104,26 +121,32 @@ def class_colors(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return palette[np.asarray(labels, np.uint8)]
 
 
-def labelled_grid(rows: Mapping[str, np.ndarray], gap: int = 2, margin: int = 80,
-                  legend: Mapping[str, Sequence[int]] | None = None) -> np.ndarray:
+def labelled_grid(
+    rows: Mapping[str, np.ndarray],
+    gap: int = 2,
+    margin: int = 80,
+    legend: Mapping[str, Sequence[int]] | None = None,
+) -> np.ndarray:
     """`{row name: (n, S, S, 3) uint8}` -> one image of the rows laid out as `_tile` does, each
     row's name written in a white `margin` on its left, and an optional `legend` line below
     (`{name: RGB colour}`, e.g. the classes of a label row)."""
     grid = _tile(list(rows.values()), gap)
     line = 20 if legend else 0
     out = np.full((grid.shape[0] + line, margin + grid.shape[1], 3), GAP_VALUE, np.uint8)
-    out[:grid.shape[0], margin:] = grid
+    out[: grid.shape[0], margin:] = grid
     img = Image.fromarray(out)
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     size = next(iter(rows.values())).shape[1]
     for r, name in enumerate(rows):
-        draw.text((margin - 6, r * (size + gap) + size / 2), name, fill='black', font=font,
-                  anchor='rm')
+        draw.text(
+            (margin - 6, r * (size + gap) + size / 2), name, fill='black', font=font, anchor='rm'
+        )
     x, y = margin, grid.shape[0] + line / 2
     for name, color in (legend or {}).items():
-        draw.rectangle([x, y - 5, x + 10, y + 5], fill=tuple(int(c) for c in color),
-                       outline='black')
+        draw.rectangle(
+            [x, y - 5, x + 10, y + 5], fill=tuple(int(c) for c in color), outline='black'
+        )
         draw.text((x + 14, y), name, fill='black', font=font, anchor='lm')
         x += 24 + draw.textlength(name, font=font)
     return np.asarray(img)
@@ -153,7 +176,7 @@ def read_accuracy_series(jsonl_path: str | os.PathLike) -> dict[str, list[tuple[
             if step is None:
                 continue
             if 'protocol' in record and 'top1' in record:  # eval.jsonl
-                points = {f"{record['protocol']}_{record.get('which', 'student')}": record['top1']}
+                points = {f'{record["protocol"]}_{record.get("which", "student")}': record['top1']}
             else:  # metrics.jsonl: the online kNN scalars
                 points = {k: v for k, v in record.items() if k.startswith('knn_top1')}
             for name, value in points.items():
@@ -171,14 +194,19 @@ def _nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def plot_knn_curve(eval_jsonl_or_metrics_jsonl: str | os.PathLike,
-                   out_png: str | os.PathLike, *, size: tuple[int, int] = (720, 420),
-                   title: str | None = None) -> dict[str, list[tuple[int, float]]]:
+def plot_knn_curve(
+    eval_jsonl_or_metrics_jsonl: str | os.PathLike,
+    out_png: str | os.PathLike,
+    *,
+    size: tuple[int, int] = (720, 420),
+    title: str | None = None,
+) -> dict[str, list[tuple[int, float]]]:
     """Plots top-1 (%) against step for every series in the file; returns the series plotted."""
     series = read_accuracy_series(eval_jsonl_or_metrics_jsonl)
     if not series:
-        raise ValueError(f'no accuracy records (knn_top1_* or protocol/top1) in '
-                         f'{eval_jsonl_or_metrics_jsonl}')
+        raise ValueError(
+            f'no accuracy records (knn_top1_* or protocol/top1) in {eval_jsonl_or_metrics_jsonl}'
+        )
     if title is None:
         only_knn = all(name.startswith('knn') for name in series)
         title = 'kNN top-1 accuracy' if only_knn else 'top-1 accuracy'
@@ -217,7 +245,12 @@ def plot_knn_curve(eval_jsonl_or_metrics_jsonl: str | os.PathLike,
         last = points[-1][1]
         legend_y = top + 8 + 14 * i
         draw.line([(left + 10, legend_y), (left + 28, legend_y)], fill=color, width=3)
-        draw.text((left + 34, legend_y), f'{name} ({100 * last:.1f}%)', fill='black', font=font,
-                  anchor='lm')
+        draw.text(
+            (left + 34, legend_y),
+            f'{name} ({100 * last:.1f}%)',
+            fill='black',
+            font=font,
+            anchor='lm',
+        )
     save_png(out_png, np.asarray(img))
     return series

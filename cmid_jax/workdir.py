@@ -37,7 +37,8 @@ import re
 import socket
 import sys
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import grain
 import jax
@@ -84,9 +85,10 @@ class Workdir:
             if self.is_local and not os.access(self.path, os.W_OK):
                 raise PermissionError(13, 'Permission denied')
         except OSError as e:
-            raise WorkdirError(f'Cannot write to the workdir {self} ({e.strerror or e})',
-                               'choose a writable folder with free space; nothing in it was '
-                               'changed') from e
+            raise WorkdirError(
+                f'Cannot write to the workdir {self} ({e.strerror or e})',
+                'choose a writable folder with free space; nothing in it was changed',
+            ) from e
 
     # --- JSON files ------------------------------------------------------------------------
 
@@ -96,8 +98,10 @@ class Workdir:
     def read_config(self) -> ml_collections.ConfigDict:
         """The resolved config a run wrote to config.json."""
         if not self.has_config():
-            raise WorkdirError(f'{self / CONFIG} not found: {self} is not a cmid_jax workdir',
-                               'run cmid-pretrain or cmid-import-torch there first')
+            raise WorkdirError(
+                f'{self / CONFIG} not found: {self} is not a cmid_jax workdir',
+                'run cmid-pretrain or cmid-import-torch there first',
+            )
         return ml_collections.ConfigDict(self.read_json(CONFIG))
 
     def write_config(self, config: ml_collections.ConfigDict) -> None:
@@ -121,8 +125,10 @@ class Workdir:
             else:  # An object upload replaces the object only when complete.
                 path.write_text(text)
         except OSError as e:
-            raise SaveError(f'Cannot write {path} ({e.strerror or e})',
-                            'free space or fix the permissions, then run again') from e
+            raise SaveError(
+                f'Cannot write {path} ({e.strerror or e})',
+                'free space or fix the permissions, then run again',
+            ) from e
 
     def read_jsonl(self, name: str) -> list[dict]:
         """Every complete record of a JSONL file ([] if there is none)."""
@@ -144,19 +150,26 @@ class Workdir:
 
     def append_history(self, event: str, **fields: Any) -> None:
         """One history.jsonl line: what happened, when, where and by which command."""
-        self.append_jsonl(HISTORY, {
-            'event': event, 'time': datetime.datetime.now().astimezone().isoformat(
-                timespec='seconds'),
-            'host': socket.gethostname(), 'pid': os.getpid(), **fields,
-            'argv': sys.argv})
+        self.append_jsonl(
+            HISTORY,
+            {
+                'event': event,
+                'time': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+                'host': socket.gethostname(),
+                'pid': os.getpid(),
+                **fields,
+                'argv': sys.argv,
+            },
+        )
 
     # --- Folders ---------------------------------------------------------------------------
 
     def images_dir(self) -> epath.Path:
         return self / IMAGES
 
-    def checkpoints(self, *, every_steps: int | None = None, keep: int | None = None,
-                    read_only: bool = False) -> Checkpoints:
+    def checkpoints(
+        self, *, every_steps: int | None = None, keep: int | None = None, read_only: bool = False
+    ) -> Checkpoints:
         return Checkpoints(self, every_steps=every_steps, keep=keep, read_only=read_only)
 
     def has_checkpoints(self) -> bool:
@@ -230,21 +243,31 @@ class Checkpoints:
     (`keep`) only after a save completes, so the intact ones stay.
     """
 
-    def __init__(self, workdir: Workdir, *, every_steps: int | None, keep: int | None,
-                 read_only: bool):
+    def __init__(
+        self, workdir: Workdir, *, every_steps: int | None, keep: int | None, read_only: bool
+    ):
         self.workdir = workdir
         self.directory = workdir / CKPT
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=every_steps or 1, create=not read_only,
-            read_only=read_only, cleanup_tmp_directories=not read_only)
-        handlers = {'state': ocp.StandardCheckpointHandler(),
-                    'data': grain.checkpoint.CheckpointHandler()}
+            max_to_keep=keep,
+            save_interval_steps=every_steps or 1,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+        )
+        handlers = {
+            'state': ocp.StandardCheckpointHandler(),
+            'data': grain.checkpoint.CheckpointHandler(),
+        }
         try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                                 item_handlers=handlers)
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_handlers=handlers
+            )
         except OSError as e:
-            raise WorkdirError(f'Cannot use the checkpoint folder {self.directory} '
-                               f'({e.strerror or e})', 'check the path and its permissions') from e
+            raise WorkdirError(
+                f'Cannot use the checkpoint folder {self.directory} ({e.strerror or e})',
+                'check the path and its permissions',
+            ) from e
         self._in_flight: int | None = None
 
     def steps(self) -> list[int]:
@@ -297,13 +320,18 @@ class Checkpoints:
     def _save_failed(self, step: int | None, error: Exception) -> SaveError:
         self.manager.reload()
         intact = [s for s in self.steps() if s != step]
-        kept = (f'the checkpoint of step {intact[-1]} is intact' if intact
-                else 'no earlier checkpoint exists')
+        kept = (
+            f'the checkpoint of step {intact[-1]} is intact'
+            if intact
+            else 'no earlier checkpoint exists'
+        )
         return SaveError(
             f'Saving the checkpoint of step {step} to {self.directory} failed: '
             f'{_short_reason(error)}; {kept}',
             'free space (or fix the permissions) and run the same command to resume'
-            if intact else 'free space (or fix the permissions) and run the same command')
+            if intact
+            else 'free space (or fix the permissions) and run the same command',
+        )
 
     # --- Restoring -------------------------------------------------------------------------
 
@@ -323,8 +351,9 @@ class Checkpoints:
         except Exception as e:  # pylint: disable=broad-except
             raise DamagedCheckpoint(step, _short_reason(e)) from e
 
-    def restore_newest(self, abstract_state, data_iterator=None, *,
-                       move_damaged: bool = False) -> tuple[dict | None, int | None]:
+    def restore_newest(
+        self, abstract_state, data_iterator=None, *, move_damaged: bool = False
+    ) -> tuple[dict | None, int | None]:
         """(state, step) of the newest checkpoint that restores, (None, None) if there is none.
 
         A damaged newer checkpoint is skipped with a warning naming its step and what was wrong;
@@ -341,9 +370,13 @@ class Checkpoints:
                 damaged.append(e)
         for e in damaged:
             where = self._move_aside(e) if move_damaged else 'left in place'
-            logging.warning('The checkpoint of step %d is damaged (%s): %s; %s.', e.step,
-                            e.reason, 'skipped' if step is not None else 'no other checkpoint',
-                            where)
+            logging.warning(
+                'The checkpoint of step %d is damaged (%s): %s; %s.',
+                e.step,
+                e.reason,
+                'skipped' if step is not None else 'no other checkpoint',
+                where,
+            )
         if move_damaged and damaged:
             _sync_processes('cmid_jax_moved_damaged_checkpoints')
             self.manager.reload()
@@ -351,8 +384,13 @@ class Checkpoints:
             raise WorkdirError(
                 f'No checkpoint in {self.directory} can be read: '
                 + '; '.join(f'step {e.step}: {e.reason}' for e in damaged),
-                ('they were moved to ' + str(self.workdir / CORRUPT) + '; the next run starts '
-                 'from step 0') if move_damaged else 'run cmid-pretrain to write a new one')
+                (
+                    'they were moved to ' + str(self.workdir / CORRUPT) + '; the next run starts '
+                    'from step 0'
+                )
+                if move_damaged
+                else 'run cmid-pretrain to write a new one',
+            )
         return state, step
 
     def _check_fits(self, step: int, abstract_state) -> None:
@@ -366,12 +404,14 @@ class Checkpoints:
         if saved == wanted:
             return
         diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
-        shown = ', '.join(f'{k}: {saved.get(k, "absent")} saved, {wanted.get(k, "absent")} now'
-                          for k in diff[:3])
+        shown = ', '.join(
+            f'{k}: {saved.get(k, "absent")} saved, {wanted.get(k, "absent")} now' for k in diff[:3]
+        )
         raise WorkdirError(
             f'The checkpoint of step {step} in {self.directory} holds a train state of other '
             f'shapes than this config builds ({len(diff)} differences; {shown})',
-            f'resume with the config in {self.workdir / CONFIG}, or use a new workdir')
+            f'resume with the config in {self.workdir / CONFIG}, or use a new workdir',
+        )
 
     def _move_aside(self, damaged: DamagedCheckpoint) -> str:
         if jax.process_index() != 0:
@@ -388,9 +428,10 @@ class DamagedCheckpoint(WorkdirError):
     """A checkpoint folder that does not restore: missing, truncated or undecodable files."""
 
     def __init__(self, step: int, reason: str):
-        super().__init__(f'The checkpoint of step {step} cannot be read: {reason}',
-                         'restore another step (--step), or let cmid-pretrain fall back to an '
-                         'older one')
+        super().__init__(
+            f'The checkpoint of step {step} cannot be read: {reason}',
+            'restore another step (--step), or let cmid-pretrain fall back to an older one',
+        )
         self.step, self.reason = step, reason
 
 
@@ -407,13 +448,17 @@ def _short_reason(error: BaseException) -> str:
 def _shapes(tree) -> dict[str, tuple]:
     """{'a/0/m': shape} for every leaf: dict keys, attributes and indices all spelt alike, since
     orbax's metadata stores a NamedTuple (optax states) as a dict."""
+
     def name(key) -> str:
         for attr in ('key', 'name', 'idx'):
             if hasattr(key, attr):
                 return str(getattr(key, attr))
         return str(key)
-    return {'/'.join(name(k) for k in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+    return {
+        '/'.join(name(k) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def _sync_processes(name: str) -> None:

@@ -52,15 +52,18 @@ class WorkdirLock:
                     f'The workdir {self.workdir} is in use by another run (host '
                     f'{holder.get("host")}, pid {holder.get("pid")}, started '
                     f'{holder.get("started")})',
-                    'wait for it to finish, stop it, or use another --workdir')
-            logging.warning('Taking over the stale lock of %s (%s).', self.workdir,
-                            _describe(holder))
+                    'wait for it to finish, stop it, or use another --workdir',
+                )
+            logging.warning(
+                'Taking over the stale lock of %s (%s).', self.workdir, _describe(holder)
+            )
             self._write()
             if (self._read() or {}).get('token') != self.token:
-                raise WorkdirError(f'Another run took the lock of {self.workdir} at the same '
-                                   'moment', 'run one process per workdir')
-        self._thread = threading.Thread(target=self._heartbeat, name='workdir-lock',
-                                        daemon=True)
+                raise WorkdirError(
+                    f'Another run took the lock of {self.workdir} at the same moment',
+                    'run one process per workdir',
+                )
+        self._thread = threading.Thread(target=self._heartbeat, name='workdir-lock', daemon=True)
         self._thread.start()
 
     def release(self) -> None:
@@ -78,9 +81,16 @@ class WorkdirLock:
         self.release()
 
     def _record(self) -> dict:
-        return {'host': socket.gethostname(), 'pid': os.getpid(), 'boot_id': _boot_id(),
-                'process_start': _process_start(os.getpid()), 'token': self.token,
-                'started': self._started, 'heartbeat': time.time(), 'argv': sys.argv}
+        return {
+            'host': socket.gethostname(),
+            'pid': os.getpid(),
+            'boot_id': _boot_id(),
+            'process_start': _process_start(os.getpid()),
+            'token': self.token,
+            'started': self._started,
+            'heartbeat': time.time(),
+            'argv': sys.argv,
+        }
 
     def _create(self) -> bool:
         if not self.workdir.is_local:
@@ -156,4 +166,3 @@ def _process_start(pid: int) -> int | None:
             return int(f.read().rsplit(')', 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return None
-

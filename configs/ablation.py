@@ -32,8 +32,10 @@ VARIANTS = {'resnet': ('50', 'nano'), 'vit': ('S/16', 'mu/16')}
 def get_config(arg: str = 'resnet,full'):
     arch, setting, *scale = arg.split(',')
     if arch not in VARIANTS or setting not in SETTINGS or scale not in ([], ['cpu']):
-        raise ValueError(f'Unknown ablation {arg!r}; expected ARCH,SETTING[,cpu] with ARCH in '
-                         f'{sorted(VARIANTS)} and SETTING in {sorted(SETTINGS)}.')
+        raise ValueError(
+            f'Unknown ablation {arg!r}; expected ARCH,SETTING[,cpu] with ARCH in '
+            f'{sorted(VARIANTS)} and SETTING in {sorted(SETTINGS)}.'
+        )
     c = config_base.default_config()
     c.model.arch = arch
     c.model.variant = VARIANTS[arch][0]

@@ -12,6 +12,7 @@ Presets: `configs/resnet50.py:smoke` (a one-block-per-stage bottleneck ResNet 'n
 steps: loss finite and the run complete; about a minute on 2 CPU cores, most of it compiling) and
 `configs/resnet50.py:demo` (the same network at 128 px on the bundled Landsat-8 tiles).
 """
+
 from cmid_jax import config_base
 
 

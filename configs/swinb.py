@@ -16,6 +16,7 @@ steps: loss finite and the run complete, about a minute on 2 CPU cores) and `con
 (the same network at 128 px on the bundled Landsat-8 tiles). Window 7 would need 224 px (a
 last-stage map of at least 7x7), about 10x the CPU cost per step.
 """
+
 from cmid_jax import config_base
 
 

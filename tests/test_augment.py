@@ -9,17 +9,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cmid_jax import augment as A
+from cmid_jax.data import list_images, load_image, make_views
 
 import photometric_reference as R
 from conftest import SHARED_DATA
-from cmid_jax import augment as A
-from cmid_jax.data import list_images, load_image, make_views
 
 EIGHT_BIT = A.Levels()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _aid_image(i: int) -> np.ndarray:
     files = list_images(str(SHARED_DATA / 'aid'))
     return load_image(files[i * 97])[:64, :64].astype(np.float32)
@@ -47,31 +49,41 @@ def test_photometric_chain_equals_the_numpy_reference_on_aid(seed):
 
 def test_each_op_against_the_reference_and_hand_values():
     x = _aid_image(5)
-    f = lambda op, *a: np.asarray(jax.jit(op, static_argnums=tuple(range(2, len(a) + 1)))(
-        jnp.asarray(x), *a))
-    np.testing.assert_array_equal(f(A.adjust_brightness, 1.3, EIGHT_BIT),
-                                  R.brightness(x, 1.3, EIGHT_BIT))
+    f = lambda op, *a: np.asarray(
+        jax.jit(op, static_argnums=tuple(range(2, len(a) + 1)))(jnp.asarray(x), *a)
+    )
+    np.testing.assert_array_equal(
+        f(A.adjust_brightness, 1.3, EIGHT_BIT), R.brightness(x, 1.3, EIGHT_BIT)
+    )
     for rgb in (True, False):
-        np.testing.assert_array_equal(f(A.adjust_contrast, 0.7, EIGHT_BIT, rgb),
-                                      R.contrast(x, 0.7, EIGHT_BIT, rgb))
-    np.testing.assert_array_equal(f(A.adjust_saturation, 1.2, EIGHT_BIT),
-                                  R.saturation(x, 1.2, EIGHT_BIT))
+        np.testing.assert_array_equal(
+            f(A.adjust_contrast, 0.7, EIGHT_BIT, rgb), R.contrast(x, 0.7, EIGHT_BIT, rgb)
+        )
+    np.testing.assert_array_equal(
+        f(A.adjust_saturation, 1.2, EIGHT_BIT), R.saturation(x, 1.2, EIGHT_BIT)
+    )
     assert np.abs(f(A.adjust_hue, 0.07, EIGHT_BIT) - R.hue(x, 0.07, EIGHT_BIT)).max() <= 1
     np.testing.assert_array_equal(f(A.adjust_hue, 0.0, EIGHT_BIT), x)
     for size in (3, 5, 7):
-        got = np.asarray(jax.jit(A.gaussian_blur, static_argnums=3)(jnp.asarray(x), size, 1.5,
-                                                                     EIGHT_BIT))
+        got = np.asarray(
+            jax.jit(A.gaussian_blur, static_argnums=3)(jnp.asarray(x), size, 1.5, EIGHT_BIT)
+        )
         assert np.abs(got - R.gaussian_blur(x, size, 1.5, EIGHT_BIT)).max() <= 1
     # Hand values: solarize at 128, luma weights, OpenCV's 3-tap kernel for sigma 0.8.
     ramp = jnp.arange(256, dtype=jnp.float32)[None, :, None]
-    np.testing.assert_array_equal(np.asarray(A.solarize(ramp, EIGHT_BIT))[0, :, 0],
-                                  np.where(np.arange(256) >= 128, 255 - np.arange(256),
-                                           np.arange(256)))
-    np.testing.assert_array_equal(A.to_gray(jnp.array([[[100.0, 200.0, 50.0]]]), EIGHT_BIT),
-                                  [[[153.0] * 3]])  # 29.9 + 117.4 + 5.7 = 153.0
+    np.testing.assert_array_equal(
+        np.asarray(A.solarize(ramp, EIGHT_BIT))[0, :, 0],
+        np.where(np.arange(256) >= 128, 255 - np.arange(256), np.arange(256)),
+    )
+    np.testing.assert_array_equal(
+        A.to_gray(jnp.array([[[100.0, 200.0, 50.0]]]), EIGHT_BIT), [[[153.0] * 3]]
+    )  # 29.9 + 117.4 + 5.7 = 153.0
     e = math.exp(-1 / (2 * 0.64))
-    np.testing.assert_allclose(A.blur_kernel(3, 0.8), [0, 0, e / (1 + 2 * e), 1 / (1 + 2 * e),
-                                                       e / (1 + 2 * e), 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(
+        A.blur_kernel(3, 0.8),
+        [0, 0, e / (1 + 2 * e), 1 / (1 + 2 * e), e / (1 + 2 * e), 0, 0],
+        rtol=1e-6,
+    )
 
 
 def test_uint16_four_band_levels():
@@ -86,9 +98,10 @@ def test_uint16_four_band_levels():
         ref = R.photometric(x, jax.tree.map(np.asarray, d), levels, False)
         assert np.abs(got - ref).max() <= 1 and np.mean(got != ref) < 1e-3
     flat = jnp.full((200, 200, 1), 7000.0)
-    noisy = np.asarray(A.gauss_noise(flat, jax.random.normal(jax.random.key(1), flat.shape),
-                                     30.0, levels))
-    assert noisy.std() == pytest.approx(30 ** 0.5 * 5000 / 255, rel=0.03)
+    noisy = np.asarray(
+        A.gauss_noise(flat, jax.random.normal(jax.random.key(1), flat.shape), 30.0, levels)
+    )
+    assert noisy.std() == pytest.approx(30**0.5 * 5000 / 255, rel=0.03)
     threshold = 5000 + 5000 * 128 / 255
     sol = A.solarize(jnp.array([[[6000.0, threshold, 9000.0]]]), levels)
     assert np.asarray(sol).tolist() == [[[6000.0, np.rint(15000 - threshold), 6000.0]]]
@@ -149,5 +162,11 @@ def test_batch_augmentation_is_per_example_and_sharding_independent():
     again = jax.device_get(jax.jit(fn)(batch, A.step_key(0, jnp.int32(5))))
     np.testing.assert_array_equal(again['img_b'], single['img_b'])
     with pytest.raises(ValueError, match='data.rgb is set, but the images have 4 bands'):
-        fn({'img_a': batch['img_a'][..., :1].repeat(4, -1),
-            'img_b': batch['img_b'][..., :1].repeat(4, -1)}, key, rgb=True)
+        fn(
+            {
+                'img_a': batch['img_a'][..., :1].repeat(4, -1),
+                'img_b': batch['img_b'][..., :1].repeat(4, -1),
+            },
+            key,
+            rgb=True,
+        )

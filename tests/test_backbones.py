@@ -27,13 +27,17 @@ def _n_params(tree) -> int:
 
 
 def _abstract_init(model, img: int):
-    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jnp.zeros((1, img, img, 3), jnp.float32))
+    return jax.eval_shape(
+        functools.partial(model.init, train=False),
+        jax.random.key(0),
+        jnp.zeros((1, img, img, 3), jnp.float32),
+    )
 
 
 def _init(model, img: int):
     return jax.jit(functools.partial(model.init, train=False))(
-        jax.random.key(0), jnp.zeros((1, img, img, 3), jnp.float32))
+        jax.random.key(0), jnp.zeros((1, img, img, 3), jnp.float32)
+    )
 
 
 def _randomise(variables, seed: int):
@@ -75,7 +79,8 @@ def _torch_layer4(m, x_nhwc: np.ndarray) -> np.ndarray:
 
 def _torch_vit_mu(img: int):
     return timm.models.vision_transformer.VisionTransformer(
-        img_size=img, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=0)
+        img_size=img, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=0
+    )
 
 
 def _max_rel_err(a, b) -> float:
@@ -95,13 +100,19 @@ def test_parameter_counts_match_torch():
     vitb = build_backbone('vit', 'B/16', img_size=224)
     with torch.device('meta'):
         tm = timm.create_model('vit_base_patch16_224', num_classes=0)
-    assert _n_params(_abstract_init(vitb, 224)['params']) == sum(
-        p.numel() for p in tm.parameters()) == 85_798_656
+    assert (
+        _n_params(_abstract_init(vitb, 224)['params'])
+        == sum(p.numel() for p in tm.parameters())
+        == 85_798_656
+    )
 
 
 def test_resnet50_keys_and_shapes_match_torchvision():
-    tv_sd = {k: v for k, v in torchvision.models.resnet50().state_dict().items()
-             if not k.startswith('fc.')}
+    tv_sd = {
+        k: v
+        for k, v in torchvision.models.resnet50().state_dict().items()
+        if not k.startswith('fc.')
+    }
     model = build_backbone('resnet', '50', img_size=224)
     variables = resnet.from_torch_state_dict(tv_sd, model)  # raises on any key/shape mismatch
     back = resnet.to_torch_state_dict(variables)
@@ -135,10 +146,12 @@ def test_output_shapes_and_attributes():
     vb = build_backbone('vit', 'B/16', img_size=224)
     assert (vb.feature_stride, vb.num_features, vb.mask_token_width) == (16, 768, 768)
     x = jnp.zeros((2, 64, 64, 3))
-    assert jax.eval_shape(lambda: r.init_with_output(
-        jax.random.key(0), x, train=False)[0]).shape == (2, 2, 2, 2048)
-    assert jax.eval_shape(lambda: v.init_with_output(
-        jax.random.key(0), x, train=False)[0]).shape == (2, 4, 4, 64)
+    assert jax.eval_shape(
+        lambda: r.init_with_output(jax.random.key(0), x, train=False)[0]
+    ).shape == (2, 2, 2, 2048)
+    assert jax.eval_shape(
+        lambda: v.init_with_output(jax.random.key(0), x, train=False)[0]
+    ).shape == (2, 4, 4, 64)
 
 
 def test_build_backbone_errors_and_torch_names():
@@ -184,8 +197,10 @@ def test_resnet_forward_parity_with_torchvision():
 
     ours = np.asarray(model.apply(variables, x, train=False))
     tm = _torch_resnet_tiny()
-    tm.load_state_dict({k: torch.from_numpy(v) for k, v in
-                        resnet.to_torch_state_dict(variables).items()}, strict=True)
+    tm.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in resnet.to_torch_state_dict(variables).items()},
+        strict=True,
+    )
     tm.eval()
     with torch.no_grad():
         ref = _torch_layer4(tm, x)
@@ -200,8 +215,9 @@ def test_resnet_forward_parity_with_torchvision():
     with torch.no_grad():
         ref_t = _torch_layer4(tm, x)
     assert _max_rel_err(ours_t, ref_t) < PARITY_TOL
-    np.testing.assert_allclose(np.asarray(upd['batch_stats']['bn1']['mean']),
-                               tm.bn1.running_mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(upd['batch_stats']['bn1']['mean']), tm.bn1.running_mean.numpy(), atol=1e-5
+    )
 
 
 def test_vit_forward_parity_with_timm():
@@ -211,8 +227,9 @@ def test_vit_forward_parity_with_timm():
 
     ours = np.asarray(model.apply(variables, x, train=False))
     tm = _torch_vit_mu(64)
-    tm.load_state_dict({k: torch.from_numpy(v) for k, v in
-                        vit.to_torch_state_dict(variables).items()}, strict=True)
+    tm.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in vit.to_torch_state_dict(variables).items()}, strict=True
+    )
     tm.eval()
     with torch.no_grad():
         ref = tm.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))[:, 1:]
@@ -242,8 +259,11 @@ def _randomised_torch_resnet_tiny():
 @pytest.mark.parametrize('arch', ['resnet', 'vit'])
 def test_round_trip_torch_jax_torch_is_exact(arch):
     if arch == 'resnet':
-        tm, mod, model = (_randomised_torch_resnet_tiny(), resnet,
-                          build_backbone('resnet', 'tiny', img_size=64))
+        tm, mod, model = (
+            _randomised_torch_resnet_tiny(),
+            resnet,
+            build_backbone('resnet', 'tiny', img_size=64),
+        )
     else:
         tm, mod, model = _torch_vit_mu(64), vit, build_backbone('vit', 'mu/16', img_size=64)
         with torch.no_grad():
@@ -283,10 +303,14 @@ def test_resnet_mask_token_injection():
     variables = _randomise(_abstract_init(model, 128), 5)
     x = np.random.default_rng(6).normal(size=(2, 128, 128, 3)).astype(np.float32)
     token = jnp.asarray(np.random.default_rng(7).normal(size=(64,)), jnp.float32)
-    apply = jax.jit(lambda x, m: model.apply(variables, x, train=False, mask=m, mask_token=token,
-                                             mutable=['intermediates']))
-    base, inter0 = jax.jit(lambda x: model.apply(variables, x, train=False,
-                                                 mutable=['intermediates']))(x)
+    apply = jax.jit(
+        lambda x, m: model.apply(
+            variables, x, train=False, mask=m, mask_token=token, mutable=['intermediates']
+        )
+    )
+    base, inter0 = jax.jit(
+        lambda x: model.apply(variables, x, train=False, mutable=['intermediates'])
+    )(x)
     out0, _ = apply(x, jnp.zeros((2, 4, 4)))
     # Two compiled programs may fuse differently, so equality is up to float32 rounding.
     np.testing.assert_allclose(np.asarray(out0), np.asarray(base), rtol=1e-6, atol=1e-6)
@@ -294,8 +318,9 @@ def test_resnet_mask_token_injection():
     mask = np.zeros((2, 4, 4), bool)
     mask[0, 0, 0] = True  # one 32-px block of the first image
     out1, inter1 = apply(x, jnp.asarray(mask))
-    stem_diff = np.asarray(inter1['intermediates']['stem_tokens'][0]
-                           - inter0['intermediates']['stem_tokens'][0])
+    stem_diff = np.asarray(
+        inter1['intermediates']['stem_tokens'][0] - inter0['intermediates']['stem_tokens'][0]
+    )
     expect = np.zeros_like(stem_diff)
     expect[0, :8, :8] = token  # nearest x8 onto the 32x32 stride-4 grid
     np.testing.assert_allclose(stem_diff, expect, atol=1e-5)
@@ -319,10 +344,17 @@ def test_vit_mask_token_injection():
 
     mask = np.zeros((2, 2, 2), np.float32)
     mask[1, 0, 1] = 1.0  # block (0, 1) of the second image = patches rows 0-1, cols 2-3
-    out1, inter1 = model.apply(variables, x, train=False, mask=jnp.asarray(mask), mask_token=token,
-                               mutable=['intermediates'])
-    diff = np.asarray(inter1['intermediates']['patch_tokens'][0]
-                      - inter0['intermediates']['patch_tokens'][0])
+    out1, inter1 = model.apply(
+        variables,
+        x,
+        train=False,
+        mask=jnp.asarray(mask),
+        mask_token=token,
+        mutable=['intermediates'],
+    )
+    diff = np.asarray(
+        inter1['intermediates']['patch_tokens'][0] - inter0['intermediates']['patch_tokens'][0]
+    )
     expect = np.zeros_like(diff)
     expect[1, 0:2, 2:4] = token
     np.testing.assert_allclose(diff, expect, atol=1e-6)
@@ -342,8 +374,9 @@ def test_padded_attention_matches_unpadded():
     np.testing.assert_allclose(np.asarray(padded), np.asarray(ref), atol=1e-6)
     # The check has teeth: padding without the key lengths lets the padded keys take weight.
     widths = ((0, 0), (0, 7), (0, 0), (0, 0))
-    naive = jax.nn.dot_product_attention(*(jnp.pad(a, widths) for a in (q, k, v)),
-                                         implementation='xla')[:, :17]
+    naive = jax.nn.dot_product_attention(
+        *(jnp.pad(a, widths) for a in (q, k, v)), implementation='xla'
+    )[:, :17]
     assert np.abs(np.asarray(naive) - np.asarray(ref)).max() > 1e-2
 
 
@@ -354,8 +387,9 @@ def test_cudnn_path_padding_matches_xla_model(monkeypatch):
 
     def fake(q, k, v, *args, implementation=None, key_value_seq_lengths=None, **kw):
         seen.append((implementation, q.shape[1], key_value_seq_lengths))
-        return real(q, k, v, *args, implementation='xla',
-                    key_value_seq_lengths=key_value_seq_lengths, **kw)
+        return real(
+            q, k, v, *args, implementation='xla', key_value_seq_lengths=key_value_seq_lengths, **kw
+        )
 
     xla_model = build_backbone('vit', 'mu/16', img_size=64)
     variables = _randomise(_abstract_init(xla_model, 64), 12)
@@ -365,8 +399,9 @@ def test_cudnn_path_padding_matches_xla_model(monkeypatch):
     monkeypatch.setattr(jax.nn, 'dot_product_attention', fake)
     # The module itself, as `build` resolves it on a GPU ('cudnn' needs bf16 there; the
     # padding logic is checked in float32 here).
-    cudnn_model = vit.VisionTransformer(**vit.VARIANTS['mu/16'], img_size=64,
-                                        attention_impl='cudnn')
+    cudnn_model = vit.VisionTransformer(
+        **vit.VARIANTS['mu/16'], img_size=64, attention_impl='cudnn'
+    )
     out = cudnn_model.apply(variables, x, train=False)
     assert [s[:2] for s in seen] == [('cudnn', 24)] * 2  # 17 tokens padded to 24, both blocks
     assert all(np.all(np.asarray(s[2]) == 17) for s in seen)

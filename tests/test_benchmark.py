@@ -9,25 +9,50 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from cmid_jax.perf import benchmark, flops
 from cmid_jax.models import build_backbone
+from cmid_jax.perf import benchmark, flops
 from configs import vitb
+
 from conftest import REPO, run_tool
 
 FIELDS = {
-    'implementation', 'config', 'arch', 'variant', 'image_size', 'compute_dtype', 'attention_impl',
+    'implementation',
+    'config',
+    'arch',
+    'variant',
+    'image_size',
+    'compute_dtype',
+    'attention_impl',
     'remat',
-    'data', 'platform', 'device_kind', 'device_count', 'process_count', 'global_batch',
-    'warmup_steps', 'timed_steps', 'step_time_ms_mean', 'step_time_ms_median', 'images_per_sec',
+    'data',
+    'platform',
+    'device_kind',
+    'device_count',
+    'process_count',
+    'global_batch',
+    'warmup_steps',
+    'timed_steps',
+    'step_time_ms_mean',
+    'step_time_ms_median',
+    'images_per_sec',
     'input_images_per_sec',
-    'model_flops_per_image', 'model_flops_per_step', 'xla_flops_per_device', 'achieved_tflops',
-    'peak_tflops_per_device', 'mfu', 'peak_memory_bytes', 'compile_time_s', 'versions',
+    'model_flops_per_image',
+    'model_flops_per_step',
+    'xla_flops_per_device',
+    'achieved_tflops',
+    'peak_tflops_per_device',
+    'mfu',
+    'peak_memory_bytes',
+    'compile_time_s',
+    'versions',
 }
 
 
-_CACHE_OPTIONS = {'jax_compilation_cache_dir': None,
-                  'jax_persistent_cache_min_compile_time_secs': 0,
-                  'jax_persistent_cache_min_entry_size_bytes': -1}
+_CACHE_OPTIONS = {
+    'jax_compilation_cache_dir': None,
+    'jax_persistent_cache_min_compile_time_secs': 0,
+    'jax_persistent_cache_min_entry_size_bytes': -1,
+}
 
 
 @pytest.fixture(scope='module')
@@ -77,25 +102,34 @@ def test_benchmark_returns_one_sane_record(data, compilation_cache_dir):
 @pytest.mark.slow
 def test_cli_prints_one_json_line_with_the_overrides():
     config = 'configs/vitb.py:smoke'
-    proc = run_tool('tools.benchmark', f'--config={config}', '--config.batch_size=16',
-                    '--steps=1', '--warmup=0')
+    proc = run_tool(
+        'tools.benchmark', f'--config={config}', '--config.batch_size=16', '--steps=1', '--warmup=0'
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, lines
     r = json.loads(lines[0])
     assert (r['global_batch'], r['timed_steps'], r['config']) == (
-        16, 1, f'{config} --config.batch_size=16')
+        16,
+        1,
+        f'{config} --config.batch_size=16',
+    )
     bad = run_tool('tools.benchmark', f'--config={config}', '--steps=0')
     assert bad.returncode != 0 and 'steps' in bad.stderr
 
 
 # --- analytic FLOPs ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize('arch, variant, published_gmac', [
-    ('vit', 'B/16', 17.58),  # jax-practices §14 (fvcore / timm count at 224 px).
-    ('resnet', '50', 4.11),  # jax-practices §14.
-    ('swin', 'B', 15.4),  # Swin paper, Table 1 (FLOPs there are multiply-adds).
-], ids=['vit-b16', 'resnet50', 'swin-b'])
+
+@pytest.mark.parametrize(
+    'arch, variant, published_gmac',
+    [
+        ('vit', 'B/16', 17.58),  # jax-practices §14 (fvcore / timm count at 224 px).
+        ('resnet', '50', 4.11),  # jax-practices §14.
+        ('swin', 'B', 15.4),  # Swin paper, Table 1 (FLOPs there are multiply-adds).
+    ],
+    ids=['vit-b16', 'resnet50', 'swin-b'],
+)
 def test_backbone_forward_flops_match_published_counts(arch, variant, published_gmac):
     gmac = flops.backbone(arch, variant, 224).forward_flops / 2e9
     assert gmac == pytest.approx(published_gmac, rel=0.02)
@@ -122,8 +156,9 @@ def test_head_flops_of_the_official_vit_b_recipe():
         'local_head': 2 * m * (c * lh + lh * lh + lh * lb + lb * protos),
     }
     step = flops.step_flops(shape, 256)
-    assert step['per_step'] == 256 * 2 * (3 * step['student_forward_per_crop']
-                                          + step['teacher_forward_per_crop'])
+    assert step['per_step'] == 256 * 2 * (
+        3 * step['student_forward_per_crop'] + step['teacher_forward_per_crop']
+    )
     # Two crops, student fwd+bwd and teacher fwd: ~8 backbone forwards per source image.
     assert step['per_image'] / step['backbone_forward_per_crop'] == pytest.approx(8, rel=0.02)
 
@@ -141,22 +176,49 @@ def test_peak_flops_table():
 
 def test_gpu_summary_table_has_one_row_per_record(tmp_path):
     """run_gpu.sh ends with this table; partial output of a crashed run is skipped."""
-    record = {'implementation': 'jax', 'arch': 'vit', 'variant': 'B/16', 'global_batch': 256,
-              'compute_dtype': 'bfloat16', 'attention_impl': 'cudnn', 'remat': 'dots',
-              'data': 'synthetic', 'images_per_sec': 1600.4, 'step_time_ms_mean': 160.0,
-              'step_time_ms_median': 159.5, 'mfu': 0.3712, 'peak_memory_bytes': 3 * 2 ** 30,
-              'compile_time_s': 41.6, 'device_kind': 'NVIDIA H100 80GB HBM3'}
-    torch_record = dict(record, implementation='torch', arch='resnet', variant='50', mfu=None,
-                        attention_impl=None, config='torch_reference.py --compile',
-                        peak_memory_bytes=None, compile_time_s=None)
+    record = {
+        'implementation': 'jax',
+        'arch': 'vit',
+        'variant': 'B/16',
+        'global_batch': 256,
+        'compute_dtype': 'bfloat16',
+        'attention_impl': 'cudnn',
+        'remat': 'dots',
+        'data': 'synthetic',
+        'images_per_sec': 1600.4,
+        'step_time_ms_mean': 160.0,
+        'step_time_ms_median': 159.5,
+        'mfu': 0.3712,
+        'peak_memory_bytes': 3 * 2**30,
+        'compile_time_s': 41.6,
+        'device_kind': 'NVIDIA H100 80GB HBM3',
+    }
+    torch_record = dict(
+        record,
+        implementation='torch',
+        arch='resnet',
+        variant='50',
+        mfu=None,
+        attention_impl=None,
+        config='torch_reference.py --compile',
+        peak_memory_bytes=None,
+        compile_time_s=None,
+    )
     results = tmp_path / 'results.jsonl'
     results.write_text(json.dumps(record) + '\n{"truncated\n' + json.dumps(torch_record) + '\n')
-    proc = subprocess.run([sys.executable, 'experiments/benchmarks/summarize.py', str(results)],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, 'experiments/benchmarks/summarize.py', str(results)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     header, rule, *rows = proc.stdout.strip().splitlines()
     assert header.startswith('| backbone | implementation | options') and len(rows) == 2
-    assert rows[0] == ('| ViT-B/16 | cmid_jax | bfloat16, cudnn attention, remat dots | 256 | '
-                       '1,600 | 160.0 / 159.5 | 37.1% | 3.0 | 42 | NVIDIA H100 80GB HBM3 |')
+    assert rows[0] == (
+        '| ViT-B/16 | cmid_jax | bfloat16, cudnn attention, remat dots | 256 | '
+        '1,600 | 160.0 / 159.5 | 37.1% | 3.0 | 42 | NVIDIA H100 80GB HBM3 |'
+    )
     assert rows[1].startswith('| ResNet-50 | PyTorch | bfloat16, compile | 256 | 1,600 |')
     assert rows[1].endswith('| – | – | – | NVIDIA H100 80GB HBM3 |')

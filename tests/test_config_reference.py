@@ -2,13 +2,15 @@
 
 from cmid_jax import config_base
 from cmid_jax.tools import config_reference
+
 from conftest import REPO
 
 
 def test_readme_config_reference_is_current():
     readme = (REPO / 'README.md').read_text(encoding='utf-8')
     assert config_reference.readme_section(readme) == config_reference.reference(), (
-        'README.md is stale: run `python -m cmid_jax.tools.config_reference --write`')
+        'README.md is stale: run `python -m cmid_jax.tools.config_reference --write`'
+    )
 
 
 def test_every_field_has_a_row_and_a_description():

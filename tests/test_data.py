@@ -24,18 +24,18 @@ from cmid_jax.data import (
 from cmid_jax.data import pipeline as P
 from cmid_jax.data import views as V
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-AID = DATA / "aid"
-GEOTIFF = DATA / "geotiff"
-EDGE512 = GEOTIFF / "landsat8_LC08_L1TP_224078_20200518_edge512.tif"
+DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+AID = DATA / 'aid'
+GEOTIFF = DATA / 'geotiff'
+EDGE512 = GEOTIFF / 'landsat8_LC08_L1TP_224078_20200518_edge512.tif'
 
-needs_data = pytest.mark.skipif(not AID.is_dir(), reason=f"shared data not found at {DATA}")
+needs_data = pytest.mark.skipif(not AID.is_dir(), reason=f'shared data not found at {DATA}')
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def aid_files():
     if not AID.is_dir():
-        pytest.skip(f"shared data not found at {DATA}")
+        pytest.skip(f'shared data not found at {DATA}')
     return list_images(AID)
 
 
@@ -44,7 +44,7 @@ def aid_files():
 def test_list_aid(aid_files):
     assert len(aid_files) == 1200
     assert aid_files == sorted(aid_files)
-    assert all(f.endswith(".jpg") for f in aid_files)
+    assert all(f.endswith('.jpg') for f in aid_files)
     classes = {Path(f).parent.name for f in aid_files}
     assert len(classes) == 30  # nested class folders, labels ignored
 
@@ -52,36 +52,36 @@ def test_list_aid(aid_files):
 def test_list_demo_tiles():
     files = list_images(demo_data_path())
     assert len(files) == 12
-    assert all(f.endswith(".tif") for f in files)
+    assert all(f.endswith('.tif') for f in files)
     total = sum(os.path.getsize(f) for f in files)
     assert total < 3_000_000
-    attribution = Path(demo_data_path(), "ATTRIBUTION.md").read_text()
-    assert "Landsat-8 image courtesy of the U.S. Geological Survey" in attribution
-    assert "LC08_L1TP_224078_20200518" in attribution
+    attribution = Path(demo_data_path(), 'ATTRIBUTION.md').read_text()
+    assert 'Landsat-8 image courtesy of the U.S. Geological Survey' in attribution
+    assert 'LC08_L1TP_224078_20200518' in attribution
 
 
 def test_list_nesting_case_and_errors(tmp_path):
-    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
-    (tmp_path / "a" / "b" / "c" / "X.JPG").write_bytes(b"")
-    (tmp_path / "a" / "y.TiFf").write_bytes(b"")
-    (tmp_path / "z.png").write_bytes(b"")
-    (tmp_path / "a" / "notes.txt").write_text("x")
-    (tmp_path / "a" / "._hidden.jpg").write_bytes(b"")
+    (tmp_path / 'a' / 'b' / 'c').mkdir(parents=True)
+    (tmp_path / 'a' / 'b' / 'c' / 'X.JPG').write_bytes(b'')
+    (tmp_path / 'a' / 'y.TiFf').write_bytes(b'')
+    (tmp_path / 'z.png').write_bytes(b'')
+    (tmp_path / 'a' / 'notes.txt').write_text('x')
+    (tmp_path / 'a' / '._hidden.jpg').write_bytes(b'')
     got = list_images(tmp_path)
     assert [os.path.relpath(f, tmp_path) for f in got] == sorted(
-        ["a/b/c/X.JPG", "a/y.TiFf", "z.png"]
+        ['a/b/c/X.JPG', 'a/y.TiFf', 'z.png']
     )
-    missing = tmp_path / "does_not_exist"
-    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+    missing = tmp_path / 'does_not_exist'
+    with pytest.raises(FileNotFoundError, match='does_not_exist'):
         list_images(missing)
-    empty = tmp_path / "empty"
+    empty = tmp_path / 'empty'
     empty.mkdir()
-    (empty / "readme.txt").write_text("no images")
-    with pytest.raises(ValueError, match=r"empty.*\.jpg.*\.tiff"):
+    (empty / 'readme.txt').write_text('no images')
+    with pytest.raises(ValueError, match=r'empty.*\.jpg.*\.tiff'):
         list_images(empty)
 
 
-@pytest.mark.skipif(not EDGE512.is_file(), reason="shared geotiff not found")
+@pytest.mark.skipif(not EDGE512.is_file(), reason='shared geotiff not found')
 def test_uint16_tif_stretch_keeps_nodata():
     import tifffile
 
@@ -99,7 +99,7 @@ def test_uint16_tif_stretch_keeps_nodata():
         assert np.mean(valid[:, b] == 0) < 0.04
         assert valid[:, b].std() > 30
     # the demo tile cut from the same nodata corner behaves the same
-    name = "landsat8_LC08_L1TP_224078_20200518_edge512_y0000_x0000.tif"
+    name = 'landsat8_LC08_L1TP_224078_20200518_edge512_y0000_x0000.tif'
     tile = load_image(Path(demo_data_path()) / name)
     assert tile.shape == (256, 256, 3) and tile.dtype == np.uint8
     assert np.all(tile[np.all(raw[:256, :256] == 0, axis=2)] == 0)
@@ -110,29 +110,29 @@ def test_tif_band_layouts(tmp_path):
 
     rng = np.random.default_rng(0)
     hwc = rng.integers(1, 4000, size=(40, 50, 3), dtype=np.uint16)
-    tifffile.imwrite(tmp_path / "hwc.tif", hwc)
-    tifffile.imwrite(tmp_path / "chw.tif", np.moveaxis(hwc, -1, 0).copy(), photometric="minisblack")
-    a, b = load_image(tmp_path / "hwc.tif"), load_image(tmp_path / "chw.tif")
+    tifffile.imwrite(tmp_path / 'hwc.tif', hwc)
+    tifffile.imwrite(tmp_path / 'chw.tif', np.moveaxis(hwc, -1, 0).copy(), photometric='minisblack')
+    a, b = load_image(tmp_path / 'hwc.tif'), load_image(tmp_path / 'chw.tif')
     assert a.shape == (40, 50, 3) and np.array_equal(a, b)
     single = rng.integers(0, 256, size=(30, 20), dtype=np.uint8)
-    tifffile.imwrite(tmp_path / "one.tif", single)
-    one = load_image(tmp_path / "one.tif")
+    tifffile.imwrite(tmp_path / 'one.tif', single)
+    one = load_image(tmp_path / 'one.tif')
     assert one.shape == (30, 20, 3) and all(np.array_equal(one[..., c], single) for c in range(3))
     four = rng.integers(0, 256, size=(30, 20, 4), dtype=np.uint8)
-    tifffile.imwrite(tmp_path / "four.tiff", four, photometric="minisblack", planarconfig="contig")
-    assert np.array_equal(load_image(tmp_path / "four.tiff"), four[..., :3])
+    tifffile.imwrite(tmp_path / 'four.tiff', four, photometric='minisblack', planarconfig='contig')
+    assert np.array_equal(load_image(tmp_path / 'four.tiff'), four[..., :3])
 
 
 @needs_data
 def test_bad_files_raise_image_error(tmp_path, aid_files):
     data = Path(aid_files[0]).read_bytes()
-    trunc = tmp_path / "trunc.jpg"
+    trunc = tmp_path / 'trunc.jpg'
     trunc.write_bytes(data[: len(data) // 2])
-    text = tmp_path / "text.jpg"
-    text.write_text("this is not an image\n")
-    text_tif = tmp_path / "text.tif"
-    text_tif.write_text("this is not a tiff\n")
-    for bad in (trunc, text, text_tif, tmp_path / "missing.png"):
+    text = tmp_path / 'text.jpg'
+    text.write_text('this is not an image\n')
+    text_tif = tmp_path / 'text.tif'
+    text_tif.write_text('this is not a tiff\n')
+    for bad in (trunc, text, text_tif, tmp_path / 'missing.png'):
         with pytest.raises(ImageError) as e:
             load_image(bad)
         assert isinstance(e.value, ValueError)
@@ -160,14 +160,14 @@ def test_location_grid_hand_values():
 
 
 @needs_data
-@pytest.mark.parametrize("size", [224, 128, 64])
+@pytest.mark.parametrize('size', [224, 128, 64])
 def test_make_views_shapes(aid_files, size):
     g = size // 32
     v = make_views(load_image(aid_files[5]), np.random.default_rng(3), size)
-    assert set(v) == {"img_a", "img_b", "loc_a", "loc_b"}
-    for k in ("img_a", "img_b"):
+    assert set(v) == {'img_a', 'img_b', 'loc_a', 'loc_b'}
+    for k in ('img_a', 'img_b'):
         assert v[k].shape == (size, size, 3) and v[k].dtype == np.uint8
-    for k in ("loc_a", "loc_b"):
+    for k in ('loc_a', 'loc_b'):
         assert v[k].shape == (g, g, 2) and v[k].dtype == np.float32
         assert np.all(v[k] > 0) and np.all(v[k] < size)  # inside the pre-resized source
     again = make_views(load_image(aid_files[5]), np.random.default_rng(3), size)
@@ -175,7 +175,7 @@ def test_make_views_shapes(aid_files, size):
 
 
 def test_image_size_must_be_multiple_of_32():
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match='multiple of 32'):
         make_views(np.zeros((64, 64, 3), np.uint8), np.random.default_rng(0), 100)
 
 
@@ -187,19 +187,19 @@ def test_crops_are_pure_geometric_pil_reference(aid_files):
     seen_flip = set()
     for seed in range(40):
         rng = np.random.default_rng(seed)
-        crops = [(*V.sample_crop_box(rng, 224, 224), rng.random() < 0.5) for _ in "ab"]
+        crops = [(*V.sample_crop_box(rng, 224, 224), rng.random() < 0.5) for _ in 'ab']
         if crops[0][4] in seen_flip or crops[0][2] == 224:
             continue
         seen_flip.add(crops[0][4])
         v = make_views(source, np.random.default_rng(seed), 224)
-        for view, (top, left, h, w, flip) in zip("ab", crops):  # drawn in this order
+        for view, (top, left, h, w, flip) in zip('ab', crops):  # drawn in this order
             ref = Image.fromarray(np.ascontiguousarray(pre[top : top + h, left : left + w]))
             ref = ref.resize((224, 224), Image.BILINEAR)
             if flip:
                 ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
-            diff = np.abs(v[f"img_{view}"].astype(int) - np.asarray(ref).astype(int))
+            diff = np.abs(v[f'img_{view}'].astype(int) - np.asarray(ref).astype(int))
             assert diff.max() <= 1 and diff.mean() < 0.3  # fixed-point rounding only
-            assert np.array_equal(v[f"loc_{view}"], location_grid(top, left, h, w, flip, 7))
+            assert np.array_equal(v[f'loc_{view}'], location_grid(top, left, h, w, flip, 7))
     assert seen_flip == {True, False}
     # an unflipped full-image crop A is exactly the pre-resized image
     full = V.apply_crop(pre, V.Crop(0, 0, 224, 224, False), 224)
@@ -230,27 +230,28 @@ def test_shuffle_is_new_every_epoch():
 @needs_data
 def test_bad_files_are_skipped_and_counted(tmp_path, aid_files, iters):
     for i, f in enumerate(aid_files[::120]):  # 10 good images
-        shutil.copy(f, tmp_path / f"good_{i:02d}_{Path(f).name}")
+        shutil.copy(f, tmp_path / f'good_{i:02d}_{Path(f).name}')
     data = Path(aid_files[0]).read_bytes()
-    (tmp_path / "good_03_x_truncated.jpg").write_bytes(data[: len(data) // 3])
-    (tmp_path / "good_07_x_text.jpg").write_text("not a jpeg at all\n")
+    (tmp_path / 'good_03_x_truncated.jpg').write_bytes(data[: len(data) // 3])
+    (tmp_path / 'good_07_x_text.jpg').write_text('not a jpeg at all\n')
     files = list_images(tmp_path)
     assert len(files) == 12
-    bad = {files.index(str(tmp_path / name))
-           for name in ("good_03_x_truncated.jpg", "good_07_x_text.jpg")}
+    bad = {
+        files.index(str(tmp_path / name))
+        for name in ('good_03_x_truncated.jpg', 'good_07_x_text.jpg')
+    }
     ds = build_dataset(files, image_size=64, global_batch_size=12, seed=0)
     it = iters(ds, num_workers=0)
     for _ in range(2):  # each batch is exactly one epoch: both bad files read first at least once
         batch = next(it)
-        skipped = batch["bad_images"]
+        skipped = batch['bad_images']
         assert skipped.dtype == np.int32 and skipped.shape == (12, P.MAX_DECODE_TRIES)
         assert set(skipped[skipped > 0] - 1) == bad  # 1 + the index of each file replaced
-        assert batch["img_a"].shape == (12, 64, 64, 3)
+        assert batch['img_a'].shape == (12, 64, 64, 3)
 
-    only_bad = [str(tmp_path / "good_03_x_truncated.jpg"), str(tmp_path / "good_07_x_text.jpg")]
-    with pytest.raises(RuntimeError, match="64 random tries .*x_truncated.jpg"):
-        P.DecodeProcessSlice(only_bad, image_size=64, seed=0).decode(
-            0, np.random.default_rng(0))
+    only_bad = [str(tmp_path / 'good_03_x_truncated.jpg'), str(tmp_path / 'good_07_x_text.jpg')]
+    with pytest.raises(RuntimeError, match='64 random tries .*x_truncated.jpg'):
+        P.DecodeProcessSlice(only_bad, image_size=64, seed=0).decode(0, np.random.default_rng(0))
 
 
 @pytest.fixture
@@ -269,7 +270,7 @@ def iters():
         it.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def demo_ds():
     files = list_images(demo_data_path())
     return build_dataset(files, image_size=64, global_batch_size=4, seed=1)
@@ -287,7 +288,7 @@ def test_iterator_resumes_bit_identically(demo_ds, tmp_path, iters):
     first = [next(it) for _ in range(4)]  # crosses the 12-file epoch boundary
     state = it.get_state()
     ckptr = ocp.Checkpointer(grain.checkpoint.CheckpointHandler())
-    ckptr.save(tmp_path / "data", args=grain.checkpoint.CheckpointSave(it))
+    ckptr.save(tmp_path / 'data', args=grain.checkpoint.CheckpointSave(it))
     ref = [next(it) for _ in range(3)]
 
     it2 = iters(demo_ds, num_workers=0)
@@ -295,14 +296,14 @@ def test_iterator_resumes_bit_identically(demo_ds, tmp_path, iters):
     assert all(_equal(a, b) for a, b in zip(ref, [next(it2) for _ in range(3)]))
 
     it3 = iters(demo_ds, num_workers=0)
-    ckptr.restore(tmp_path / "data", args=grain.checkpoint.CheckpointRestore(it3))
+    ckptr.restore(tmp_path / 'data', args=grain.checkpoint.CheckpointRestore(it3))
     assert all(_equal(a, b) for a, b in zip(ref, [next(it3) for _ in range(3)]))
     # new epochs bring new crops
     assert not _equal(first[0], ref[0])
     b = ref[0]
-    assert b["img_a"].shape == (4, 64, 64, 3) and b["img_a"].dtype == np.uint8
-    assert b["loc_b"].shape == (4, 2, 2, 2) and b["loc_b"].dtype == np.float32
-    assert b["bad_images"].shape == (4, P.MAX_DECODE_TRIES) and b["bad_images"].dtype == np.int32
+    assert b['img_a'].shape == (4, 64, 64, 3) and b['img_a'].dtype == np.uint8
+    assert b['loc_b'].shape == (4, 2, 2, 2) and b['loc_b'].dtype == np.float32
+    assert b['bad_images'].shape == (4, P.MAX_DECODE_TRIES) and b['bad_images'].dtype == np.int32
 
 
 @needs_data
@@ -314,15 +315,20 @@ def test_processes_split_each_global_batch(aid_files, monkeypatch):
     real_load = P.load_image
     batches = {}
     for key, (index, count) in enumerate([(0, 2), (1, 2), (0, 1)]):
+
         def spy(path, _key=key):
             if path in files:  # other tests' prefetch threads may still be loading
                 seen[_key].append(path)
             return real_load(path)
 
-        monkeypatch.setattr(P, "load_image", spy)
+        monkeypatch.setattr(P, 'load_image', spy)
         ds = build_dataset(
-            files, image_size=64, global_batch_size=20, seed=0,
-            process_index=index, process_count=count,
+            files,
+            image_size=64,
+            global_batch_size=20,
+            seed=0,
+            process_index=index,
+            process_count=count,
         )
         batches[key] = [ds[0], ds[1]]  # read in this thread
     assert len(seen[0]) == len(set(seen[0])) == 20  # 10 per batch, two batches of one epoch

@@ -14,29 +14,37 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHARED_DATA, run_tool
 from cmid_jax import train
-from cmid_jax.restore import restore_train_state
 from cmid_jax.data.files import load_image
 from cmid_jax.evaluation import dense, dense_data, dense_head, dense_metrics, tiling
 from cmid_jax.evaluation import run as evaluate
 from cmid_jax.evaluation.features import RGB8
 from cmid_jax.models.cmid import backbone_variables
+from cmid_jax.restore import restore_train_state
 from configs import vitb
+
+from conftest import SHARED_DATA, run_tool
 
 DUBAI = SHARED_DATA / 'dubai-seg'
 LEVIR = SHARED_DATA / 'levir-cd-samples'
 DUBAI_TILES = ('tile1_001', 'tile1_004', 'tile2_001', 'tile2_004', 'tile3_001', 'tile3_004')
-LEVIR_PAIRS = ('test_2_0000_0000', 'test_2_0000_0512', 'test_7_0256_0512', 'train_36_0512_0512',
-               'test_102_0512_0000')
+LEVIR_PAIRS = (
+    'test_2_0000_0000',
+    'test_2_0000_0512',
+    'test_7_0256_0512',
+    'train_36_0512_0512',
+    'test_102_0512_0000',
+)
 AREA = r'^(tile\d+)_'
 LEVIR_IMAGE = r'^(.*)_\d+_\d+$'  # LEVIR-CD crops are named <image>_<top>_<left>.
 
-needs_data = pytest.mark.skipif(not (DUBAI.is_dir() and LEVIR.is_dir()),
-                                reason=f'shared data not found at {SHARED_DATA}')
+needs_data = pytest.mark.skipif(
+    not (DUBAI.is_dir() and LEVIR.is_dir()), reason=f'shared data not found at {SHARED_DATA}'
+)
 
 
 # --- metrics ------------------------------------------------------------------------------------
+
 
 def test_segmentation_metrics_by_hand():
     # 3 classes, 255 ignored. Pixels (true, predicted):
@@ -81,6 +89,7 @@ def test_change_metrics_by_hand():
 
 # --- heads --------------------------------------------------------------------------------------
 
+
 def test_balanced_weights_by_hand():
     targets = np.array([0] * 90 + [1] * 10 + [255] * 7, np.uint8)
     np.testing.assert_allclose(dense_head.balanced_weights(targets, 2), [100 / 180, 100 / 20])
@@ -108,6 +117,7 @@ def test_heads_learn_a_rule_they_can_express(name):
 
 # --- tiled inference ----------------------------------------------------------------------------
 
+
 def test_window_starts_cover_the_axis():
     assert tiling.window_starts(10, 4, 3) == [0, 3, 6]
     assert tiling.window_starts(11, 4, 3) == [0, 3, 6, 7]
@@ -129,8 +139,8 @@ def coverage_mean(shape, size, stride, window_value):
     total, count = np.zeros((h, w, 2)), np.zeros((h, w, 1))
     for t in tops:
         for x in lefts:
-            total[t:t + size, x:x + size] += window_value(t, x)
-            count[t:t + size, x:x + size] += 1
+            total[t : t + size, x : x + size] += window_value(t, x)
+            count[t : t + size, x : x + size] += 1
     return total / count
 
 
@@ -161,14 +171,21 @@ def test_tiled_predict_stitches_windows(batch_size):
         yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing='ij')
         return np.broadcast_to(np.stack([yy, xx], -1), batch.shape[:3] + (2,)).astype(np.float32)
 
-    for image, o in zip(images[:2] + images[3:], tiling.tiled_predict(
-            local_coords, images[:2] + images[3:], size, stride, batch_size)):
-        expected = coverage_mean(image.shape[:2], size, stride,
-                                 lambda t, x: local_coords(np.zeros((1, size, size, 3)))[0])
+    for image, o in zip(
+        images[:2] + images[3:],
+        tiling.tiled_predict(local_coords, images[:2] + images[3:], size, stride, batch_size),
+    ):
+        expected = coverage_mean(
+            image.shape[:2],
+            size,
+            stride,
+            lambda t, x: local_coords(np.zeros((1, size, size, 3)))[0],
+        )
         np.testing.assert_allclose(o, expected, rtol=1e-6)
 
 
 # --- split --------------------------------------------------------------------------------------
+
 
 def test_split_is_seeded_stable_and_disjoint_by_group():
     names = [f'tile{a}_{p:03d}' for a in range(1, 9) for p in range(1, 10)]
@@ -179,8 +196,9 @@ def test_split_is_seeded_stable_and_disjoint_by_group():
     train_areas, test_areas = {area(n) for n in split.train}, {area(n) for n in split.test}
     assert not train_areas & test_areas and len(train_areas) == len(test_areas) == 4
     # The ranking is sha256(f'{seed}/{group}'), computed here independently.
-    ranked = sorted({area(n) for n in names},
-                    key=lambda g: hashlib.sha256(f'0/{g}'.encode()).hexdigest())
+    ranked = sorted(
+        {area(n) for n in names}, key=lambda g: hashlib.sha256(f'0/{g}'.encode()).hexdigest()
+    )
     assert train_areas == set(ranked[:4])
     assert sorted(train_areas) == ['tile3', 'tile5', 'tile6', 'tile8']  # Pinned across machines.
     assert dense_data.split_names(names, 0.5, seed=1, split_group=AREA) != split
@@ -195,6 +213,7 @@ def test_split_is_seeded_stable_and_disjoint_by_group():
 
 # --- data sets and bad inputs -------------------------------------------------------------------
 
+
 def save(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
@@ -205,8 +224,8 @@ def copy_dubai(root: Path, tiles=DUBAI_TILES, crop=(160, 224)) -> Path:
     for name in tiles:
         image = load_image(str(DUBAI / 'images' / f'{name}.jpg'))
         mask = np.asarray(Image.open(DUBAI / 'masks' / f'{name}.png'))
-        save(root / 'images' / f'{name}.png', image[:crop[0], :crop[1]])
-        save(root / 'masks' / f'{name}.png', mask[:crop[0], :crop[1]])
+        save(root / 'images' / f'{name}.png', image[: crop[0], : crop[1]])
+        save(root / 'masks' / f'{name}.png', mask[: crop[0], : crop[1]])
     (root / 'classes.json').write_text((DUBAI / 'classes.json').read_text())
     return root
 
@@ -248,8 +267,11 @@ def test_bad_segmentation_inputs_are_named(tmp_path):
         read(root)
     save(root / 'masks' / 'im1.png', np.full((50, 20), 7, np.uint8))
     (root / 'classes.json').write_text(json.dumps({'classes': ['a', 'b', 'c', 'd']}))
-    with pytest.raises(ValueError, match=r"masks/im1\.png' has values \[7\] outside the 4 classes"
-                                         r" \(0-3\) and the ignore value 255"):
+    with pytest.raises(
+        ValueError,
+        match=r"masks/im1\.png' has values \[7\] outside the 4 classes"
+        r' \(0-3\) and the ignore value 255',
+    ):
         read(root)
     save(root / 'masks' / 'im1.png', np.zeros((50, 20, 3), np.uint8))
     with pytest.raises(ValueError, match=r"masks/im1\.png' is a RGB image; expected a single"):
@@ -283,8 +305,11 @@ def test_bad_change_inputs_are_named(tmp_path):
         read(tmp_path, change=True)
     save(tmp_path / 'B' / 'y.png', rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
     save(tmp_path / 'label' / 'y.png', np.ones((20, 30), np.uint8))
-    with pytest.raises(ValueError, match=r"label/y\.png' has values \[1\]; a change label holds "
-                                         r"only 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"label/y\.png' has values \[1\]; a change label holds "
+        r'only 0',
+    ):
         read(tmp_path, change=True)
     (tmp_path / 'A' / 'y.png').unlink()
     with pytest.raises(ValueError, match=r"B/y\.png' has no matching A/y\.\*"):
@@ -292,6 +317,7 @@ def test_bad_change_inputs_are_named(tmp_path):
 
 
 # --- end to end ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
@@ -332,12 +358,12 @@ def test_segmentation_end_to_end(workdir, tmp_path):
         probe = dense.train_probe(config, variables, train, 6, 'linear', False, 0, 64, scale)
         if scale == 1.0:  # The jitted backbone + head on an image of exactly one window.
             predict = dense.make_predict(config, variables, probe, change=False)
-            windows = np.stack([im[:64, 32 * i:32 * i + 64] for i, im in
-                                enumerate(train.images)])
+            windows = np.stack([im[:64, 32 * i : 32 * i + 64] for i, im in enumerate(train.images)])
             tiled = next(tiling.tiled_predict(predict, windows[1:2], 64, 48, 64))
             np.testing.assert_allclose(tiled, predict(windows)[1], rtol=1e-5, atol=1e-5)
-        confusion, _ = dense.evaluate_probe(config, variables, probe, train, 6, 255, False, 64,
-                                            scale)
+        confusion, _ = dense.evaluate_probe(
+            config, variables, probe, train, 6, 255, False, 64, scale
+        )
         labels = np.concatenate([m.ravel() for m in train.labels])
         assert confusion.sum() == np.sum(labels != 255)
         majority = np.bincount(labels[labels != 255]).max() / np.sum(labels != 255)
@@ -351,8 +377,11 @@ def test_segmentation_end_to_end(workdir, tmp_path):
 def test_change_end_to_end_and_a_bad_file_in_the_cli(workdir, tmp_path):
     data = copy_levir(tmp_path / 'levir')
     r = evaluate.evaluate(workdir, str(data), 'change', head='fpn', split_group=LEVIR_IMAGE)
-    assert (r['protocol'], r['head'], r['class_names']) == ('change', 'fpn',
-                                                             ['unchanged', 'changed'])
+    assert (r['protocol'], r['head'], r['class_names']) == (
+        'change',
+        'fpn',
+        ['unchanged', 'changed'],
+    )
     # The two crops of LEVIR image test_2 fall on one side.
     assert r['num_train'] + r['num_test'] == 5
     for key in ('f1', 'iou', 'precision', 'recall'):
@@ -362,12 +391,21 @@ def test_change_end_to_end_and_a_bad_file_in_the_cli(workdir, tmp_path):
     # The CLI: a bad file ends it with one line naming the file, no traceback (the listing is
     # checked before the checkpoint is read; the success path is the same `evaluate` as above).
     (data / 'label' / f'{LEVIR_PAIRS[1]}.png').unlink()
-    proc = run_tool('tools.evaluate', f'--workdir={workdir}', f'--data={data}',
-                    '--protocol=change', '--head=fpn', f'--split_group={LEVIR_IMAGE}')
+    proc = run_tool(
+        'tools.evaluate',
+        f'--workdir={workdir}',
+        f'--data={data}',
+        '--protocol=change',
+        '--head=fpn',
+        f'--split_group={LEVIR_IMAGE}',
+    )
     assert proc.returncode == 1
     assert 'Traceback' not in proc.stderr
-    assert re.fullmatch(rf"cmid-evaluate: '.*A/{LEVIR_PAIRS[1]}\.png' has no matching label/"
-                        rf"{LEVIR_PAIRS[1]}\.\*", proc.stderr.strip().splitlines()[-1])
+    assert re.fullmatch(
+        rf"cmid-evaluate: '.*A/{LEVIR_PAIRS[1]}\.png' has no matching label/"
+        rf'{LEVIR_PAIRS[1]}\.\*',
+        proc.stderr.strip().splitlines()[-1],
+    )
 
 
 def test_dense_images_follow_the_model_bands(tmp_path):
@@ -381,19 +419,27 @@ def test_dense_images_follow_the_model_bands(tmp_path):
         scene = np.moveaxis(ds.read(), 0, -1)  # (H, W, 4), read independently of cmid_jax.
     (tmp_path / 'images').mkdir()
     for i in range(2):
-        window = scene[100 * i:100 * i + 70, :90]
+        window = scene[100 * i : 100 * i + 70, :90]
         with warnings.catch_warnings():  # A plain, non-georeferenced TIFF is what we want.
             warnings.simplefilter('ignore', rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(tmp_path / 'images' / f'w{i}.tif', 'w', driver='GTiff', height=70,
-                               width=90, count=4, dtype='uint8') as ds:
+            with rasterio.open(
+                tmp_path / 'images' / f'w{i}.tif',
+                'w',
+                driver='GTiff',
+                height=70,
+                width=90,
+                count=4,
+                dtype='uint8',
+            ) as ds:
                 ds.write(np.moveaxis(window, -1, 0))
         save(tmp_path / 'masks' / f'w{i}.png', (window[..., 3] > 100).astype(np.uint8))
     bands = {'bands': (3, 0, 1, 2), 'dtype': 'uint8'}
-    data, classes = dense.read_dense_set(dense_data.list_segmentation(str(tmp_path)), bands,
-                                         change=False)
+    data, classes = dense.read_dense_set(
+        dense_data.list_segmentation(str(tmp_path)), bands, change=False
+    )
     assert classes == ('0', '1')
     np.testing.assert_array_equal(data.images[1], scene[100:170, :90][..., [3, 0, 1, 2]])
     (tmp_path / 'images' / 'w1.tif').unlink()
     save(tmp_path / 'images' / 'w1.png', scene[100:170, :90, :3])  # RGB: no fourth band.
-    with pytest.raises(ValueError, match=r"w1\.png.*expect data\.bands=\(3, 0, 1, 2\)"):
+    with pytest.raises(ValueError, match=r'w1\.png.*expect data\.bands=\(3, 0, 1, 2\)'):
         dense.read_dense_set(dense_data.list_segmentation(str(tmp_path)), bands, change=False)

@@ -44,8 +44,9 @@ TAG = re.compile(r'\b(?P<kind>[QD])(?P<num>\d+)\b')
 
 HEADING = re.compile(r'^#{2,6}\s+(\d+(?:\.\d+)*)\.?(?=\s|$)', re.MULTILINE)
 QUIRK_ROW = re.compile(r'^\|\s*(Q\d+)\s*\|', re.MULTILINE)
-DECISIONS = re.compile(r'^## Decisions for cmid_jax\s*$(?P<body>.*?)(?=^## |\Z)',
-                       re.MULTILINE | re.DOTALL)
+DECISIONS = re.compile(
+    r'^## Decisions for cmid_jax\s*$(?P<body>.*?)(?=^## |\Z)', re.MULTILINE | re.DOTALL
+)
 DECISION = re.compile(r'^###\s+(D\d+)\.', re.MULTILINE)
 
 
@@ -57,7 +58,8 @@ def tags() -> set[str]:
     text = (DOCS / f'{METHOD}.md').read_text(encoding='utf-8')
     decisions = DECISIONS.search(text)
     return set(QUIRK_ROW.findall(text)) | set(
-        DECISION.findall(decisions.group('body')) if decisions else ())
+        DECISION.findall(decisions.group('body')) if decisions else ()
+    )
 
 
 def missing_sections(ref: str, known: set[str]) -> list[str]:
@@ -71,8 +73,13 @@ def missing_sections(ref: str, known: set[str]) -> list[str]:
     return [e for e in ends if e not in known]
 
 
-def check_text(label: str, text: str, headings: dict[str, set[str]], known_tags: set[str],
-               own_doc: str | None = None) -> tuple[list[str], int]:
+def check_text(
+    label: str,
+    text: str,
+    headings: dict[str, set[str]],
+    known_tags: set[str],
+    own_doc: str | None = None,
+) -> tuple[list[str], int]:
     """Returns (errors, number of citations checked) for one file's text.
 
     `own_doc`: the doc this text is (bare `§` then means its own sections).
@@ -88,8 +95,10 @@ def check_text(label: str, text: str, headings: dict[str, set[str]], known_tags:
             count += 1
             bad = missing_sections(m.group('ref'), headings[m.group('doc')])
             if bad:
-                errors.append(f'{label}:{line(m.start())}: {m.group(0)!r}: no heading '
-                              f'{", ".join(bad)} in docs/{m.group("doc")}.md')
+                errors.append(
+                    f'{label}:{line(m.start())}: {m.group(0)!r}: no heading '
+                    f'{", ".join(bad)} in docs/{m.group("doc")}.md'
+                )
     for m in BARE.finditer(text):
         if any(a <= m.start() < b for a, b in covered):
             continue
@@ -101,21 +110,27 @@ def check_text(label: str, text: str, headings: dict[str, set[str]], known_tags:
         else:
             named = [d.group('doc') for d in DOC_NAME.finditer(text, 0, m.start())]
             if not named:
-                errors.append(f'{label}:{line(m.start())}: {m.group(0)!r}: bare § with no '
-                              f'{METHOD}.md or {PRACTICES} named before it in the file')
+                errors.append(
+                    f'{label}:{line(m.start())}: {m.group(0)!r}: bare § with no '
+                    f'{METHOD}.md or {PRACTICES} named before it in the file'
+                )
                 continue
             doc = named[-1]
         bad = missing_sections(m.group('ref'), headings[doc])
         if bad:
-            errors.append(f'{label}:{line(m.start())}: {m.group(0)!r} (read as {doc}): no '
-                          f'heading {", ".join(bad)} in docs/{doc}.md')
+            errors.append(
+                f'{label}:{line(m.start())}: {m.group(0)!r} (read as {doc}): no '
+                f'heading {", ".join(bad)} in docs/{doc}.md'
+            )
     for m in TAG.finditer(text):
         count += 1
         if m.group(0) not in known_tags:
-            where = ('quirk table (§12.3)' if m.group('kind') == 'Q'
-                     else '"Decisions for cmid_jax" list')
-            errors.append(f'{label}:{line(m.start())}: {m.group(0)} is not in the {where} of '
-                          f'docs/{METHOD}.md')
+            where = (
+                'quirk table (§12.3)' if m.group('kind') == 'Q' else '"Decisions for cmid_jax" list'
+            )
+            errors.append(
+                f'{label}:{line(m.start())}: {m.group(0)} is not in the {where} of docs/{METHOD}.md'
+            )
     return errors, count
 
 
@@ -128,18 +143,31 @@ def file_text(path: Path) -> str:
     except ValueError:
         return raw
     # Sources only: outputs (base64 images, logs) are not citations.
-    return '\n'.join(''.join(c.get('source', '')) if isinstance(c.get('source'), list)
-                     else str(c.get('source', '')) for c in cells)
+    return '\n'.join(
+        ''.join(c.get('source', ''))
+        if isinstance(c.get('source'), list)
+        else str(c.get('source', ''))
+        for c in cells
+    )
 
 
 def repo_files() -> list[Path]:
     out = []
     for root, dirs, files in os.walk(REPO):
         top = Path(root) == REPO
-        dirs[:] = sorted(d for d in dirs if not d.startswith('.') and d not in SKIP_ANYWHERE
-                         and not d.endswith('.egg-info') and not (top and d in SKIP_TOP))
-        out += [Path(root) / f for f in sorted(files)
-                if f.endswith(SUFFIXES) and (Path(root) / f).resolve() != THIS]
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith('.')
+            and d not in SKIP_ANYWHERE
+            and not d.endswith('.egg-info')
+            and not (top and d in SKIP_TOP)
+        )
+        out += [
+            Path(root) / f
+            for f in sorted(files)
+            if f.endswith(SUFFIXES) and (Path(root) / f).resolve() != THIS
+        ]
     return out
 
 
@@ -173,17 +201,20 @@ def test_cross_references_inside_docs_resolve():
     errors = []
     for path in sorted(DOCS.glob('*.md')):
         own = path.stem if path.stem in headings else None
-        errors += check_text(f'docs/{path.name}', path.read_text(encoding='utf-8'), headings,
-                             known, own_doc=own)[0]
+        errors += check_text(
+            f'docs/{path.name}', path.read_text(encoding='utf-8'), headings, known, own_doc=own
+        )[0]
     assert not errors, 'unresolved references inside docs/:\n' + '\n'.join(errors)
 
 
 def test_checker_catches_broken_citations():
     """The checker itself fails on citations that do not resolve (and passes good ones)."""
     headings, known = _context()
-    good = ('cmid-method.md, sections 3-8; cmid-method.md 10.4; jax-practices §13-14; '
-            'jax-practices §11.6 then §12.2; pitfall §11.4; (Q1, D5-D6); '
-            '§6.1 of cmid-method.md')
+    good = (
+        'cmid-method.md, sections 3-8; cmid-method.md 10.4; jax-practices §13-14; '
+        'jax-practices §11.6 then §12.2; pitfall §11.4; (Q1, D5-D6); '
+        '§6.1 of cmid-method.md'
+    )
     assert check_text('good', good, headings, known) == ([], 10)
     bad = {
         'cmid-method.md section 99': 'no heading 99',

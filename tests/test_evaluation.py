@@ -12,14 +12,22 @@ import numpy as np
 import pytest
 
 from cmid_jax import parallel, train, visualize
-from cmid_jax.restore import restore_train_state
-from cmid_jax.evaluation import run as evaluate
 from cmid_jax.data.files import list_images, load_image
 from cmid_jax.data.views import make_views
-from cmid_jax.evaluation import (FinetuneRecipe, knn_scores, knn_top1, linear_probe_top1,
-                                 load_split, make_online_knn, make_reconstruction_fn,
-                                 split_per_class)
+from cmid_jax.evaluation import (
+    FinetuneRecipe,
+    knn_scores,
+    knn_top1,
+    linear_probe_top1,
+    load_split,
+    make_online_knn,
+    make_reconstruction_fn,
+    split_per_class,
+)
+from cmid_jax.evaluation import run as evaluate
+from cmid_jax.restore import restore_train_state
 from configs import vitb
+
 from conftest import run_tool
 
 AID = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'aid'
@@ -27,6 +35,7 @@ AID_CLASSES = ('Airport', 'Beach', 'Desert', 'Farmland', 'Forest')
 
 
 # --- kNN ----------------------------------------------------------------------------------------
+
 
 def knn_reference(train, train_y, test, num_classes, k, temperature):
     """Brute force, one query at a time, float64: cosine, top k, exp(sim / T) weighted votes."""
@@ -48,11 +57,13 @@ def test_knn_matches_bruteforce_reference(k, temperature, chunk):
     got = knn_scores(train, train_y, test, 4, k=k, temperature=temperature, chunk=chunk)
     np.testing.assert_allclose(got, expected, rtol=1e-4)
     np.testing.assert_array_equal(np.argmax(got, 1), np.argmax(expected, 1))
-    assert knn_top1(train, train_y, test, test_y, 4, k=k, temperature=temperature) == \
-        pytest.approx(np.mean(np.argmax(expected, 1) == test_y))
+    assert knn_top1(train, train_y, test, test_y, 4, k=k, temperature=temperature) == pytest.approx(
+        np.mean(np.argmax(expected, 1) == test_y)
+    )
 
 
 # --- split --------------------------------------------------------------------------------------
+
 
 def make_class_folders(root: Path, counts: dict) -> Path:
     for name, n in counts.items():
@@ -84,13 +95,18 @@ def test_split_is_per_class_seeded_and_stable(tmp_path):
     assert [Path(f).name for f in moved.train_files] == [Path(f).name for f in a.train_files]
     assert moved.digest() == a.digest()
     # Pinned: the split is a sha256 ranking, the same on every machine and numpy version.
-    assert sorted(Path(f).name for f in a.train_files if 'airport' in f) == \
-        ['airport_1.jpg', 'airport_4.jpg', 'airport_5.jpg', 'airport_6.jpg']
+    assert sorted(Path(f).name for f in a.train_files if 'airport' in f) == [
+        'airport_1.jpg',
+        'airport_4.jpg',
+        'airport_5.jpg',
+        'airport_6.jpg',
+    ]
     with pytest.raises(ValueError):
         split_per_class({'a': ['x.jpg'], 'b': ['y.jpg', 'z.jpg']}, 0.5, 0)
 
 
 # --- linear probe -------------------------------------------------------------------------------
+
 
 def clusters(seed, n=200, d=64, num_classes=5, spread=3.0):
     rng = np.random.default_rng(seed)
@@ -119,15 +135,18 @@ def test_linear_probe_beats_knn_on_a_linear_but_not_local_rule():
 
 # --- pictures -----------------------------------------------------------------------------------
 
+
 def test_reconstruction_grid_takes_masked_cells_from_the_prediction():
     rng = np.random.default_rng(0)
     n, size, mean, std = 3, 64, (0.3, 0.4, 0.5), (0.2, 0.2, 0.2)
-    views = {'img_a': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-             'mask_a': rng.random((n, 2, 2)) < 0.5}
+    views = {
+        'img_a': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        'mask_a': rng.random((n, 2, 2)) < 0.5,
+    }
     rec = rng.normal(size=(n, size, size, 3)).astype(np.float32) * 0.5
     grid = visualize.reconstruction_grid(views, rec, mean, std, gap=2)
     assert grid.shape == (4 * size + 3 * 2, n * size + (n - 1) * 2, 3) and grid.dtype == np.uint8
-    cell = lambda r, c: grid[r * 66:r * 66 + size, c * 66:c * 66 + size]
+    cell = lambda r, c: grid[r * 66 : r * 66 + size, c * 66 : c * 66 + size]
     pred = np.clip(np.rint((rec * np.array(std) + np.array(mean)) * 255), 0, 255)
     for c in range(n):
         m = np.kron(views['mask_a'][c], np.ones((32, 32), bool))
@@ -140,29 +159,42 @@ def test_reconstruction_grid_takes_masked_cells_from_the_prediction():
         np.testing.assert_array_equal(cell(1, c)[~m], views['img_a'][c][~m])
         if m.any():
             channel_mean = np.rint(views['img_a'][c].reshape(-1, 3).mean(0))
-            np.testing.assert_array_equal(cell(1, c)[m],
-                                          np.broadcast_to(channel_mean, (m.sum(), 3)))
+            np.testing.assert_array_equal(
+                cell(1, c)[m], np.broadcast_to(channel_mean, (m.sum(), 3))
+            )
     two = visualize.reconstruction_grid(views, rec, mean, std, max_images=2)
     assert two.shape[1] == 2 * size + 2
 
 
 def test_plot_knn_curve_reads_metrics_and_eval_files(tmp_path):
     metrics = tmp_path / 'metrics.jsonl'
-    metrics.write_text(''.join(json.dumps(r) + '\n' for r in (
-        {'step': 10, 'loss': 3.0}, {'step': 20, 'knn_top1_student': 0.3, 'knn_top1_teacher': 0.4},
-        {'step': 40, 'knn_top1_student': 0.5, 'knn_top1_teacher': 0.6})))
+    metrics.write_text(
+        ''.join(
+            json.dumps(r) + '\n'
+            for r in (
+                {'step': 10, 'loss': 3.0},
+                {'step': 20, 'knn_top1_student': 0.3, 'knn_top1_teacher': 0.4},
+                {'step': 40, 'knn_top1_student': 0.5, 'knn_top1_teacher': 0.6},
+            )
+        )
+    )
     series = visualize.plot_knn_curve(str(metrics), str(tmp_path / 'knn.png'))
-    assert series == {'knn_top1_student': [(20, 0.3), (40, 0.5)],
-                      'knn_top1_teacher': [(20, 0.4), (40, 0.6)]}
+    assert series == {
+        'knn_top1_student': [(20, 0.3), (40, 0.5)],
+        'knn_top1_teacher': [(20, 0.4), (40, 0.6)],
+    }
     from PIL import Image
+
     assert Image.open(tmp_path / 'knn.png').size == (720, 420)
     evals = tmp_path / 'eval.jsonl'
     evals.write_text(json.dumps({'protocol': 'linear', 'which': 'teacher', 'step': 5, 'top1': 0.7}))
     assert visualize.plot_knn_curve(str(evals), str(tmp_path / 'e.png')) == {
-        'linear_teacher': [(5, 0.7)]}
+        'linear_teacher': [(5, 0.7)]
+    }
 
 
 # --- end to end ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
@@ -188,8 +220,11 @@ def pretrained(tmp_path_factory):
 def offline(pretrained):
     """kNN and linear probe of both backbones through the `evaluate` API."""
     workdir, data = pretrained
-    results = {f'{p}_{w}': evaluate.evaluate(workdir, data, p, which=w)
-               for p in ('knn', 'linear') for w in ('student', 'teacher')}
+    results = {
+        f'{p}_{w}': evaluate.evaluate(workdir, data, p, which=w)
+        for p in ('knn', 'linear')
+        for w in ('student', 'teacher')
+    }
     print({k: v['top1'] for k, v in results.items()})
     return results
 
@@ -202,8 +237,15 @@ def test_evaluate_protocols_beat_chance(pretrained, offline):
         assert r['step'] == 40
         assert r['top1'] > 0.4, (name, r['top1'])  # chance is 0.2
     # The CLI: one printed JSON line, the same result, appended to eval.jsonl.
-    proc = run_tool('tools.evaluate', f'--workdir={workdir}', f'--data={data}', '--protocol=knn',
-                    '--which=teacher', '--train_fraction=0.5', '--seed=0')
+    proc = run_tool(
+        'tools.evaluate',
+        f'--workdir={workdir}',
+        f'--data={data}',
+        '--protocol=knn',
+        '--which=teacher',
+        '--train_fraction=0.5',
+        '--seed=0',
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out['top1'] == offline['knn_teacher']['top1']
@@ -214,8 +256,9 @@ def test_evaluate_protocols_beat_chance(pretrained, offline):
 @pytest.mark.slow
 def test_finetune_runs_one_epoch(pretrained):
     workdir, data = pretrained
-    r = evaluate.evaluate(workdir, data, 'finetune',
-                          finetune=FinetuneRecipe(epochs=1, batch_size=32, lr=1e-4))
+    r = evaluate.evaluate(
+        workdir, data, 'finetune', finetune=FinetuneRecipe(epochs=1, batch_size=32, lr=1e-4)
+    )
     print('finetune', r['top1'])
     assert r['protocol'] == 'finetune' and r['epochs'] == 1 and 0.0 <= r['top1'] <= 1.0
     assert r['top1'] > 0.2
@@ -240,10 +283,14 @@ def test_online_hooks_on_the_training_mesh(pretrained, offline):
     rng = np.random.default_rng(0)
     views = [make_views(load_image(f), rng, 64) for f in list_images(data)[::12][:16]]
     batch = {k: np.stack([v[k] for v in views]) for k in views[0]}
-    out = jax.device_get(make_reconstruction_fn(config, out_sharding=replicated)(
-        state, parallel.global_batch(batch, batch_sharding)))
-    grid = visualize.reconstruction_grid(out, out['reconstruction'], config.data.mean,
-                                         config.data.std)
+    out = jax.device_get(
+        make_reconstruction_fn(config, out_sharding=replicated)(
+            state, parallel.global_batch(batch, batch_sharding)
+        )
+    )
+    grid = visualize.reconstruction_grid(
+        out, out['reconstruction'], config.data.mean, config.data.std
+    )
     assert grid.shape == (4 * 64 + 6, 8 * 64 + 14, 3)
     np.testing.assert_array_equal(out['img_a'], batch['img_a'][:8])
     assert out['mask_a'].shape == (8, 2, 2) and np.all(out['mask_a'].sum(axis=(1, 2)) == 3)

@@ -12,17 +12,18 @@ import pytest
 
 rasterio = pytest.importorskip('rasterio')
 
-from conftest import SHARED_DATA  # noqa: E402
 from cmid_jax import train  # noqa: E402
-from cmid_jax.workdir import Workdir  # noqa: E402
-from cmid_jax.evaluation import run as evaluate  # noqa: E402
 from cmid_jax.data.errors import ImageError  # noqa: E402
 from cmid_jax.data.files import load_image  # noqa: E402
 from cmid_jax.data.pipeline import FileSource  # noqa: E402
 from cmid_jax.data.views import pre_resize  # noqa: E402
 from cmid_jax.evaluation import FinetuneRecipe, load_images  # noqa: E402
+from cmid_jax.evaluation import run as evaluate  # noqa: E402
 from cmid_jax.evaluation.finetune import augment  # noqa: E402
+from cmid_jax.workdir import Workdir  # noqa: E402
 from configs import vitb  # noqa: E402
+
+from conftest import SHARED_DATA  # noqa: E402
 
 GEOTIFF = SHARED_DATA / 'geotiff'
 RGBN = GEOTIFF / 'rgbn_4band.tif'  # 403 x 515 x 4 uint8
@@ -44,9 +45,15 @@ def read_full(path: Path) -> np.ndarray:
 def write_tif(path: Path, array: np.ndarray) -> None:
     with warnings.catch_warnings():  # A plain, non-georeferenced TIFF is what we want.
         warnings.simplefilter('ignore', rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(path, 'w', driver='GTiff', height=array.shape[0],
-                           width=array.shape[1], count=array.shape[2],
-                           dtype=array.dtype.name) as ds:
+        with rasterio.open(
+            path,
+            'w',
+            driver='GTiff',
+            height=array.shape[0],
+            width=array.shape[1],
+            count=array.shape[2],
+            dtype=array.dtype.name,
+        ) as ds:
             ds.write(np.moveaxis(array, -1, 0))
 
 
@@ -58,7 +65,7 @@ def labelled_set(root: Path, scene: np.ndarray) -> dict[str, np.ndarray]:
         (root / name).mkdir(parents=True)
         for i, (h, w) in enumerate(SHAPES):
             top, left = 50 * i, 60 * i
-            window = np.ascontiguousarray(change(scene[top:top + h, left:left + w]))
+            window = np.ascontiguousarray(change(scene[top : top + h, left : left + w]))
             path = root / name / f'{name}_{i}.tif'
             write_tif(path, window)
             written[str(path)] = window
@@ -79,8 +86,9 @@ def landsat_set(tmp_path_factory):
     return root, labelled_set(root, read_full(LANDSAT))
 
 
-@pytest.mark.parametrize('which,bands,dtype', [('rgbn', (3, 0, 1, 2), np.uint8),
-                                               ('landsat', (2, 0), np.uint16)])
+@pytest.mark.parametrize(
+    'which,bands,dtype', [('rgbn', (3, 0, 1, 2), np.uint8), ('landsat', (2, 0), np.uint16)]
+)
 def test_cache_holds_the_pretraining_readers_pixels(which, bands, dtype, request):
     _, written = request.getfixturevalue(f'{which}_set')
     files = sorted(written)
@@ -95,12 +103,12 @@ def test_cache_holds_the_pretraining_readers_pixels(which, bands, dtype, request
             np.testing.assert_array_equal(cache[i], raw)
         elif h == SIZE:  # Shorter side already at size: only the central square is cut.
             left = (w - SIZE) // 2
-            np.testing.assert_array_equal(cache[i], raw[:, left:left + SIZE])
+            np.testing.assert_array_equal(cache[i], raw[:, left : left + SIZE])
         elif h == w:  # Square: exactly the pretraining pre-resize (per band bicubic).
             np.testing.assert_array_equal(cache[i], pre_resize(raw, SIZE))
         else:  # Resized, then cropped: close to the pre-resize of the central square.
             left = (w - h) // 2
-            square = pre_resize(raw[:, left:left + h], SIZE)
+            square = pre_resize(raw[:, left : left + h], SIZE)
             assert np.abs(cache[i] - square.astype(float)).mean() < 0.01 * raw.std()
 
 
@@ -120,7 +128,7 @@ def test_rgb_cache_is_unchanged(tmp_path):
         nh, nw = SIZE, round(w * SIZE / h)
         resized = np.asarray(Image.fromarray(rgb).resize((nw, nh), resample=Image.BICUBIC))
         left = (nw - SIZE) // 2
-        np.testing.assert_array_equal(image, resized[:, left:left + SIZE])
+        np.testing.assert_array_equal(image, resized[:, left : left + SIZE])
 
 
 def test_finetune_augmentation_treats_every_band_alike():
@@ -129,11 +137,12 @@ def test_finetune_augmentation_treats_every_band_alike():
     out = augment(images, np.random.default_rng(1), (0.08, 1.0))
     assert out.shape == images.shape and out.dtype == np.uint16
     for b in range(4):  # The same crops and flips, band by band.
-        alone = augment(images[..., b:b + 1], np.random.default_rng(1), (0.08, 1.0))
-        np.testing.assert_array_equal(out[..., b:b + 1], alone)
+        alone = augment(images[..., b : b + 1], np.random.default_rng(1), (0.08, 1.0))
+        np.testing.assert_array_equal(out[..., b : b + 1], alone)
 
 
 # --- end to end ---------------------------------------------------------------------------------
+
 
 def initial_workdir(tmp_path_factory, config, data: Path, bands, mean, std) -> str:
     """A total_steps=0 run (initial weights saved, online kNN at step 0) pretraining on `data`."""
@@ -152,10 +161,28 @@ def workdirs(tmp_path_factory, rgbn_set, landsat_set):
     """{name: (workdir, labelled data)}: ViT-mu on 4 uint8 bands and on 3 uint16 bands."""
     (rgbn, _), (landsat, _) = rgbn_set, landsat_set
     return {
-        'rgbn': (initial_workdir(tmp_path_factory, vitb.get_config('smoke'), rgbn,
-                                 (3, 0, 1, 2), (0.4,) * 4, (0.2,) * 4), str(rgbn)),
-        'landsat': (initial_workdir(tmp_path_factory, vitb.get_config('smoke'), landsat,
-                                    (0, 1, 2), (0.12,) * 3, (0.03,) * 3), str(landsat)),
+        'rgbn': (
+            initial_workdir(
+                tmp_path_factory,
+                vitb.get_config('smoke'),
+                rgbn,
+                (3, 0, 1, 2),
+                (0.4,) * 4,
+                (0.2,) * 4,
+            ),
+            str(rgbn),
+        ),
+        'landsat': (
+            initial_workdir(
+                tmp_path_factory,
+                vitb.get_config('smoke'),
+                landsat,
+                (0, 1, 2),
+                (0.12,) * 3,
+                (0.03,) * 3,
+            ),
+            str(landsat),
+        ),
     }
 
 
@@ -181,8 +208,9 @@ def test_knn_and_linear_on_n_band_workdirs(workdirs, name, dtype, bands):
 @pytest.mark.slow
 def test_finetune_on_the_uint16_workdir(workdirs):
     workdir, data = workdirs['landsat']
-    r = evaluate.evaluate(workdir, data, 'finetune',
-                          finetune=FinetuneRecipe(epochs=1, batch_size=6))
+    r = evaluate.evaluate(
+        workdir, data, 'finetune', finetune=FinetuneRecipe(epochs=1, batch_size=6)
+    )
     assert r['protocol'] == 'finetune' and r['num_test'] == 6 and 0.0 <= r['top1'] <= 1.0
 
 
@@ -190,9 +218,12 @@ def test_finetune_on_the_uint16_workdir(workdirs):
 def test_images_that_do_not_fit_the_model_are_named(workdirs, rgbn_set, landsat_set, tmp_path):
     workdir, _ = workdirs['rgbn']  # bands (3, 0, 1, 2) of uint8 pixels
     landsat, three_bands = landsat_set
-    with pytest.raises(ValueError, match=rf"(?s){re.escape(str(landsat))}/\w+/\w+\.tif': has 3 "
-                                         r"bands.*index 3.*expect data\.bands=\(3, 0, 1, 2\) "
-                                         r"\(4 bands\) of uint8"):
+    with pytest.raises(
+        ValueError,
+        match=rf"(?s){re.escape(str(landsat))}/\w+/\w+\.tif': has 3 "
+        r'bands.*index 3.*expect data\.bands=\(3, 0, 1, 2\) '
+        r'\(4 bands\) of uint8',
+    ):
         evaluate.evaluate(workdir, str(landsat), 'knn')
     # One misfit among fitting files is named as well.
     data = Workdir(workdir).read_config().data
@@ -202,5 +233,5 @@ def test_images_that_do_not_fit_the_model_are_named(workdirs, rgbn_set, landsat_
     # Four bands of 16-bit pixels: the model's data.dtype decides, not the files.
     path = tmp_path / 'u16.tif'
     write_tif(path, read_full(RGBN)[:64, :64].astype(np.uint16) * 200)
-    with pytest.raises(ImageError, match=r"u16\.tif.*has uint16 pixels.*\(4 bands\) of uint8"):
+    with pytest.raises(ImageError, match=r'u16\.tif.*has uint16 pixels.*\(4 bands\) of uint8'):
         load_images([str(path)], SIZE, data)

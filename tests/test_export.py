@@ -24,13 +24,14 @@ pytest.importorskip('torchvision')
 pytest.importorskip('safetensors')
 
 from cmid_jax import parallel, train  # noqa: E402
-from cmid_jax.restore import restore_train_state  # noqa: E402
 from cmid_jax.convert import export  # noqa: E402
 from cmid_jax.models import backbone_module, build_backbone  # noqa: E402
 from cmid_jax.models.cmid import backbone_variables  # noqa: E402
+from cmid_jax.restore import restore_train_state  # noqa: E402
 from configs import resnet50, vitb  # noqa: E402
 
 from conftest import run_tool  # noqa: E402
+
 PARITY_TOL = 1e-4
 
 
@@ -73,13 +74,12 @@ def torch_features(model, spec: dict, x: np.ndarray) -> np.ndarray:
     xt = torch.from_numpy(x).permute(0, 3, 1, 2)
     with torch.no_grad():
         if spec['library'] == 'torchvision':
-            for name in ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3',
-                         'layer4'):
+            for name in ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4'):
                 xt = getattr(model, name)(xt)
             return xt.permute(0, 2, 3, 1).numpy()
         out = model.forward_features(xt)
         if hasattr(model, 'num_prefix_tokens'):  # ViT: patch tokens back onto their grid
-            tokens = out[:, model.num_prefix_tokens:]
+            tokens = out[:, model.num_prefix_tokens :]
             side = int(round(tokens.shape[1] ** 0.5))
             return tokens.reshape(x.shape[0], side, side, -1).numpy()
         if 'swin' in spec.get('class', spec.get('model_name', '')).lower():
@@ -113,8 +113,10 @@ def test_export_loads_strict_and_matches_jax_features(arch, suffix, request, tmp
         model = export.load_torch_model(out + '.json', alternative=None if i == 0 else i - 1)
         ref = torch_features(model, spec, x)
         err = float(np.abs(ours - ref).max())
-        print(f'{arch} {spec["library"]} {suffix}: max |jax - torch| = {err:.2e} '
-              f'(max |feature| {np.abs(ref).max():.2f})')
+        print(
+            f'{arch} {spec["library"]} {suffix}: max |jax - torch| = {err:.2e} '
+            f'(max |feature| {np.abs(ref).max():.2f})'
+        )
         assert ours.shape == ref.shape and err < PARITY_TOL
 
 
@@ -132,12 +134,22 @@ def test_teacher_export_and_metadata(vit_run, tmp_path):
     assert meta['input']['mean'] == list(c.data.mean) and meta['input']['std'] == list(c.data.std)
     assert meta['config']['model']['variant'] == 'mu/16' and meta['config']['total_steps'] == 3
     assert meta['torch_model'] == {
-        'library': 'timm', 'class': 'timm.models.vision_transformer.VisionTransformer',
-        'kwargs': dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, in_chans=3,
-                       num_classes=0),
-        'features': meta['torch_model']['features']}
+        'library': 'timm',
+        'class': 'timm.models.vision_transformer.VisionTransformer',
+        'kwargs': dict(
+            img_size=64,
+            patch_size=16,
+            embed_dim=64,
+            depth=2,
+            num_heads=2,
+            in_chans=3,
+            num_classes=0,
+        ),
+        'features': meta['torch_model']['features'],
+    }
 
     from safetensors.numpy import load_file
+
     saved = load_file(out)
     teacher = export.backbone_state_dict(vit_run.state, 'vit', 'teacher')
     student = export.backbone_state_dict(vit_run.state, 'vit', 'student')
@@ -152,10 +164,13 @@ def test_teacher_export_and_metadata(vit_run, tmp_path):
 def test_cli_writes_safetensors_without_torch(vit_run, tmp_path):
     out = str(tmp_path / 'cli.safetensors')
     # torch made unimportable: the safetensors route must not need it.
-    code = ("import runpy, sys; sys.modules['torch'] = None; "
-            "runpy.run_module('cmid_jax.tools.export', run_name='__main__')")
-    proc = run_tool('', f'--workdir={vit_run.workdir}', f'--out={out}', '--which=teacher',
-                    python_code=code)
+    code = (
+        "import runpy, sys; sys.modules['torch'] = None; "
+        "runpy.run_module('cmid_jax.tools.export', run_name='__main__')"
+    )
+    proc = run_tool(
+        '', f'--workdir={vit_run.workdir}', f'--out={out}', '--which=teacher', python_code=code
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out + '.json', encoding='utf-8') as f:
         meta = json.load(f)
@@ -176,7 +191,9 @@ def test_bad_arguments(vit_run, tmp_path):
         export.export_backbone(vit_run.workdir, str(tmp_path / 'x.npz'))
     with pytest.raises(ValueError, match='which'):
         export.export_backbone(vit_run.workdir, str(tmp_path / 'x.pth'), which='ema')
-    with pytest.raises(ValueError, match=r"ViT converts to the key layouts \['timm'\], not 'mmcls'"):
+    with pytest.raises(
+        ValueError, match=r"ViT converts to the key layouts \['timm'\], not 'mmcls'"
+    ):
         export.export_backbone(vit_run.workdir, str(tmp_path / 'x.pth'), layout='mmcls')
     assert not os.listdir(tmp_path)
 
@@ -186,8 +203,9 @@ def test_bad_arguments(vit_run, tmp_path):
 
 def _random_variables(model, img: int, seed: int) -> dict:
     """Random numpy leaves from the abstract init (no compile): BN scales ~1, variances > 0."""
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                                 jnp.zeros((1, img, img, 3)), train=False))
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, img, img, 3)), train=False)
+    )
     rng = np.random.default_rng(seed)
 
     def leaf(path, x):
@@ -206,14 +224,17 @@ def _random_variables(model, img: int, seed: int) -> dict:
 
 
 def _as_state(variables: dict) -> dict:
-    return {'params': {'backbone': variables['params']},
-            'batch_stats': {'backbone': variables['batch_stats']}}
+    return {
+        'params': {'backbone': variables['params']},
+        'batch_stats': {'backbone': variables['batch_stats']},
+    }
 
 
 def _load_checked(spec: dict, state_dict: dict):
     model = export.build_torch_model(spec)
     missing, unexpected = model.load_state_dict(
-        {k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=False)
+        {k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=False
+    )
     assert not unexpected and sorted(missing) == sorted(spec.get('missing_keys', []))
     return model.eval()
 
@@ -223,9 +244,12 @@ def test_resnet50_export_loads_into_torchvision_and_timm():
     variables = _random_variables(model, 224, seed=1)
     sd = export.backbone_state_dict(_as_state(variables), 'resnet')
     specs = backbone_module('resnet').torch_models('50', img_size=224, in_chans=3, layout=None)
-    assert specs[0] == {'library': 'timm', 'model_name': 'resnet50',
-                        'kwargs': {'in_chans': 3, 'num_classes': 0},
-                        'features': specs[0]['features']}
+    assert specs[0] == {
+        'library': 'timm',
+        'model_name': 'resnet50',
+        'kwargs': {'in_chans': 3, 'num_classes': 0},
+        'features': specs[0]['features'],
+    }
     assert specs[1]['library'] == 'torchvision' and specs[1]['model_name'] == 'resnet50'
     assert specs[1]['missing_keys'] == ['fc.bias', 'fc.weight']
     timm_model = _load_checked(specs[0], sd)  # strict: nothing missing, nothing unexpected
@@ -234,8 +258,10 @@ def test_resnet50_export_loads_into_torchvision_and_timm():
     ours = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
     for spec, m in zip(specs, (timm_model, tv_model)):
         err = float(np.abs(ours - torch_features(m, spec, x)).max())
-        print(f'resnet50 {spec["library"]} 224px: max |jax - torch| = {err:.2e} '
-              f'(max |feature| {np.abs(ours).max():.2f})')
+        print(
+            f'resnet50 {spec["library"]} 224px: max |jax - torch| = {err:.2e} '
+            f'(max |feature| {np.abs(ours).max():.2f})'
+        )
         assert err < PARITY_TOL * max(1.0, np.abs(ours).max())
 
 

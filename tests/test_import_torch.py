@@ -22,19 +22,30 @@ timm = pytest.importorskip('timm')
 pytest.importorskip('safetensors')
 
 from cmid_jax import optim, train  # noqa: E402
-from cmid_jax.restore import restore_train_state  # noqa: E402
-from cmid_jax.convert import export, import_torch  # noqa: E402
-from cmid_jax.convert import official  # noqa: E402
+from cmid_jax.convert import (  # noqa: E402
+    export,
+    import_torch,
+    official,  # noqa: E402
+)
 from cmid_jax.models import backbone_module  # noqa: E402
 from cmid_jax.models.cmid import backbone_variables  # noqa: E402
+from cmid_jax.restore import restore_train_state  # noqa: E402
 from cmid_jax.step import Trainer  # noqa: E402
 from configs import resnet50, swinb, vitb  # noqa: E402
 
 from conftest import run_tool  # noqa: E402
+
 CONFIGS = {'resnet': resnet50, 'vit': vitb, 'swin': swinb}
 PARITY_TOL = 1e-4
-PARTS = ('params', 'batch_stats', 'teacher_params', 'teacher_batch_stats', 'queue', 'queue_ptr',
-         'center')
+PARTS = (
+    'params',
+    'batch_stats',
+    'teacher_params',
+    'teacher_batch_stats',
+    'queue',
+    'queue_ptr',
+    'center',
+)
 
 
 def smoke_config(arch: str, **model):
@@ -65,8 +76,12 @@ def random_state(config, seed: int = 0) -> dict:
 def save_trainer_checkpoint(sd: dict, path: str, *, pickled_objects: bool = False) -> str:
     """An official-style trainer checkpoint; `pickled_objects` adds a non-tensor object, as the
     official metric storage, which `weights_only=True` refuses."""
-    ckpt = {'epoch': 5, 'num_gpus': 4, 'model': {k: torch.as_tensor(v) for k, v in sd.items()},
-            'optimizer': {'state': {}, 'param_groups': []}}
+    ckpt = {
+        'epoch': 5,
+        'num_gpus': 4,
+        'model': {k: torch.as_tensor(v) for k, v in sd.items()},
+        'optimizer': {'state': {}, 'param_groups': []},
+    }
     if pickled_objects:
         ckpt['metric_storage'] = argparse.Namespace(history={'loss': [1.0]})
     torch.save(ckpt, path)
@@ -94,8 +109,9 @@ def test_full_checkpoint_round_trip_is_exact(arch, tmp_path, caplog):
     assert sd['queue'].shape == (m.proj_dim, config.loss.queue_size)  # one key per column
     assert sd['class_loss.center'].shape == (1, p, 1) and sd['queue_ptr'].dtype == np.int64
     width = trainer_for(config).nets.backbone.mask_token_width
-    assert sd['online_encoder.mask_token'].shape == ((1, width, 1, 1) if arch == 'resnet'
-                                                     else (1, 1, width))
+    assert sd['online_encoder.mask_token'].shape == (
+        (1, width, 1, 1) if arch == 'resnet' else (1, 1, width)
+    )
     np.testing.assert_array_equal(sd['class_projector.last_layer.weight_g'], 1.0)
     assert ('class_projector.mlp.6.weight' in sd) == (arch == 'resnet')  # BN shifts the indices
 
@@ -120,10 +136,11 @@ def test_full_checkpoint_round_trip_is_exact(arch, tmp_path, caplog):
         assert json.load(f)['kind'] == 'full'
     # Exporting the imported workdir gives what the official extract.py gives.
     from safetensors.numpy import load_file
+
     out = str(tmp_path / 'student.safetensors')
     export.export_backbone(workdir, out, layout='mmcls' if arch == 'swin' else None)
     prefix = official.BACKBONE_PREFIXES['student']
-    extracted = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    extracted = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     exported = load_file(out)
     assert exported.keys() == extracted.keys()
     for k, v in extracted.items():
@@ -137,14 +154,25 @@ def timm_backbone(arch: str):
     if arch == 'resnet':  # cmid_jax 'tiny': bottleneck [1,1,1,1] ('nano' has no torch twin)
         return timm.create_model('resnet50', layers=[1, 1, 1, 1], num_classes=0, global_pool='')
     return timm.models.vision_transformer.VisionTransformer(
-        img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=0)
+        img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=0
+    )
 
 
 class OfficialLike(torch.nn.Module):
     """The parameter layout of the official `PretrainModel` (MoCo variant), heads as in 10.2."""
 
-    def __init__(self, arch: str, c: int, hidden: int, proj_dim: int, local_hidden: int,
-                 bottleneck: int, prototypes: int, queue_size: int, stride: int):
+    def __init__(
+        self,
+        arch: str,
+        c: int,
+        hidden: int,
+        proj_dim: int,
+        local_hidden: int,
+        bottleneck: int,
+        prototypes: int,
+        queue_size: int,
+        stride: int,
+    ):
         super().__init__()
         nn = torch.nn
         use_bn = arch == 'resnet'
@@ -155,12 +183,16 @@ class OfficialLike(torch.nn.Module):
         self.online_encoder.mask_token = nn.Parameter(torch.zeros(token_shape))
         self.branch_encoder = timm_backbone(arch)
         self.mim2org = nn.Module()
-        self.mim2org.decoder_pred = nn.Sequential(nn.Conv2d(c, stride * stride * 3, 1),
-                                                  nn.PixelShuffle(stride))
+        self.mim2org.decoder_pred = nn.Sequential(
+            nn.Conv2d(c, stride * stride * 3, 1), nn.PixelShuffle(stride)
+        )
         for name in ('online_projector', 'branch_projector'):
             proj = nn.Module()
-            proj.layer = nn.Sequential(nn.Sequential(
-                nn.Linear(c, hidden), nn.Identity(), nn.ReLU(), nn.Linear(hidden, proj_dim)))
+            proj.layer = nn.Sequential(
+                nn.Sequential(
+                    nn.Linear(c, hidden), nn.Identity(), nn.ReLU(), nn.Linear(hidden, proj_dim)
+                )
+            )
             setattr(self, name, proj)
         for name in ('class_projector', 'branch_class_projector'):
             head = nn.Module()
@@ -173,13 +205,15 @@ class OfficialLike(torch.nn.Module):
             with warnings.catch_warnings():  # the official code uses the legacy weight_norm,
                 warnings.simplefilter('ignore', FutureWarning)  # hence weight_g / weight_v keys
                 head.last_layer = torch.nn.utils.weight_norm(
-                    nn.Conv1d(bottleneck, prototypes, 1, bias=False))
+                    nn.Conv1d(bottleneck, prototypes, 1, bias=False)
+                )
             head.last_layer.weight_g.data.fill_(1.0)
             setattr(self, name, head)
         self.class_loss = nn.Module()
         self.class_loss.register_buffer('center', torch.randn(1, prototypes, 1))
-        self.register_buffer('queue', torch.nn.functional.normalize(
-            torch.randn(proj_dim, queue_size), dim=0))
+        self.register_buffer(
+            'queue', torch.nn.functional.normalize(torch.randn(proj_dim, queue_size), dim=0)
+        )
         self.register_buffer('queue_ptr', torch.tensor([6], dtype=torch.long))
 
     @staticmethod
@@ -192,9 +226,17 @@ def official_like(config, seed: int = 0) -> OfficialLike:
     m = config.model
     arch = m.arch
     torch.manual_seed(seed)
-    module = OfficialLike(arch, 2048 if arch == 'resnet' else 64, m.proj_hidden_dim, m.proj_dim,
-                          m.local_hidden_dim, m.local_bottleneck_dim, m.local_prototypes,
-                          config.loss.queue_size, 32 if arch == 'resnet' else 16)
+    module = OfficialLike(
+        arch,
+        2048 if arch == 'resnet' else 64,
+        m.proj_hidden_dim,
+        m.proj_dim,
+        m.local_hidden_dim,
+        m.local_bottleneck_dim,
+        m.local_prototypes,
+        config.loss.queue_size,
+        32 if arch == 'resnet' else 16,
+    )
     with torch.no_grad():  # non-trivial BN affine and statistics, biases and mask token
         for sub in module.modules():
             if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
@@ -224,7 +266,7 @@ def test_full_checkpoint_from_timm_modules_matches_torch(arch, tmp_path):
         ours, _ = nets.apply('backbone', backbone_variables(state, which), x, train=False)
         with torch.no_grad():
             ref = tm.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))
-        ref = (ref[:, 1:].reshape(ours.shape) if arch == 'vit' else ref.permute(0, 2, 3, 1))
+        ref = ref[:, 1:].reshape(ours.shape) if arch == 'vit' else ref.permute(0, 2, 3, 1)
         err = float(np.abs(np.asarray(ours) - ref.numpy()).max())
         print(f'{arch} {which} backbone from timm: max |jax - torch| = {err:.2e}')
         assert err < PARITY_TOL
@@ -236,29 +278,37 @@ def test_full_checkpoint_from_timm_modules_matches_torch(arch, tmp_path):
         t = lambda a: torch.from_numpy(a)
         refs = {
             'projector': torch.nn.functional.normalize(
-                module.online_projector.layer(t(feats[:, 0])), dim=-1),
+                module.online_projector.layer(t(feats[:, 0])), dim=-1
+            ),
             'local_head': OfficialLike.local(module.class_projector, t(feats)),
             'teacher_local_head': OfficialLike.local(module.branch_class_projector, t(feats)),
             'decoder': module.mim2org.decoder_pred(t(fmap).permute(0, 3, 1, 2)).permute(0, 2, 3, 1),
         }
-    student = {'params': state['params']['local_head'],
-               'batch_stats': state['batch_stats']['local_head']}
-    teacher = {'params': state['teacher_params']['local_head'],
-               'batch_stats': state['teacher_batch_stats']['local_head']}
+    student = {
+        'params': state['params']['local_head'],
+        'batch_stats': state['batch_stats']['local_head'],
+    }
+    teacher = {
+        'params': state['teacher_params']['local_head'],
+        'batch_stats': state['teacher_batch_stats']['local_head'],
+    }
     ours = {
-        'projector': nets.apply('projector', {'params': state['params']['projector']},
-                                feats[:, 0], train=False)[0],
+        'projector': nets.apply(
+            'projector', {'params': state['params']['projector']}, feats[:, 0], train=False
+        )[0],
         'local_head': nets.apply('local_head', student, feats, train=False)[0],
         'teacher_local_head': nets.apply('local_head', teacher, feats, train=False)[0],
-        'decoder': nets.apply('decoder', {'params': state['params']['decoder']}, fmap,
-                              train=False)[0],
+        'decoder': nets.apply('decoder', {'params': state['params']['decoder']}, fmap, train=False)[
+            0
+        ],
     }
     for k, ref in refs.items():
         np.testing.assert_allclose(np.asarray(ours[k]), ref.numpy(), atol=1e-5, err_msg=k)
     np.testing.assert_array_equal(state['queue'], module.queue.numpy().T)
     np.testing.assert_array_equal(state['center'], module.class_loss.center.numpy().reshape(-1))
-    np.testing.assert_array_equal(state['params']['mask_token'],
-                                  module.online_encoder.mask_token.detach().numpy().reshape(-1))
+    np.testing.assert_array_equal(
+        state['params']['mask_token'], module.online_encoder.mask_token.detach().numpy().reshape(-1)
+    )
     assert int(state['queue_ptr']) == 6
 
 
@@ -288,8 +338,9 @@ def extracted_vit_backbone(config, path) -> dict:
     """What extract.py writes: the student backbone keys with their prefix stripped."""
     sd = official.to_official_state_dict(random_state(config), arch='vit')
     prefix = official.BACKBONE_PREFIXES['student']
-    extracted = {k[len(prefix):]: torch.from_numpy(v) for k, v in sd.items()
-                 if k.startswith(prefix)}
+    extracted = {
+        k[len(prefix) :]: torch.from_numpy(v) for k, v in sd.items() if k.startswith(prefix)
+    }
     torch.save(extracted, str(path))
     return extracted
 
@@ -297,14 +348,14 @@ def extracted_vit_backbone(config, path) -> dict:
 def test_extracted_backbone_initialises_student_and_teacher(tmp_path):
     config = smoke_config('vit')
     extracted = extracted_vit_backbone(config, tmp_path / 'backbone.pth')
-    record = import_torch.import_checkpoint(str(tmp_path / 'backbone.pth'), config,
-                                            str(tmp_path / 'wd'))
+    record = import_torch.import_checkpoint(
+        str(tmp_path / 'backbone.pth'), config, str(tmp_path / 'wd')
+    )
     assert record['kind'] == 'backbone' and record['dropped_keys'] == []
 
     _, state, _ = restore_train_state(str(tmp_path / 'wd'))
     for which in ('student', 'teacher'):
-        exported = backbone_module('vit').to_torch_state_dict(
-            backbone_variables(state, which))
+        exported = backbone_module('vit').to_torch_state_dict(backbone_variables(state, which))
         assert exported.keys() == extracted.keys()
         for k, v in exported.items():
             np.testing.assert_array_equal(v, extracted[k].numpy(), err_msg=f'{which} {k}')
@@ -317,18 +368,24 @@ def test_extracted_backbone_initialises_student_and_teacher(tmp_path):
 
 def test_plain_timm_state_dict_drops_classifier(tmp_path):
     from safetensors.torch import save_file
+
     config = smoke_config('vit')
     tm = timm.models.vision_transformer.VisionTransformer(
-        img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+        img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=10
+    )
     save_file(tm.state_dict(), str(tmp_path / 'timm.safetensors'))
-    record = import_torch.import_checkpoint(str(tmp_path / 'timm.safetensors'), config,
-                                            str(tmp_path / 'wd'))
+    record = import_torch.import_checkpoint(
+        str(tmp_path / 'timm.safetensors'), config, str(tmp_path / 'wd')
+    )
     assert record['dropped_keys'] == ['head.bias', 'head.weight']
     _, state, _ = restore_train_state(str(tmp_path / 'wd'))
-    np.testing.assert_array_equal(state['teacher_params']['backbone']['pos_embed'],
-                                  tm.pos_embed.detach().numpy())
-    np.testing.assert_array_equal(state['params']['backbone']['blocks_1']['attn']['qkv']['kernel'],
-                                  tm.blocks[1].attn.qkv.weight.detach().numpy().T)
+    np.testing.assert_array_equal(
+        state['teacher_params']['backbone']['pos_embed'], tm.pos_embed.detach().numpy()
+    )
+    np.testing.assert_array_equal(
+        state['params']['backbone']['blocks_1']['attn']['qkv']['kernel'],
+        tm.blocks[1].attn.qkv.weight.detach().numpy().T,
+    )
 
 
 # ------------------------------------------------------------------------------ errors
@@ -340,8 +397,11 @@ def resnet_full_sd():
 
 
 def _import_error(sd_or_path, config, tmp_path) -> str:
-    path = sd_or_path if isinstance(sd_or_path, str) else save_trainer_checkpoint(
-        sd_or_path, str(tmp_path / 'ckpt.pth'))
+    path = (
+        sd_or_path
+        if isinstance(sd_or_path, str)
+        else save_trainer_checkpoint(sd_or_path, str(tmp_path / 'ckpt.pth'))
+    )
     workdir = tmp_path / 'wd'
     workdir.mkdir()
     with pytest.raises(ValueError) as e:
@@ -357,9 +417,13 @@ def test_unknown_missing_and_misshapen_keys_in_one_error(resnet_full_sd, tmp_pat
     sd['extra.weight'] = np.zeros(3, np.float32)
     sd['queue'] = np.zeros((32, 128), np.float32)
     msg = _import_error(sd, smoke_config('resnet'), tmp_path)
-    for needle in ('class_projector.mlp.4.running_var', '[branch_encoder.*',
-                   'layer2.0.conv2.weight', 'extra.weight',
-                   'queue: got (32, 128), expected (32, 64)'):
+    for needle in (
+        'class_projector.mlp.4.running_var',
+        '[branch_encoder.*',
+        'layer2.0.conv2.weight',
+        'extra.weight',
+        'queue: got (32, 128), expected (32, 64)',
+    ):
         assert needle in msg, needle
 
 
@@ -384,15 +448,17 @@ def test_backbone_variant_mismatch_is_reported(tmp_path):
 
 def test_prototype_norm_other_than_one_is_refused(resnet_full_sd, tmp_path):
     sd = dict(resnet_full_sd)
-    sd['branch_class_projector.last_layer.weight_g'] = sd[
-        'branch_class_projector.last_layer.weight_g'] * 2
+    sd['branch_class_projector.last_layer.weight_g'] = (
+        sd['branch_class_projector.last_layer.weight_g'] * 2
+    )
     msg = _import_error(sd, smoke_config('resnet'), tmp_path)
     assert 'branch_class_projector.last_layer.weight_g: must be all ones' in msg
 
 
 def test_pickled_backbone_file_is_refused(tmp_path):
-    torch.save({'conv1.weight': torch.zeros(1), 'junk': argparse.Namespace()},
-               str(tmp_path / 'b.pth'))
+    torch.save(
+        {'conv1.weight': torch.zeros(1), 'junk': argparse.Namespace()}, str(tmp_path / 'b.pth')
+    )
     msg = _import_error(str(tmp_path / 'b.pth'), smoke_config('resnet'), tmp_path)
     assert 'not a CMID trainer checkpoint' in msg
 
@@ -412,9 +478,11 @@ def test_a_crafted_checkpoint_never_runs_its_code(resnet_full_sd, tmp_path, wher
     marker = tmp_path / 'MARKER'
     payload = _WritesAMarker(str(marker))
     model = {k: torch.as_tensor(v) for k, v in resnet_full_sd.items()}
-    ckpt = {'beside the model': {'epoch': 5, 'model': model, 'metric_storage': payload},
-            'inside the model': {'epoch': 5, 'model': dict(model, evil=payload)},
-            'the whole file': payload}[where]
+    ckpt = {
+        'beside the model': {'epoch': 5, 'model': model, 'metric_storage': payload},
+        'inside the model': {'epoch': 5, 'model': dict(model, evil=payload)},
+        'the whole file': payload,
+    }[where]
     path = str(tmp_path / 'crafted.pth')
     torch.save(ckpt, path)
     config = smoke_config('resnet')
@@ -438,10 +506,11 @@ def test_existing_checkpoints_need_overwrite(resnet_full_sd, tmp_path):
         import_torch.import_checkpoint(path, config, workdir)
     # The bare `model` state_dict as .safetensors is a full checkpoint too.
     from safetensors.numpy import save_file
-    save_file(dict(resnet_full_sd, queue_ptr=np.array([3], np.int64)),
-              str(tmp_path / 'b.safetensors'))
-    import_torch.import_checkpoint(str(tmp_path / 'b.safetensors'), config, workdir,
-                                   overwrite=True)
+
+    save_file(
+        dict(resnet_full_sd, queue_ptr=np.array([3], np.int64)), str(tmp_path / 'b.safetensors')
+    )
+    import_torch.import_checkpoint(str(tmp_path / 'b.safetensors'), config, workdir, overwrite=True)
     _, state, _ = restore_train_state(workdir)
     assert int(state['queue_ptr']) == 3
 
@@ -452,8 +521,13 @@ def test_existing_checkpoints_need_overwrite(resnet_full_sd, tmp_path):
 def test_cli_with_preset_and_overrides(resnet_full_sd, tmp_path):
     path = save_trainer_checkpoint(resnet_full_sd, str(tmp_path / 'ckpt.pth'))
     workdir = str(tmp_path / 'wd')
-    proc = run_tool('tools.import_torch', f'--checkpoint={path}',
-                    '--config=configs/resnet50.py:smoke', '--config.seed=7', f'--workdir={workdir}')
+    proc = run_tool(
+        'tools.import_torch',
+        f'--checkpoint={path}',
+        '--config=configs/resnet50.py:smoke',
+        '--config.seed=7',
+        f'--workdir={workdir}',
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     config, state, step = restore_train_state(workdir)
     assert step == 0 and config.seed == 7 and config.model.variant == 'nano'

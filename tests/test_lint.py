@@ -10,8 +10,9 @@ from conftest import REPO
 RUFF = shutil.which('ruff')
 
 
-@pytest.mark.parametrize('command', [['check', '--no-cache', '.'],
-                                     ['format', '--check', '--no-cache', '.']])
+@pytest.mark.parametrize(
+    'command', [['check', '--no-cache', '.'], ['format', '--check', '--no-cache', '.']]
+)
 def test_ruff(command):
     assert RUFF, 'ruff is part of the dev extra: pip install -e .[dev]'
     proc = subprocess.run([RUFF, *command], cwd=REPO, capture_output=True, text=True, timeout=120)

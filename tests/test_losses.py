@@ -45,20 +45,22 @@ def _ref_focal_l1(pred, target, mask, alpha=0.2, gamma=1.0):
     """Official MIMLossHead spatial part: element-wise focal L1, (B,1,H,W) mask."""
     p, t = _nchw(pred), _nchw(target)
     m = torch.from_numpy(mask).double().unsqueeze(1)
-    d = F.l1_loss(p, t, reduction="none")
-    l = d * (2.0 * torch.sigmoid(alpha * d) - 1.0) ** gamma
-    return (l * m).sum() / (m.sum() + 1e-5) / p.shape[1]
+    d = F.l1_loss(p, t, reduction='none')
+    focal = d * (2.0 * torch.sigmoid(alpha * d) - 1.0) ** gamma
+    return (focal * m).sum() / (m.sum() + 1e-5) / p.shape[1]
 
 
-def _ref_ffl(pred_t: torch.Tensor, target_t: torch.Tensor, mask_t: torch.Tensor, unmask_weight=0.001):
+def _ref_ffl(
+    pred_t: torch.Tensor, target_t: torch.Tensor, mask_t: torch.Tensor, unmask_weight=0.001
+):
     """Official MIMLossHead fft part ('mixed' replace) + FocalFrequencyLoss
     (alpha=1, ave_spectrum, log_matrix, batch_matrix), NCHW tensors."""
     m = mask_t.unsqueeze(1)
     x_rep = 0.5 * pred_t.detach() + 0.5 * target_t
     mask_f = m + (1.0 - m) * unmask_weight
     x_rec = pred_t * mask_f + x_rep * (1.0 - mask_f)
-    fp = torch.fft.fft2(x_rec, dim=(2, 3), norm="ortho")
-    ft = torch.fft.fft2(target_t, dim=(2, 3), norm="ortho")
+    fp = torch.fft.fft2(x_rec, dim=(2, 3), norm='ortho')
+    ft = torch.fft.fft2(target_t, dim=(2, 3), norm='ortho')
     fp = torch.stack([fp.real, fp.imag], -1).mean(0, keepdim=True)
     ft = torch.stack([ft.real, ft.imag], -1).mean(0, keepdim=True)
     sq = (fp - ft) ** 2
@@ -76,22 +78,30 @@ def _ref_match(loc_s: np.ndarray, loc_t: np.ndarray, num_matches: int):
     b = loc_s.shape[0]
     ls = torch.from_numpy(loc_s).double().flatten(1, 2)
     lt = torch.from_numpy(loc_t).double().flatten(1, 2)
-    dist = torch.cdist(ls, lt, compute_mode="donot_use_mm_for_euclid_dist")
+    dist = torch.cdist(ls, lt, compute_mode='donot_use_mm_for_euclid_dist')
     vals, inds = dist.topk(k=1, largest=False)
     vals, inds = vals.squeeze(-1), inds.squeeze(-1)
     _, order = torch.sort(vals, dim=1)
     _, rank = torch.sort(order, dim=1)
     keep = rank < num_matches
     idx_t = inds.masked_select(keep).reshape(b, num_matches)
-    idx_s = torch.arange(ls.shape[1]).unsqueeze(0).repeat(b, 1).masked_select(keep).reshape(b, num_matches)
+    idx_s = (
+        torch.arange(ls.shape[1])
+        .unsqueeze(0)
+        .repeat(b, 1)
+        .masked_select(keep)
+        .reshape(b, num_matches)
+    )
     return idx_s.numpy(), idx_t.numpy()
 
 
-def _grid(top: float, left: float, h: float, w: float, g: int = 7, flip: bool = False) -> np.ndarray:
+def _grid(
+    top: float, left: float, h: float, w: float, g: int = 7, flip: bool = False
+) -> np.ndarray:
     """(g,g,2) cell centres (row, col) of a crop; columns mirrored when flipped."""
     rows = top + (np.arange(g) + 0.5) * h / g
     cols = left + (np.arange(g) + 0.5) * w / g
-    grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1)
+    grid = np.stack(np.meshgrid(rows, cols, indexing='ij'), axis=-1)
     if flip:
         grid = grid[:, ::-1]
     return grid.astype(np.float32)
@@ -112,7 +122,7 @@ def test_focal_l1_matches_reference():
     np.testing.assert_allclose(float(got2), ref2.item(), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("d", [0.3, 1.0, 2.5])
+@pytest.mark.parametrize('d', [0.3, 1.0, 2.5])
 def test_focal_l1_constant_difference(d):
     _, target, mask = _images(1)
     pred = target + d
@@ -192,7 +202,9 @@ def test_mim_losses_bf16_inputs_and_jit():
     tb = jnp.asarray(target, dtype=jnp.bfloat16)
     out = jax.jit(losses.mim_loss)(pb, tb, jnp.asarray(mask, dtype=jnp.int32))
     assert out.dtype == jnp.float32
-    ref = losses.mim_loss(np.asarray(pb.astype(jnp.float32)), np.asarray(tb.astype(jnp.float32)), mask)
+    ref = losses.mim_loss(
+        np.asarray(pb.astype(jnp.float32)), np.asarray(tb.astype(jnp.float32)), mask
+    )
     np.testing.assert_allclose(float(out), float(ref), rtol=1e-5)
 
 
@@ -253,13 +265,17 @@ def test_match_positions_matches_official_selection():
     b, g, n_match = 4, 7, 20
     loc_s = np.stack(
         [
-            _grid(*rng.uniform(0, 100, 2), *rng.uniform(80, 200, 2), g=g, flip=bool(rng.integers(2)))
+            _grid(
+                *rng.uniform(0, 100, 2), *rng.uniform(80, 200, 2), g=g, flip=bool(rng.integers(2))
+            )
             for _ in range(b)
         ]
     )
     loc_t = np.stack(
         [
-            _grid(*rng.uniform(0, 100, 2), *rng.uniform(80, 200, 2), g=g, flip=bool(rng.integers(2)))
+            _grid(
+                *rng.uniform(0, 100, 2), *rng.uniform(80, 200, 2), g=g, flip=bool(rng.integers(2))
+            )
             for _ in range(b)
         ]
     )

@@ -24,6 +24,7 @@ def cudnn_version_for_lowering(monkeypatch):
     GPU-less machine print a failed CUDA initialisation, so the probe answers 9.10 instead; the
     lowering itself only writes the custom call."""
     from jax._src.cudnn import fused_attention_stablehlo
+
     monkeypatch.setattr(fused_attention_stablehlo, 'check_cudnn_version', lambda: 91000)
 
 
@@ -32,10 +33,15 @@ def lowered_step_text(config_module, platform: str, **model) -> tuple[str, Train
     config.model.compute_dtype = 'bfloat16'  # The recipes' dtype; cuDNN attention needs it.
     config.model.update(model)
     trainer = Trainer.create(config, optim.Schedule(10, 4), platform=platform)
-    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                         synthetic_batch(0, 8, config.data.image_size))
-    lowered = jax.jit(trainer.train_step, donate_argnums=(0,)).trace(
-        trainer.abstract_state, batch).lower(lowering_platforms=(platform,))
+    batch = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+        synthetic_batch(0, 8, config.data.image_size),
+    )
+    lowered = (
+        jax.jit(trainer.train_step, donate_argnums=(0,))
+        .trace(trainer.abstract_state, batch)
+        .lower(lowering_platforms=(platform,))
+    )
     return lowered.as_text(), trainer
 
 
@@ -62,8 +68,11 @@ def test_auto_attention_falls_back_to_xla_where_cudnn_cannot_run():
 
 
 def test_cudnn_where_it_cannot_run_fails_before_tracing():
-    with pytest.raises(ValueError, match=r"model.attention_impl='cudnn' cannot run: it needs an "
-                                         r'NVIDIA GPU \(platform cuda\), not tpu'):
+    with pytest.raises(
+        ValueError,
+        match=r"model.attention_impl='cudnn' cannot run: it needs an "
+        r'NVIDIA GPU \(platform cuda\), not tpu',
+    ):
         lowered_step_text(vitb, 'tpu', attention_impl='cudnn')
     with pytest.raises(ValueError, match=r"'cudnn' cannot run: .*bfloat16 or float16, not float32"):
         attention.resolve('cudnn', platform='cuda', dtype='float32', head_dim=64)

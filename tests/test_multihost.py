@@ -1,6 +1,5 @@
 """Two JAX processes x 4 CPU devices run the same computation as one process with 8 devices."""
 
-import pytest
 import json
 import os
 import shutil
@@ -10,13 +9,19 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from cmid_jax import train
 from cmid_jax.restore import restore_train_state
 from configs import vitb
+
 from conftest import REPO, TIMEOUT_SCALE
 
-FLAGS = ['--config.total_steps=6', '--config.log_every_steps=1', '--config.checkpoint_every_steps=3']
+FLAGS = [
+    '--config.total_steps=6',
+    '--config.log_every_steps=1',
+    '--config.checkpoint_every_steps=3',
+]
 
 
 def free_port() -> int:
@@ -31,13 +36,31 @@ def launch_two_processes(workdir) -> None:
     for pid in range(2):
         # No persistent compilation cache: a process that loads the step from it while the
         # other compiles can leave it waiting past Gloo's 30 s set-up deadline.
-        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
-                   JAX_PROCESS_ID=str(pid), XLA_FLAGS='--xla_force_host_platform_device_count=4',
-                   JAX_ENABLE_COMPILATION_CACHE='false')
-        procs.append(subprocess.Popen(
-            [sys.executable, '-m', 'cmid_jax.main', '--config=configs/vitb.py:smoke',
-             f'--workdir={workdir}', *FLAGS],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
+            JAX_NUM_PROCESSES='2',
+            JAX_PROCESS_ID=str(pid),
+            XLA_FLAGS='--xla_force_host_platform_device_count=4',
+            JAX_ENABLE_COMPILATION_CACHE='false',
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    '-m',
+                    'cmid_jax.main',
+                    '--config=configs/vitb.py:smoke',
+                    f'--workdir={workdir}',
+                    *FLAGS,
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for p in procs:
         _, err = p.communicate(timeout=600 * TIMEOUT_SCALE)
         assert p.returncode == 0, err[-3000:]
@@ -46,8 +69,9 @@ def launch_two_processes(workdir) -> None:
 def losses(workdir):
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
         rows = [json.loads(line) for line in f]
-    return {r['step']: [r[k] for k in ('loss', 'loss_mim', 'loss_global', 'loss_local')]
-            for r in rows}
+    return {
+        r['step']: [r[k] for k in ('loss', 'loss_mim', 'loss_global', 'loss_local')] for r in rows
+    }
 
 
 @pytest.mark.slow
@@ -66,8 +90,9 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
     _, a, _ = restore_train_state(str(single))
     _, b, _ = restore_train_state(str(multi))
     for key in ('params', 'teacher_params', 'batch_stats', 'queue', 'center'):
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
-                     a[key], b[key])
+        jax.tree.map(
+            lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), a[key], b[key]
+        )
 
     # A crash after the cooperative checkpoint of step 3: both processes resume from it.
     shutil.rmtree(multi / 'ckpt' / '6')
@@ -78,5 +103,8 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
     for step in resumed:
         np.testing.assert_allclose(resumed[step], ref[step], rtol=1e-5, atol=1e-5)
     _, c, _ = restore_train_state(str(multi))
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
-                 a['params'], c['params'])
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
+        a['params'],
+        c['params'],
+    )

@@ -34,16 +34,27 @@ def test_notebooks_execute(tmp_path, monkeypatch):
     monkeypatch.setenv('CMID_NOTEBOOK_WORKDIR', str(tmp_path / 'workdir'))
     # One real CPU device in the kernels, as for a user (conftest fakes eight for the other tests).
     flags = os.environ.get('XLA_FLAGS', '').split()
-    monkeypatch.setenv('XLA_FLAGS', ' '.join(
-        f for f in flags if not f.startswith('--xla_force_host_platform_device_count')))
+    monkeypatch.setenv(
+        'XLA_FLAGS',
+        ' '.join(f for f in flags if not f.startswith('--xla_force_host_platform_device_count')),
+    )
     for name in ORDER:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-        client = nbclient.NotebookClient(nb, timeout=int(600 * TIMEOUT_SCALE), kernel_name='python3',
-                                         resources={'metadata': {'path': str(NOTEBOOKS)}})
+        client = nbclient.NotebookClient(
+            nb,
+            timeout=int(600 * TIMEOUT_SCALE),
+            kernel_name='python3',
+            resources={'metadata': {'path': str(NOTEBOOKS)}},
+        )
         try:
             client.execute()  # Raises CellExecutionError on the first failing cell.
         except nbclient.exceptions.CellExecutionError as e:
             pytest.fail(f'{name} failed:\n{e}')
-        errors = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs
-                  if o.output_type == 'error']
+        errors = [
+            o
+            for c in nb.cells
+            if c.cell_type == 'code'
+            for o in c.outputs
+            if o.output_type == 'error'
+        ]
         assert not errors, f'{name}: {errors}'

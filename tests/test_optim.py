@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from cmid_jax import optim, parallel
-from cmid_jax.workdir import Workdir
 from cmid_jax.step import Trainer
+from cmid_jax.workdir import Workdir
 from configs import vitb
 
 B1, B2, B3, EPS = 0.98, 0.92, 0.99, 1e-8
@@ -45,8 +45,8 @@ def numpy_adan(params, grads, lr, wd, prox=False, decayed=None):
             m[k] = B1 * m[k] + (1 - B1) * g[k]
             v[k] = B2 * v[k] + (1 - B2) * d
             n[k] = B3 * n[k] + (1 - B3) * (g[k] + B2 * d) ** 2
-            denom = np.sqrt(n[k]) / math.sqrt(1 - B3 ** t) + EPS
-            u = (m[k] / (1 - B1 ** t) + B2 * v[k] / (1 - B2 ** t)) / denom
+            denom = np.sqrt(n[k]) / math.sqrt(1 - B3**t) + EPS
+            u = (m[k] / (1 - B1**t) + B2 * v[k] / (1 - B2**t)) / denom
             decay = wd if k in decayed else 0.0
             if prox:
                 p[k] = (p[k] - lr * u) / (1 + lr * decay)
@@ -71,9 +71,12 @@ def jax_adan(params, grads, tx):
 
 def timm_adan(params, grads, lr, wd, prox=False):
     from timm.optim import Adan
+
     tp = {k: torch.tensor(x, dtype=torch.float32, requires_grad=True) for k, x in params.items()}
-    groups = [{'params': [x for x in tp.values() if x.ndim > 1], 'weight_decay': wd},
-              {'params': [x for x in tp.values() if x.ndim <= 1], 'weight_decay': 0.0}]
+    groups = [
+        {'params': [x for x in tp.values() if x.ndim > 1], 'weight_decay': wd},
+        {'params': [x for x in tp.values() if x.ndim <= 1], 'weight_decay': 0.0},
+    ]
     opt = Adan(groups, lr=lr, betas=(B1, B2, B3), eps=EPS, no_prox=not prox, foreach=False)
     history = []
     for g in grads:
@@ -91,8 +94,13 @@ def assert_same_moves(params, got, want):
     before_got, before_want = params, params
     for t, (g, w) in enumerate(zip(got, want), start=1):
         for k in params:
-            np.testing.assert_allclose(g[k] - before_got[k], w[k] - before_want[k], rtol=1e-5,
-                                       atol=5e-8, err_msg=f'step {t}, leaf {k}')
+            np.testing.assert_allclose(
+                g[k] - before_got[k],
+                w[k] - before_want[k],
+                rtol=1e-5,
+                atol=5e-8,
+                err_msg=f'step {t}, leaf {k}',
+            )
             np.testing.assert_allclose(g[k], w[k], rtol=0, atol=1e-7, err_msg=f'step {t}, leaf {k}')
         before_got, before_want = g, w
 
@@ -127,8 +135,9 @@ def test_adan_composes_with_schedule_and_mask(prox):
     params, grads = problem(seed=2)
     schedule = lambda count: 1e-2 * (count + 1)
     mask = lambda tree: {'w': False, 'k': True, 'b': True}
-    want = numpy_adan(params, grads, [schedule(s) for s in range(STEPS)], WD, prox=prox,
-                      decayed={'k', 'b'})
+    want = numpy_adan(
+        params, grads, [schedule(s) for s in range(STEPS)], WD, prox=prox, decayed={'k', 'b'}
+    )
     got, _ = jax_adan(params, grads, optim.adan(schedule, WD, prox=prox, mask=mask))
     assert_same_moves(params, got, want)
 
@@ -136,13 +145,18 @@ def test_adan_composes_with_schedule_and_mask(prox):
 def test_adan_state_has_optax_layout():
     params = {k: jnp.zeros(s) for k, s in SHAPES.items()}
     schedule = lambda count: 1e-3
-    old = optax.adan(schedule, b1=B1, b2=B2, b3=B3, eps=EPS, weight_decay=WD,
-                     mask=optim.weight_decay_mask).init(params)
+    old = optax.adan(
+        schedule, b1=B1, b2=B2, b3=B3, eps=EPS, weight_decay=WD, mask=optim.weight_decay_mask
+    ).init(params)
     for prox in (False, True):
         new = optim.adan(schedule, WD, prox=prox).init(params)
-        assert jax.tree_util.tree_structure(new).num_leaves == jax.tree_util.tree_structure(old).num_leaves
-        assert ([jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(new)[0]]
-                == [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(old)[0]])
+        assert (
+            jax.tree_util.tree_structure(new).num_leaves
+            == jax.tree_util.tree_structure(old).num_leaves
+        )
+        assert [
+            jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(new)[0]
+        ] == [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(old)[0]]
         assert new[0]._fields == old[0]._fields
 
 
@@ -153,11 +167,21 @@ def test_checkpoint_written_with_optax_adan_restores(tmp_path):
     trainer = Trainer.create(config, optim.Schedule(10, steps_per_epoch=4))
     abstract = trainer.abstract_state
     rng = np.random.default_rng(0)
-    fill = lambda a: (jnp.asarray(rng.uniform(0.1, 1, a.shape), a.dtype)
-                      if jnp.issubdtype(a.dtype, jnp.floating) else jnp.full(a.shape, 2, a.dtype))
+    fill = lambda a: (
+        jnp.asarray(rng.uniform(0.1, 1, a.shape), a.dtype)
+        if jnp.issubdtype(a.dtype, jnp.floating)
+        else jnp.full(a.shape, 2, a.dtype)
+    )
     state = jax.tree.map(fill, abstract)
-    old_tx = optax.adan(trainer.lr_fn, b1=B1, b2=B2, b3=B3, eps=EPS,
-                        weight_decay=config.optim.weight_decay, mask=optim.weight_decay_mask)
+    old_tx = optax.adan(
+        trainer.lr_fn,
+        b1=B1,
+        b2=B2,
+        b3=B3,
+        eps=EPS,
+        weight_decay=config.optim.weight_decay,
+        mask=optim.weight_decay_mask,
+    )
     # The old layout with every moment filled (running its update on 1M parameters takes seconds).
     state['opt_state'] = jax.tree.map(fill, old_tx.init(state['params']))
     assert type(state['opt_state'][0]) is optax.ScaleByAdanState
@@ -166,8 +190,11 @@ def test_checkpoint_written_with_optax_adan_restores(tmp_path):
     ckpt.save(2, state, iter(grain.MapDataset.range(8).to_iter_dataset()), force=True)
     ckpt.wait()
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restored = ckpt.restore(2, parallel.with_sharding(abstract, sharding),
-                            iter(grain.MapDataset.range(8).to_iter_dataset()))
+    restored = ckpt.restore(
+        2,
+        parallel.with_sharding(abstract, sharding),
+        iter(grain.MapDataset.range(8).to_iter_dataset()),
+    )
     ckpt.close()
 
     assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(abstract)
@@ -176,24 +203,32 @@ def test_checkpoint_written_with_optax_adan_restores(tmp_path):
     for a, b in zip(got, saved):
         np.testing.assert_array_equal(a, b)
     assert int(restored['opt_state'][0].t) == 2 and int(restored['opt_state'][2].count) == 2
-    _, new_opt = jax.eval_shape(trainer.tx.update, restored['params'], restored['opt_state'],
-                                restored['params'])
-    assert jax.tree_util.tree_structure(new_opt) == jax.tree_util.tree_structure(abstract['opt_state'])
+    _, new_opt = jax.eval_shape(
+        trainer.tx.update, restored['params'], restored['opt_state'], restored['params']
+    )
+    assert jax.tree_util.tree_structure(new_opt) == jax.tree_util.tree_structure(
+        abstract['opt_state']
+    )
 
 
 # --- schedules --------------------------------------------------------------------------------
+
 
 def test_ema_momentum_schedule_values():
     total = 1000
     assert float(optim.ema_momentum(0, total)) == pytest.approx(0.996)
     assert float(optim.ema_momentum(500, total)) == pytest.approx(0.998)
-    assert float(optim.ema_momentum(250, total)) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 4) + 1) / 2)
+    assert float(optim.ema_momentum(250, total)) == pytest.approx(
+        1 - 0.004 * (math.cos(math.pi / 4) + 1) / 2
+    )
     assert float(optim.ema_momentum(total, total)) == pytest.approx(1.0)
 
 
 def test_learning_rate_warmup_and_cosine():
     sched = optim.Schedule(total_steps=1000, steps_per_epoch=10)
-    lr = optim.learning_rate_fn(sched, base_lr=4e-3, min_lr=1e-6, warmup_epochs=10, warmup_factor=0.01)
+    lr = optim.learning_rate_fn(
+        sched, base_lr=4e-3, min_lr=1e-6, warmup_epochs=10, warmup_factor=0.01
+    )
     cosine = lambda t: 1e-6 + (4e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * t / 1000))
     assert float(lr(0)) == pytest.approx(4e-3 * 0.01, rel=1e-5)
     # Half way through warm-up the mmcv ramp is 1 - 0.5 * 0.99.

@@ -5,21 +5,35 @@ import jax
 import numpy as np
 import pytest
 
-import toy_backbone
 from cmid_jax import models, optim
 from cmid_jax.convert import adapt, export, official
 from cmid_jax.models import BACKBONES, backbone_module
 from cmid_jax.models.cmid import backbone_variables, build_networks
 from cmid_jax.perf import flops
-from cmid_jax.step import Trainer
 from cmid_jax.perf.synthetic import synthetic_batch
+from cmid_jax.step import Trainer
 from configs import vitb
 
+import toy_backbone
+
 SMALL = {'resnet': 'nano', 'vit': 'mu/16', 'swin': 'nano'}
-CONSTANTS = ('VARIANTS', 'TORCH_NAMES', 'LAYOUTS', 'EXPORT_LAYOUT', 'MASK_TOKEN_LAYOUT',
-             'STEM_KERNEL', 'TELL_KEYS', 'HAS_BATCH_NORM')
-FUNCTIONS = ('build', 'to_torch_state_dict', 'from_torch_state_dict', 'torch_models',
-             'forward_flops')
+CONSTANTS = (
+    'VARIANTS',
+    'TORCH_NAMES',
+    'LAYOUTS',
+    'EXPORT_LAYOUT',
+    'MASK_TOKEN_LAYOUT',
+    'STEM_KERNEL',
+    'TELL_KEYS',
+    'HAS_BATCH_NORM',
+)
+FUNCTIONS = (
+    'build',
+    'to_torch_state_dict',
+    'from_torch_state_dict',
+    'torch_models',
+    'forward_flops',
+)
 
 
 def _init(module, variant, size=64):
@@ -43,8 +57,7 @@ def test_every_registered_backbone_fulfils_the_contract(arch):
     assert node.ndim == 4 and node.shape[2] == 3
     # Its tell-tale keys name this arch and no other.
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables)
-    keys = {k for layout in module.LAYOUTS
-            for k in module.to_torch_state_dict(zeros, layout)}
+    keys = {k for layout in module.LAYOUTS for k in module.to_torch_state_dict(zeros, layout)}
     assert set(module.TELL_KEYS) <= keys
     for other, m in BACKBONES.items():
         if other != arch:
@@ -81,14 +94,17 @@ def test_a_new_backbone_is_one_module_and_one_registry_line(monkeypatch, tmp_pat
     # Export through the registry, and the official full-checkpoint layout both ways.
     sd = export.backbone_state_dict(state, 'toy')
     assert sorted(sd) == ['0.bias', '0.weight', '1.bias', '1.weight']
-    np.testing.assert_array_equal(sd['0.weight'],
-                                  state['params']['backbone']['stem']['kernel'].transpose(3, 2, 0, 1))
+    np.testing.assert_array_equal(
+        sd['0.weight'], state['params']['backbone']['stem']['kernel'].transpose(3, 2, 0, 1)
+    )
     full = official.to_official_state_dict(state, arch='toy')
     assert full['online_encoder.mask_token'].shape == (1, 8, 1, 1)  # MASK_TOKEN_LAYOUT 'nchw'
-    parts = official.from_official_state_dict(full, arch='toy', backbone=nets.backbone,
-                                              template=trainer.abstract_state)
-    jax.tree.map(np.testing.assert_array_equal, parts['params']['backbone'],
-                 state['params']['backbone'])
+    parts = official.from_official_state_dict(
+        full, arch='toy', backbone=nets.backbone, template=trainer.abstract_state
+    )
+    jax.tree.map(
+        np.testing.assert_array_equal, parts['params']['backbone'], state['params']['backbone']
+    )
     assert models.build_backbone('toy', 'M', img_size=64).num_features == 64
 
     # N-band stem adaptation finds the stem through the registry.

@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from cmid_jax import errors, metrics as metrics_lib, train
+from cmid_jax import errors, train
+from cmid_jax import metrics as metrics_lib
 from cmid_jax.config_checks import check_config, resume_changes
 from cmid_jax.data import list_images, pipeline
 from cmid_jax.data.bad_files import BadFiles
@@ -20,6 +21,7 @@ from cmid_jax.restore import restore_train_state
 from cmid_jax.workdir import Workdir
 from cmid_jax.workdir_lock import WorkdirLock
 from configs import vitb
+
 from conftest import REPO, SHARED_DATA, run_tool
 
 SMOKE = '--config=configs/vitb.py:smoke'
@@ -34,25 +36,29 @@ def smoke(**fields):
 
 # --------------------------------------------------------------------------- impossible values
 
-@pytest.mark.parametrize('field, value, message', [
-    ('optim.base_lr', -0.004, 'optim.base_lr=-0.004 must be > 0'),
-    ('optim.base_lr', float('nan'), 'optim.base_lr=nan must be > 0'),
-    ('optim.min_lr', -1e-6, 'optim.min_lr=-1e-06 must be >= 0'),
-    ('optim.min_lr', 0.5, 'optim.min_lr=0.5 must be <= the peak lr base_lr * batch_size / 256'),
-    ('optim.weight_decay', -0.1, 'optim.weight_decay=-0.1 must be >= 0'),
-    ('optim.warmup_epochs', -1, 'optim.warmup_epochs=-1 must be >= 0'),
-    ('optim.warmup_factor', 0.0, 'optim.warmup_factor=0.0 must be in (0, 1]'),
-    ('optim.ema_momentum', 1.5, 'optim.ema_momentum=1.5 must be in [0, 1]'),
-    ('loss.temperature', 0.0, 'loss.temperature=0.0 must be > 0'),
-    ('loss.teacher_temp', -0.07, 'loss.teacher_temp=-0.07 must be > 0'),
-    ('loss.teacher_temp_warmup_epochs', -2, 'loss.teacher_temp_warmup_epochs=-2 must be >= 0'),
-    ('loss.center_momentum', 1.0, 'loss.center_momentum=1.0 must be in [0, 1)'),
-    ('mask.ratio', 1.0, 'mask.ratio=1.0 must be in (0, 1)'),
-    ('log_every_steps', 0, 'log_every_steps=0 must be > 0'),
-    ('checkpoint_every_steps', -5, 'checkpoint_every_steps=-5 must be > 0'),
-    ('keep_checkpoints', 0, 'keep_checkpoints=0 must be >= 1'),
-    ('total_steps', -1, 'total_steps=-1 must be >= 0'),
-])
+
+@pytest.mark.parametrize(
+    'field, value, message',
+    [
+        ('optim.base_lr', -0.004, 'optim.base_lr=-0.004 must be > 0'),
+        ('optim.base_lr', float('nan'), 'optim.base_lr=nan must be > 0'),
+        ('optim.min_lr', -1e-6, 'optim.min_lr=-1e-06 must be >= 0'),
+        ('optim.min_lr', 0.5, 'optim.min_lr=0.5 must be <= the peak lr base_lr * batch_size / 256'),
+        ('optim.weight_decay', -0.1, 'optim.weight_decay=-0.1 must be >= 0'),
+        ('optim.warmup_epochs', -1, 'optim.warmup_epochs=-1 must be >= 0'),
+        ('optim.warmup_factor', 0.0, 'optim.warmup_factor=0.0 must be in (0, 1]'),
+        ('optim.ema_momentum', 1.5, 'optim.ema_momentum=1.5 must be in [0, 1]'),
+        ('loss.temperature', 0.0, 'loss.temperature=0.0 must be > 0'),
+        ('loss.teacher_temp', -0.07, 'loss.teacher_temp=-0.07 must be > 0'),
+        ('loss.teacher_temp_warmup_epochs', -2, 'loss.teacher_temp_warmup_epochs=-2 must be >= 0'),
+        ('loss.center_momentum', 1.0, 'loss.center_momentum=1.0 must be in [0, 1)'),
+        ('mask.ratio', 1.0, 'mask.ratio=1.0 must be in (0, 1)'),
+        ('log_every_steps', 0, 'log_every_steps=0 must be > 0'),
+        ('checkpoint_every_steps', -5, 'checkpoint_every_steps=-5 must be > 0'),
+        ('keep_checkpoints', 0, 'keep_checkpoints=0 must be >= 1'),
+        ('total_steps', -1, 'total_steps=-1 must be >= 0'),
+    ],
+)
 def test_values_that_cannot_work_are_named_in_one_line(field, value, message):
     with pytest.raises(errors.ConfigError) as e:
         check_config(smoke(**{field: value}), num_devices=8, num_processes=1)
@@ -66,23 +72,41 @@ def test_the_smoke_and_default_configs_pass():
 
 # --------------------------------------------------------------------------- resume checks
 
+
 def test_resume_changes_list_what_may_not_change_with_old_and_new_values():
     saved = smoke()
     saved.steps_per_epoch, saved.data.dtype = 4, None  # as cmid-import-torch leaves them
-    new = smoke(batch_size=16, seed=3, total_steps=40, log_every_steps=1, **{
-        'model.proj_dim': 64, 'loss.use_mim': False, 'data.num_workers': 2,
-        'data.dtype': 'uint8', 'eval.path': '/labelled'})
+    new = smoke(
+        batch_size=16,
+        seed=3,
+        total_steps=40,
+        log_every_steps=1,
+        **{
+            'model.proj_dim': 64,
+            'loss.use_mim': False,
+            'data.num_workers': 2,
+            'data.dtype': 'uint8',
+            'eval.path': '/labelled',
+        },
+    )
     new.steps_per_epoch = 4
     with pytest.raises(errors.WorkdirError) as e:
         resume_changes(saved, new, allow=False)
-    assert ('(batch_size: 8 -> 16, loss.use_mim: True -> False, model.proj_dim: 32 -> 64, '
-            'seed: 0 -> 3)') in e.value.message
+    assert (
+        '(batch_size: 8 -> 16, loss.use_mim: True -> False, model.proj_dim: 32 -> 64, seed: 0 -> 3)'
+    ) in e.value.message
     assert '--allow_config_change' in e.value.hint
     changes = resume_changes(saved, new, allow=True)
-    assert changes == {'batch_size': (8, 16), 'data.num_workers': (0, 2),
-                       'eval.path': (None, '/labelled'), 'log_every_steps': (5, 1),
-                       'loss.use_mim': (True, False), 'model.proj_dim': (32, 64),
-                       'seed': (0, 3), 'total_steps': (20, 40)}  # data.dtype None: resolved
+    assert changes == {
+        'batch_size': (8, 16),
+        'data.num_workers': (0, 2),
+        'eval.path': (None, '/labelled'),
+        'log_every_steps': (5, 1),
+        'loss.use_mim': (True, False),
+        'model.proj_dim': (32, 64),
+        'seed': (0, 3),
+        'total_steps': (20, 40),
+    }  # data.dtype None: resolved
 
 
 def finished_workdir(tmp_path):
@@ -123,29 +147,42 @@ def test_running_a_finished_run_again_says_so_and_exits_0(tmp_path):
 
 # --------------------------------------------------------------------------- the workdir lock
 
+
 def test_a_second_run_on_a_live_workdir_refuses_in_one_line(tmp_path):
     workdir = tmp_path / 'run'
     with WorkdirLock(Workdir(workdir)):  # this test process is the live run
         out = run_tool('main', SMOKE, f'--workdir={workdir}')
     assert out.returncode == errors.EXIT_USER_ERROR
     first, hint = out.stderr.strip().splitlines()[-2:]
-    assert first.startswith(f'Error: The workdir {workdir} is in use by another run (host '
-                            f'{socket.gethostname()}, pid {os.getpid()}, started ')
+    assert first.startswith(
+        f'Error: The workdir {workdir} is in use by another run (host '
+        f'{socket.gethostname()}, pid {os.getpid()}, started '
+    )
     assert hint.startswith('  (wait for it to finish') and 'Traceback' not in out.stderr
     assert sorted(os.listdir(workdir)) == []  # no config.json, no ckpt/, and the lock is gone
 
 
 # --------------------------------------------------------------------------- one-line errors
 
+
 @pytest.mark.slow
-@pytest.mark.parametrize('args, message', [
-    ([SMOKE, '--config.optim.base_lr=-1'],
-     'Error: Invalid config: optim.base_lr=-1.0 must be > 0.'),
-    (['--config=configs/no_such.py'], "Error: config file 'configs/no_such.py' (--config) not "
-                                      'found'),
-    ([SMOKE, '--config.data.path=/no/such/folder'], "Error: image path '/no/such/folder' does "
-                                                    'not exist'),
-])
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (
+            [SMOKE, '--config.optim.base_lr=-1'],
+            'Error: Invalid config: optim.base_lr=-1.0 must be > 0.',
+        ),
+        (
+            ['--config=configs/no_such.py'],
+            "Error: config file 'configs/no_such.py' (--config) not found",
+        ),
+        (
+            [SMOKE, '--config.data.path=/no/such/folder'],
+            "Error: image path '/no/such/folder' does not exist",
+        ),
+    ],
+)
 def test_expected_errors_are_one_line_and_a_hint_with_exit_status_2(tmp_path, args, message):
     out = run_tool('main', *args, f'--workdir={tmp_path / "run"}')
     assert out.returncode == errors.EXIT_USER_ERROR, out.stderr[-3000:]
@@ -153,12 +190,14 @@ def test_expected_errors_are_one_line_and_a_hint_with_exit_status_2(tmp_path, ar
     assert lines[-2] == message and lines[-1].endswith('CMID_TRACEBACK=1 shows the traceback)')
     assert 'Traceback' not in out.stderr
     if 'no_such' in args[0]:
-        shown = run_tool('main', *args, f'--workdir={tmp_path / "run"}',
-                         env={'CMID_TRACEBACK': '1'})
+        shown = run_tool(
+            'main', *args, f'--workdir={tmp_path / "run"}', env={'CMID_TRACEBACK': '1'}
+        )
         assert 'Traceback (most recent call last)' in shown.stderr
 
 
 # --------------------------------------------------------------------------- bad files
+
 
 def test_a_cluster_of_bad_files_never_stops_decoding(tmp_path, aid_subset):
     """20 zero-byte files that sort together: each is replaced by a random readable one."""
@@ -209,7 +248,7 @@ def skipped(*rows):
     """bad_images of a batch: row i lists 1 + the indices replaced for element i."""
     out = np.zeros((len(rows), pipeline.MAX_DECODE_TRIES), np.int32)
     for i, row in enumerate(rows):
-        out[i, :len(row)] = np.asarray(row) + 1
+        out[i, : len(row)] = np.asarray(row) + 1
     return out
 
 
@@ -220,8 +259,12 @@ def test_each_bad_file_is_counted_once_across_batches_and_resumes(caplog):
         tracker.update(skipped([3], [], [3, 7], []), step=1)
         tracker.update(skipped([7], [3], [], []), step=2)  # the same files again
     assert tracker.count == 2 and [r['file'] for r in records] == ['img_3.jpg', 'img_7.jpg']
-    assert records[0] == {'file': 'img_3.jpg', 'index': 3, 'step': 1,
-                          'reason': 'ValueError: cannot identify image file img_3.jpg'}
+    assert records[0] == {
+        'file': 'img_3.jpg',
+        'index': 3,
+        'step': 1,
+        'reason': 'ValueError: cannot identify image file img_3.jpg',
+    }
     assert caplog.text.count('Unreadable img_3.jpg') == 1
     resumed = BadFiles(FakeSource({3, 7, 9}), records, records.append)  # bad_files.jsonl
     resumed.update(skipped([3], [9], [], []), step=3)
@@ -231,8 +274,11 @@ def test_each_bad_file_is_counted_once_across_batches_and_resumes(caplog):
 def test_too_large_a_share_of_bad_files_stops_with_the_share():
     tracker = BadFiles(FakeSource(set(range(100))), [], lambda record: None)
     tracker.update(skipped([0, 1], [2], [], []), step=1)  # 3 bad of the 7 read
-    with pytest.raises(ValueError, match=r'7 of the 13 images read so far are unreadable \(54%, '
-                                         r'more than 50%\)'):
+    with pytest.raises(
+        ValueError,
+        match=r'7 of the 13 images read so far are unreadable \(54%, '
+        r'more than 50%\)',
+    ):
         tracker.update(skipped([4, 5, 6, 7], []), step=2)
 
 
@@ -244,8 +290,9 @@ def aid_subset():
 
 
 @pytest.mark.slow
-def test_bad_files_corrupt_checkpoint_and_resume_history_on_real_images(tmp_path, aid_subset,
-                                                                         caplog):
+def test_bad_files_corrupt_checkpoint_and_resume_history_on_real_images(
+    tmp_path, aid_subset, caplog
+):
     """AID images plus a folder of zero-byte files: the run never dies; each bad file is listed
     once and the count survives the resume; a damaged newest checkpoint is moved aside and the
     run resumes from the one before; the resume is recorded with its changed fields."""
@@ -256,8 +303,9 @@ def test_bad_files_corrupt_checkpoint_and_resume_history_on_real_images(tmp_path
     for i in range(12):
         (data / 'broken' / f'zero_{i:02d}.jpg').write_bytes(b'')
     workdir = tmp_path / 'run'
-    config = smoke(total_steps=4, checkpoint_every_steps=2, log_every_steps=1,
-                   **{'data.path': str(data)})
+    config = smoke(
+        total_steps=4, checkpoint_every_steps=2, log_every_steps=1, **{'data.path': str(data)}
+    )
     train.train_and_evaluate(config, str(workdir))
     wd = Workdir(workdir)
     listed = [r['file'] for r in wd.read_jsonl('bad_files.jsonl')]
@@ -275,15 +323,20 @@ def test_bad_files_corrupt_checkpoint_and_resume_history_on_real_images(tmp_path
     rows = wd.read_jsonl('metrics.jsonl')
     assert [r['step'] for r in rows] == [1, 2, 3, 4, 3, 4, 5, 6, 7, 8]  # resumed from step 2
     relisted = [r['file'] for r in wd.read_jsonl('bad_files.jsonl')]
-    assert relisted[:len(listed)] == listed and len(relisted) == len(set(relisted))
+    assert relisted[: len(listed)] == listed and len(relisted) == len(set(relisted))
     assert rows[-1]['bad_images'] == len(relisted) >= len(listed)
     history = wd.read_jsonl('history.jsonl')
     assert [(r['event'], r.get('status')) for r in history] == [
-        ('start', None), ('end', 'finished'), ('resume', None), ('end', 'finished')]
+        ('start', None),
+        ('end', 'finished'),
+        ('resume', None),
+        ('end', 'finished'),
+    ]
     assert history[2]['step'] == 4 and history[2]['changes'] == {'total_steps': [4, 8]}
 
 
 # --------------------------------------------------------------------------- the progress line
+
 
 def test_eta_comes_from_the_step_rate_after_compilation(monkeypatch):
     clock = iter([100.0, 160.0, 162.0, 164.0])  # created; step 1 after a 60 s compile; ...
@@ -299,6 +352,7 @@ def test_eta_comes_from_the_step_rate_after_compilation(monkeypatch):
 
 # --------------------------------------------------------------------------- disk full, preemption
 
+
 @pytest.mark.slow
 def test_a_failed_save_stops_the_run_at_once_in_one_line(tmp_path):
     """Checkpoint files larger than the file-size limit (1 MB) fail to write, as on a full disk;
@@ -306,14 +360,28 @@ def test_a_failed_save_stops_the_run_at_once_in_one_line(tmp_path):
     workdir = tmp_path / 'run'
     limited = ['bash', '-c', 'trap "" XFSZ; ulimit -f 1000; exec "$0" "$@"', sys.executable]
     proc = subprocess.run(
-        [*limited, '-m', 'cmid_jax.main', SMOKE, f'--workdir={workdir}',
-         '--config.total_steps=40', '--config.checkpoint_every_steps=1'],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            *limited,
+            '-m',
+            'cmid_jax.main',
+            SMOKE,
+            f'--workdir={workdir}',
+            '--config.total_steps=40',
+            '--config.checkpoint_every_steps=1',
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == errors.EXIT_USER_ERROR, proc.stderr[-3000:]
     error = proc.stderr.strip().splitlines()[-2]
-    match = re.fullmatch(rf'Error: Saving the checkpoint of step (\d+) to {workdir}/ckpt failed: '
-                         r'File too large \(errno 27\); (the checkpoint of step (\d+) is intact|'
-                         r'no earlier checkpoint exists)', error)
+    match = re.fullmatch(
+        rf'Error: Saving the checkpoint of step (\d+) to {workdir}/ckpt failed: '
+        r'File too large \(errno 27\); (the checkpoint of step (\d+) is intact|'
+        r'no earlier checkpoint exists)',
+        error,
+    )
     assert match, error
     assert 'Traceback' not in proc.stderr and 'orbax' not in proc.stderr
     failed = int(match.group(1))
@@ -327,12 +395,12 @@ def test_a_failed_save_stops_the_run_at_once_in_one_line(tmp_path):
     assert history[-1]['status'].startswith(f'failed: Saving the checkpoint of step {failed}')
 
 
-
 def test_closing_summary_names_steps_time_losses_knn_checkpoint_and_next_commands(tmp_path):
     wd = Workdir(tmp_path)
-    for record in ({'step': 10, 'loss': 5.0, 'loss_mim': 0.5, 'loss_global': 2.0,
-                    'loss_local': 2.5}, {'step': 10, 'knn_top1_student': 0.25,
-                                         'knn_top1_teacher': 0.5}):
+    for record in (
+        {'step': 10, 'loss': 5.0, 'loss_mim': 0.5, 'loss_global': 2.0, 'loss_local': 2.5},
+        {'step': 10, 'knn_top1_student': 0.25, 'knn_top1_teacher': 0.5},
+    ):
         wd.append_jsonl('metrics.jsonl', record)
     for seconds, status in ((60.0, 'preempted'), (3600.5, 'finished')):
         wd.append_history('end', status=status, step=10, seconds=seconds)
@@ -344,4 +412,5 @@ def test_closing_summary_names_steps_time_losses_knn_checkpoint_and_next_command
         f'Checkpoint: {tmp_path}/ckpt/10',
         'Next:',
         f'  cmid-export --workdir={tmp_path} --out={tmp_path}/export/backbone.safetensors',
-        f'  cmid-evaluate --workdir={tmp_path} --data=/aid']
+        f'  cmid-evaluate --workdir={tmp_path} --data=/aid',
+    ]

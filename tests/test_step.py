@@ -43,6 +43,7 @@ def run_steps(trainer, devices, batches):
 
 # --- heads and device-side preprocessing against PyTorch / numpy ------------------------------
 
+
 def test_pixel_shuffle_matches_torch():
     x = np.random.default_rng(0).normal(size=(2, 3, 4, 3 * 4 * 4)).astype(np.float32)
     ours = np.asarray(pixel_shuffle(jnp.asarray(x), 4))
@@ -60,8 +61,9 @@ def test_projector_matches_torch_mlp():
             ref[i].weight.copy_(torch.from_numpy(np.asarray(params[name]['kernel']).T))
             ref[i].bias.copy_(torch.from_numpy(np.asarray(params[name]['bias'])))
         expected = torch.nn.functional.normalize(ref(torch.from_numpy(x)), dim=-1).numpy()
-    np.testing.assert_allclose(np.asarray(proj.apply({'params': params}, jnp.asarray(x))),
-                               expected, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(proj.apply({'params': params}, jnp.asarray(x))), expected, atol=1e-6
+    )
 
 
 def test_local_head_matches_torch_conv1d_head_with_batchnorm():
@@ -91,8 +93,12 @@ def test_local_head_matches_torch_conv1d_head_with_batchnorm():
     p2 = jax.tree.map(lambda a: a, p)
     for name in ('bn1', 'bn2'):
         p2[name] = {'scale': p[name]['scale'] + 0.5, 'bias': p[name]['bias'] + 0.1}
-    ours, _ = head.apply({'params': p2, 'batch_stats': variables['batch_stats']}, jnp.asarray(x),
-                         train=True, mutable=['batch_stats'])
+    ours, _ = head.apply(
+        {'params': p2, 'batch_stats': variables['batch_stats']},
+        jnp.asarray(x),
+        train=True,
+        mutable=['batch_stats'],
+    )
     np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5)
 
 
@@ -110,8 +116,11 @@ def test_prepare_views_normalise_and_mean_fill_match_numpy():
     np.testing.assert_allclose(np.asarray(views['a']['target']), x, atol=1e-5)
     # Crop B: the augmented pixels of this step's key, normalised.
     pixels = augment.augment_batch(b, augment.step_key(4, 7), mask_ratio=0.6, mask_patch=32)
-    np.testing.assert_allclose(np.asarray(views['b']['target']),
-                               (np.asarray(pixels['img_b']) / 255.0 - mean) / std, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(views['b']['target']),
+        (np.asarray(pixels['img_b']) / 255.0 - mean) / std,
+        atol=1e-5,
+    )
     np.testing.assert_array_equal(views['b']['block_mask'], pixels['mask_b'])
 
 
@@ -128,6 +137,7 @@ def test_enqueue_wraps_around_and_inserts_each_key_once():
 
 # --- the step ---------------------------------------------------------------------------------
 
+
 def test_step_updates_teacher_by_ema_and_fills_queue():
     trainer, config = make_trainer(vitb)
     state0 = jax.device_get(trainer.init_state(jax.random.key(0)))
@@ -135,11 +145,19 @@ def test_step_updates_teacher_by_ema_and_fills_queue():
     mom = float(optim.ema_momentum(0, 10))
     assert m['ema_momentum'] == pytest.approx(mom)
     for name in ('backbone', 'projector', 'local_head'):
-        expected = jax.tree.map(lambda t, s: mom * t + (1 - mom) * s,
-                                state0['teacher_params'][name], state1['params'][name])
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
-                     state1['teacher_params'][name], expected)
-    assert 'decoder' not in state1['teacher_params'] and 'mask_token' not in state1['teacher_params']
+        expected = jax.tree.map(
+            lambda t, s: mom * t + (1 - mom) * s,
+            state0['teacher_params'][name],
+            state1['params'][name],
+        )
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+            state1['teacher_params'][name],
+            expected,
+        )
+    assert (
+        'decoder' not in state1['teacher_params'] and 'mask_token' not in state1['teacher_params']
+    )
     # 2 x batch keys entered the queue, unit norm, at the front.
     assert int(state1['queue_ptr']) == 16
     np.testing.assert_allclose(np.linalg.norm(state1['queue'][:16], axis=1), 1.0, atol=1e-5)
@@ -173,9 +191,18 @@ def test_sharded_step_equals_single_device(config_module):
     # orders. Every other leaf must agree to float32 precision.
     noise_only = {('local_head', 'fc1', 'bias'), ('local_head', 'fc2', 'bias')}
     bound = 2 * sum(m['lr'] for m in single) * 1.001
-    for key in ('params', 'batch_stats', 'teacher_params', 'teacher_batch_stats', 'queue', 'center'):
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(single_state[key]),
-                                jax.tree.leaves(sharded_state[key])):
+    for key in (
+        'params',
+        'batch_stats',
+        'teacher_params',
+        'teacher_batch_stats',
+        'queue',
+        'center',
+    ):
+        for (path, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(single_state[key]),
+            jax.tree.leaves(sharded_state[key]),
+        ):
             names = tuple(getattr(k, 'key', None) for k in path)
             if key == 'params' and names in noise_only and trainer.nets.local_head.use_bn:
                 assert np.abs(a - b).max() <= bound, (names, np.abs(a - b).max(), bound)
@@ -184,6 +211,7 @@ def test_sharded_step_equals_single_device(config_module):
 
 
 # --- both crops in one backbone call, and the non-finite guard --------------------------------
+
 
 def record_network_calls(monkeypatch) -> list:
     """(sub-network name, batch size) of every `Networks.apply` call from now on."""
@@ -198,8 +226,9 @@ def record_network_calls(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize('config_module', [
-    vitb, pytest.param(swinb, marks=pytest.mark.slow)], ids=['vit', 'swin'])
+@pytest.mark.parametrize(
+    'config_module', [vitb, pytest.param(swinb, marks=pytest.mark.slow)], ids=['vit', 'swin']
+)
 def test_one_backbone_call_for_both_crops_equals_one_per_crop(config_module, monkeypatch):
     """Backbones without BatchNorm see both crops in one call: the losses, gradients and aux equal
     the per-crop path (the official two calls) to fp32 rounding."""
@@ -209,8 +238,7 @@ def test_one_backbone_call_for_both_crops_equals_one_per_crop(config_module, mon
     calls = record_network_calls(monkeypatch)
     results = {}
     for per_crop in (None, True):
-        monkeypatch.setattr(objective, 'cmid_loss',
-                            functools.partial(cmid_loss, per_crop=per_crop))
+        monkeypatch.setattr(objective, 'cmid_loss', functools.partial(cmid_loss, per_crop=per_crop))
         calls.clear()
         loss_fn, _ = trainer.objective(state, batch)
         results[per_crop] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state['params'])
@@ -223,8 +251,9 @@ def test_one_backbone_call_for_both_crops_equals_one_per_crop(config_module, mon
         np.testing.assert_allclose(aux['terms'][k], ref_aux['terms'][k], rtol=1e-6, err_msg=k)
     np.testing.assert_allclose(aux['new_keys'], ref_aux['new_keys'], atol=1e-6)
     np.testing.assert_allclose(aux['center'], ref_aux['center'], atol=1e-7)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 grads, ref_grads)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads
+    )
     assert optax.tree.norm(grads) > 0
 
 

@@ -20,11 +20,11 @@ import pytest
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
 
+from test_backbones import PARITY_TOL, _abstract_init, _max_rel_err, _n_params, _randomise  # noqa: E402
+
 from cmid_jax import train  # noqa: E402
 from cmid_jax.models import build_backbone, swin  # noqa: E402
 from configs import swinb  # noqa: E402
-from test_backbones import (PARITY_TOL, _abstract_init, _max_rel_err, _n_params,  # noqa: E402
-                            _randomise)
 
 SWIN_B_PARAMS = 86_743_224  # timm swin_base_patch4_window7_224, num_classes=0
 
@@ -32,10 +32,16 @@ SWIN_B_PARAMS = 86_743_224  # timm swin_base_patch4_window7_224, num_classes=0
 def _timm_swin(model: swin.SwinTransformer, img: int):
     """timm's SwinTransformer with `model`'s hyper-parameters (no head, no drop path)."""
     return timm.models.swin_transformer.SwinTransformer(
-        img_size=img, patch_size=model.patch_size, embed_dim=model.embed_dim,
-        depths=tuple(model.depths), num_heads=tuple(model.num_heads),
-        window_size=model.window_size, mlp_ratio=model.mlp_ratio, num_classes=0,
-        drop_path_rate=0.0)
+        img_size=img,
+        patch_size=model.patch_size,
+        embed_dim=model.embed_dim,
+        depths=tuple(model.depths),
+        num_heads=tuple(model.num_heads),
+        window_size=model.window_size,
+        mlp_ratio=model.mlp_ratio,
+        num_classes=0,
+        drop_path_rate=0.0,
+    )
 
 
 def _timm_features(tm, state_dict: dict, x: np.ndarray) -> np.ndarray:
@@ -50,7 +56,7 @@ def _forward(model, variables, x, **kwargs):
     return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False, **kwargs))(variables, x))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(variant: str, img: int):
     """Model, random variables (non-zero rel-pos tables and biases), a float32 input batch and its
     features; cached, so tests share one compiled forward per variant."""
@@ -62,26 +68,45 @@ def _setup(variant: str, img: int):
 
 def _mmcls_swin_b_shapes() -> dict[str, tuple[int, ...]]:
     """The official Swin-B backbone keys, written out from cmid-method.md 10.4."""
-    shapes = {'patch_embed.projection.weight': (128, 3, 4, 4), 'patch_embed.projection.bias': (128,),
-              'patch_embed.norm.weight': (128,), 'patch_embed.norm.bias': (128,),
-              'norm3.weight': (1024,), 'norm3.bias': (1024,)}
+    shapes = {
+        'patch_embed.projection.weight': (128, 3, 4, 4),
+        'patch_embed.projection.bias': (128,),
+        'patch_embed.norm.weight': (128,),
+        'patch_embed.norm.bias': (128,),
+        'norm3.weight': (1024,),
+        'norm3.bias': (1024,),
+    }
     for s, (depth, heads) in enumerate(zip((2, 2, 18, 2), (4, 8, 16, 32))):
-        c = 128 * 2 ** s
+        c = 128 * 2**s
         for b in range(depth):
             p = f'stages.{s}.blocks.{b}.'
-            shapes.update({
-                p + 'norm1.weight': (c,), p + 'norm1.bias': (c,),
-                p + 'attn.w_msa.relative_position_bias_table': (169, heads),
-                p + 'attn.w_msa.relative_position_index': (49, 49),
-                p + 'attn.w_msa.qkv.weight': (3 * c, c), p + 'attn.w_msa.qkv.bias': (3 * c,),
-                p + 'attn.w_msa.proj.weight': (c, c), p + 'attn.w_msa.proj.bias': (c,),
-                p + 'norm2.weight': (c,), p + 'norm2.bias': (c,),
-                p + 'ffn.layers.0.0.weight': (4 * c, c), p + 'ffn.layers.0.0.bias': (4 * c,),
-                p + 'ffn.layers.1.weight': (c, 4 * c), p + 'ffn.layers.1.bias': (c,)})
+            shapes.update(
+                {
+                    p + 'norm1.weight': (c,),
+                    p + 'norm1.bias': (c,),
+                    p + 'attn.w_msa.relative_position_bias_table': (169, heads),
+                    p + 'attn.w_msa.relative_position_index': (49, 49),
+                    p + 'attn.w_msa.qkv.weight': (3 * c, c),
+                    p + 'attn.w_msa.qkv.bias': (3 * c,),
+                    p + 'attn.w_msa.proj.weight': (c, c),
+                    p + 'attn.w_msa.proj.bias': (c,),
+                    p + 'norm2.weight': (c,),
+                    p + 'norm2.bias': (c,),
+                    p + 'ffn.layers.0.0.weight': (4 * c, c),
+                    p + 'ffn.layers.0.0.bias': (4 * c,),
+                    p + 'ffn.layers.1.weight': (c, 4 * c),
+                    p + 'ffn.layers.1.bias': (c,),
+                }
+            )
         if s < 3:
             p = f'stages.{s}.downsample.'
-            shapes.update({p + 'norm.weight': (4 * c,), p + 'norm.bias': (4 * c,),
-                           p + 'reduction.weight': (2 * c, 4 * c)})
+            shapes.update(
+                {
+                    p + 'norm.weight': (4 * c,),
+                    p + 'norm.bias': (4 * c,),
+                    p + 'reduction.weight': (2 * c, 4 * c),
+                }
+            )
     return shapes
 
 
@@ -114,18 +139,27 @@ def test_swin_b_keys_match_mmcls_list_and_timm():
 def test_attributes_registry_and_input_checks():
     b = build_backbone('swin', 'B', img_size=224)
     assert (b.feature_stride, b.num_features, b.mask_token_width, b.min_image_size) == (
-        32, 1024, 128, 224)
+        32,
+        1024,
+        128,
+        224,
+    )
     t = build_backbone('swin', 'tiny-test', img_size=224)
     n = build_backbone('swin', 'nano', img_size=64)
     assert (t.num_features, t.mask_token_width, t.min_image_size) == (256, 32, 224)
     assert (n.feature_stride, n.num_features, n.mask_token_width, n.min_image_size) == (
-        32, 256, 32, 64)
+        32,
+        256,
+        32,
+        64,
+    )
     assert swin.TORCH_NAMES['B'] == 'swin_base_patch4_window7_224'
     with pytest.raises(ValueError, match=r"'T'.*allowed"):
         build_backbone('swin', 'T', img_size=224)
     x = jnp.zeros((2, 64, 64, 3))
-    assert jax.eval_shape(lambda: n.init_with_output(
-        jax.random.key(0), x, train=False)[0]).shape == (2, 2, 2, 256)
+    assert jax.eval_shape(
+        lambda: n.init_with_output(jax.random.key(0), x, train=False)[0]
+    ).shape == (2, 2, 2, 256)
     with pytest.raises(ValueError, match='at least 224 px'):  # 2x2 last stage < window 7
         jax.eval_shape(lambda: t.init(jax.random.key(0), x, train=False))
     with pytest.raises(ValueError, match='multiple of 32'):
@@ -189,8 +223,9 @@ def test_forward_parity_with_timm_and_mmcls_route(variant, img):
 def test_padded_maps_match_timm():
     """Window 3 at 128 px pads every stage map (32, 16, 8, 4 -> 33, 18, 9, 6); one unshifted block
     per stage, where mmcls and timm agree (they differ in where they pad when a block shifts)."""
-    model = swin.SwinTransformer(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
-                                 window_size=3)
+    model = swin.SwinTransformer(
+        embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=3
+    )
     variables = _randomise(_abstract_init(model, 128), 3)
     x = np.random.default_rng(4).normal(size=(1, 128, 128, 3)).astype(np.float32)
     ref = _timm_features(_timm_swin(model, 128), swin.to_torch_state_dict(variables, 'timm'), x)
@@ -225,8 +260,9 @@ def test_round_trips_are_exact():
         np.testing.assert_array_equal(again[k], v, err_msg=k)
     # The buffers are optional on the way in.
     no_index = {k: v for k, v in mm_sd.items() if not k.endswith('relative_position_index')}
-    jax.tree.map(np.testing.assert_array_equal, swin.from_torch_state_dict(no_index, model),
-                 variables)
+    jax.tree.map(
+        np.testing.assert_array_equal, swin.from_torch_state_dict(no_index, model), variables
+    )
 
 
 @pytest.mark.parametrize('layout', ['mmcls', 'timm'])
@@ -234,7 +270,10 @@ def test_from_torch_reports_all_problems_at_once(layout):
     model = build_backbone('swin', 'nano', img_size=64)
     sd = swin.to_torch_state_dict(_randomise(_abstract_init(model, 64), 5), layout=layout)
     if layout == 'mmcls':
-        missing, wrong = 'stages.2.blocks.1.ffn.layers.1.bias', 'stages.0.downsample.reduction.weight'
+        missing, wrong = (
+            'stages.2.blocks.1.ffn.layers.1.bias',
+            'stages.0.downsample.reduction.weight',
+        )
         bad_index = 'stages.1.blocks.0.attn.w_msa.relative_position_index'
         sd[bad_index] = sd[bad_index][::-1].copy()
     else:
@@ -261,8 +300,11 @@ def test_swin_mask_token_injection():
     model, variables, x, unmasked = _setup('nano', 64)
     token = jnp.asarray(np.random.default_rng(8).normal(size=(32,)), jnp.float32)
     # One compiled program for every masked call, so they compare exactly.
-    apply = jax.jit(lambda m: model.apply(variables, x, train=False, mask=m, mask_token=token,
-                                          mutable=['intermediates']))
+    apply = jax.jit(
+        lambda m: model.apply(
+            variables, x, train=False, mask=m, mask_token=token, mutable=['intermediates']
+        )
+    )
     base, inter0 = apply(jnp.zeros((2, 2, 2)))
     # Two compiled programs may fuse differently, so equality is up to float32 rounding.
     np.testing.assert_allclose(np.asarray(base), unmasked, rtol=1e-5, atol=1e-5)
@@ -270,8 +312,9 @@ def test_swin_mask_token_injection():
     mask = np.zeros((2, 2, 2), np.float32)
     mask[1, 0, 1] = 1.0  # block (0, 1) of the second image = patches rows 0-7, cols 8-15
     out1, inter1 = apply(jnp.asarray(mask))
-    diff = np.asarray(inter1['intermediates']['patch_tokens'][0]
-                      - inter0['intermediates']['patch_tokens'][0])
+    diff = np.asarray(
+        inter1['intermediates']['patch_tokens'][0] - inter0['intermediates']['patch_tokens'][0]
+    )
     expect = np.zeros_like(diff)
     expect[1, 0:8, 8:16] = token  # nearest x8 onto the 16x16 stride-4 grid, after the norm
     np.testing.assert_allclose(diff, expect, atol=1e-6)

@@ -15,12 +15,19 @@ from cmid_jax import errors, train
 from cmid_jax.restore import restore_train_state
 from cmid_jax.workdir import Workdir
 from configs import resnet50, vitb
+
 from conftest import REPO, SHARED_DATA
 
 
 def cli(workdir, *flags):
-    return [sys.executable, '-m', 'cmid_jax.main', '--config=configs/vitb.py:smoke',
-            f'--workdir={workdir}', *flags]
+    return [
+        sys.executable,
+        '-m',
+        'cmid_jax.main',
+        '--config=configs/vitb.py:smoke',
+        f'--workdir={workdir}',
+        *flags,
+    ]
 
 
 def metrics(workdir):
@@ -33,21 +40,31 @@ def checkpoint_steps(workdir):
 
 
 def test_cli_rejects_a_misspelt_field(tmp_path):
-    out = subprocess.run(cli(tmp_path, '--config.total_stepz=3'), cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        cli(tmp_path, '--config.total_stepz=3'),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == errors.EXIT_USER_ERROR
-    assert out.stderr.splitlines()[0] == ('Error: unknown config field: \'total_stepz\' Did you '
-                                          'mean "total_steps" instead of "total_stepz"?')
+    assert out.stderr.splitlines()[0] == (
+        "Error: unknown config field: 'total_stepz' Did you "
+        'mean "total_steps" instead of "total_stepz"?'
+    )
     assert 'Traceback' not in out.stderr and len(out.stderr.splitlines()) == 2
     assert not os.path.exists(tmp_path / 'ckpt')
 
 
-@pytest.mark.parametrize('overrides, message', [
-    ({'batch_size': 12}, 'batch_size=12 must be a positive multiple of the 8 devices'),
-    ({'data.image_size': 80}, 'data.image_size=80 must be a multiple of mask.patch_size=32'),
-    ({'loss.num_matches': 5}, 'loss.num_matches=5 must be in [1, 4]'),
-    ({'loss.queue_size': 8}, 'loss.queue_size=8 must be at least the 16 keys a step enqueues'),
-])
+@pytest.mark.parametrize(
+    'overrides, message',
+    [
+        ({'batch_size': 12}, 'batch_size=12 must be a positive multiple of the 8 devices'),
+        ({'data.image_size': 80}, 'data.image_size=80 must be a multiple of mask.patch_size=32'),
+        ({'loss.num_matches': 5}, 'loss.num_matches=5 must be in [1, 4]'),
+        ({'loss.queue_size': 8}, 'loss.queue_size=8 must be at least the 16 keys a step enqueues'),
+    ],
+)
 def test_config_errors_name_the_field(overrides, message):
     config = vitb.get_config('smoke')
     for key, value in overrides.items():
@@ -84,8 +101,11 @@ def assert_same_run(workdir, uninterrupted):
             np.testing.assert_allclose(r[k], ref_rows[step][k], rtol=1e-6, err_msg=f'{k} {step}')
     _, state, _ = restore_train_state(str(workdir))
     for key in ('params', 'teacher_params', 'queue', 'center', 'opt_state'):
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
-                     state[key], ref_state[key])
+        jax.tree.map(
+            lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+            state[key],
+            ref_state[key],
+        )
 
 
 def wait_for_step(proc, workdir, step):
@@ -101,8 +121,9 @@ def wait_for_step(proc, workdir, step):
 def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, uninterrupted):
     workdir = tmp_path / 'preempted'
     flags = [*RUN_FLAGS, '--config.checkpoint_every_steps=1000']
-    proc = subprocess.Popen(cli(workdir, *flags), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli(workdir, *flags), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     wait_for_step(proc, workdir, 5)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -112,8 +133,9 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, uninter
     assert 5 <= stopped_at < 40
     assert checkpoint_steps(workdir)[-1] == stopped_at
 
-    resumed = subprocess.run(cli(workdir, *flags), cwd=REPO, capture_output=True, text=True,
-                             timeout=300)
+    resumed = subprocess.run(
+        cli(workdir, *flags), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f'Resumed from the checkpoint of step {stopped_at}' in resumed.stderr
     assert_same_run(workdir, uninterrupted)
@@ -128,20 +150,28 @@ def test_sigkill_during_checkpointing_never_loses_a_complete_checkpoint(tmp_path
     rng = np.random.default_rng(0)
     resumed_from = []
     for attempt in range(2):
-        proc = subprocess.Popen(cli(workdir, *flags), cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            cli(workdir, *flags),
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         wait_for_step(proc, workdir, 10 * (attempt + 1) + int(rng.integers(0, 5)))
         proc.kill()
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
         if attempt:
-            resumed_from.append(int(stderr.split('Resumed from the checkpoint of step ')[1].split()[0]))
+            resumed_from.append(
+                int(stderr.split('Resumed from the checkpoint of step ')[1].split()[0])
+            )
         latest = checkpoint_steps(workdir)[-1]
         _, state, step = restore_train_state(str(workdir))
         assert step == latest and int(state['step']) == latest > 0
 
-    done = subprocess.run(cli(workdir, *flags), cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        cli(workdir, *flags), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert resumed_from and 'Resumed from the checkpoint of step' in done.stderr
     assert_same_run(workdir, uninterrupted)
@@ -161,8 +191,12 @@ def test_short_pretraining_on_aid_lowers_the_loss(tmp_path):
     loss = np.array([r['loss'] for r in rows])
     mim = np.array([r['loss_mim'] for r in rows])
     assert len(rows) == 120 and np.all(np.isfinite(loss))
-    print('30-step windows: loss', loss.reshape(4, 30).mean(1).round(3),
-          'mim', mim.reshape(4, 30).mean(1).round(3))
+    print(
+        '30-step windows: loss',
+        loss.reshape(4, 30).mean(1).round(3),
+        'mim',
+        mim.reshape(4, 30).mean(1).round(3),
+    )
     assert loss[-30:].mean() < loss[:30].mean() - 0.4
     assert mim[-30:].mean() < 0.8 * mim[:30].mean()
     assert rows[-1]['bad_images'] == 0
@@ -173,7 +207,9 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     config = vitb.get_config('smoke')
     config.total_steps, config.checkpoint_every_steps = 6, 2
     config.optim.base_lr = 1e30  # The first update blows the weights up; step 2 is non-finite.
-    with pytest.raises(FloatingPointError, match=r'Non-finite loss or gradient at step 2 \(loss=nan'):
+    with pytest.raises(
+        FloatingPointError, match=r'Non-finite loss or gradient at step 2 \(loss=nan'
+    ):
         train.train_and_evaluate(config, str(tmp_path))
     assert checkpoint_steps(tmp_path) == [1]
     _, state, _ = restore_train_state(str(tmp_path))
@@ -196,7 +232,6 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
         jax.tree.map(np.testing.assert_array_equal, after_1[key], after_6[key])
 
 
-
 def test_unreadable_data_and_unwritable_workdir_fail_before_compiling(tmp_path, monkeypatch):
     compiled = []
     monkeypatch.setattr(train.Trainer, 'create', lambda *a, **k: compiled.append(1))
@@ -210,6 +245,6 @@ def test_unreadable_data_and_unwritable_workdir_fail_before_compiling(tmp_path, 
         train.train_and_evaluate(config, str(tmp_path / 'run'))
     (tmp_path / 'file').write_text('a file where the workdir should be')
     config.data.path = None
-    with pytest.raises(errors.WorkdirError, match="Cannot write to the workdir .*file/run"):
+    with pytest.raises(errors.WorkdirError, match='Cannot write to the workdir .*file/run'):
         train.train_and_evaluate(config, str(tmp_path / 'file' / 'run'))
     assert not compiled

@@ -12,21 +12,25 @@ import fsspec
 import jax
 import numpy as np
 import pytest
-from etils.epath import backend as epath_backend, gpath
+from etils.epath import backend as epath_backend
+from etils.epath import gpath
 from fsspec.implementations.memory import MemoryFileSystem
 
-from cmid_jax import errors, visualize, workdir as workdir_lib, workdir_lock
+from cmid_jax import errors, visualize, workdir_lock
+from cmid_jax import workdir as workdir_lib
 from cmid_jax.workdir import EVAL, HISTORY, METRICS, Workdir
 from cmid_jax.workdir_lock import WorkdirLock
-from conftest import REPO
 from configs import vitb
 
+from conftest import REPO
 
 # --------------------------------------------------------------------------- remote workdir
+
 
 class InMemoryGcs(MemoryFileSystem):
     """fsspec's in-memory filesystem answering for gs://, standing in for gcsfs: objects are
     written whole on close and have no append, like GCS objects."""
+
     protocol = ('gs', 'gcs')
     store: dict = {}
     pseudo_dirs = ['']
@@ -35,7 +39,7 @@ class InMemoryGcs(MemoryFileSystem):
     def _strip_protocol(cls, path):
         for prefix in ('gs://', 'gcs://'):
             if path.startswith(prefix):
-                path = path[len(prefix):]
+                path = path[len(prefix) :]
         return super()._strip_protocol(path)
 
     def open(self, path, mode='rb', **kwargs):
@@ -120,17 +124,28 @@ def test_read_config_of_a_folder_that_is_no_workdir(tmp_path):
 
 # --------------------------------------------------------------------------- lock
 
+
 def dead_pid() -> int:
-    proc = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, '-c', 'import os; print(os.getpid())'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(proc.stdout)
 
 
 def write_lock(tmp_path, **fields):
-    record = {'host': socket.gethostname(), 'pid': os.getpid(),
-              'boot_id': workdir_lock._boot_id(),
-              'process_start': workdir_lock._process_start(os.getpid()),
-              'started': '2026-01-01T00:00:00', 'heartbeat': 0.0, 'token': 'theirs', **fields}
+    record = {
+        'host': socket.gethostname(),
+        'pid': os.getpid(),
+        'boot_id': workdir_lock._boot_id(),
+        'process_start': workdir_lock._process_start(os.getpid()),
+        'started': '2026-01-01T00:00:00',
+        'heartbeat': 0.0,
+        'token': 'theirs',
+        **fields,
+    }
     (tmp_path / 'lock').write_text(json.dumps(record))
 
 
@@ -144,12 +159,15 @@ def test_a_live_lock_refuses_with_host_and_pid(tmp_path):
     assert not (tmp_path / 'lock').exists()  # released
 
 
-@pytest.mark.parametrize('holder', [
-    {'pid': 'dead'},  # the process is gone
-    {'process_start': -1},  # the pid now belongs to another process (a restarted container)
-    {'boot_id': 'another boot'},  # the machine rebooted (heartbeat 0: long ago)
-    {'host': 'elsewhere', 'heartbeat': 0.0},  # another host stopped refreshing it
-])
+@pytest.mark.parametrize(
+    'holder',
+    [
+        {'pid': 'dead'},  # the process is gone
+        {'process_start': -1},  # the pid now belongs to another process (a restarted container)
+        {'boot_id': 'another boot'},  # the machine rebooted (heartbeat 0: long ago)
+        {'host': 'elsewhere', 'heartbeat': 0.0},  # another host stopped refreshing it
+    ],
+)
 def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, holder, caplog):
     if holder.get('pid') == 'dead':
         holder['pid'] = dead_pid()
@@ -164,12 +182,14 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, holder, caplog):
 
 def test_another_hosts_fresh_heartbeat_keeps_the_lock(tmp_path):
     import time
+
     write_lock(tmp_path, host='elsewhere', pid=4242, heartbeat=time.time())
     with pytest.raises(errors.WorkdirError, match='host elsewhere, pid 4242'):
         WorkdirLock(Workdir(tmp_path)).acquire()
 
 
 # --------------------------------------------------------------------------- checkpoints
+
 
 def tiny_state(step: int) -> dict:
     """Random values (they do not compress) in data files of orbax's OCDBT store."""
@@ -179,8 +199,9 @@ def tiny_state(step: int) -> dict:
 
 def abstract(state) -> dict:
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
-                                                       sharding=sharding), state)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding), state
+    )
 
 
 def save_steps(wd, steps):
@@ -198,8 +219,9 @@ def truncate_largest_data_file(step_dir):
 
 DAMAGE = {
     'truncated data file': truncate_largest_data_file,
-    'deleted data file': lambda d: os.remove(max(glob.glob(f'{d}/state/ocdbt.process_0/d/*'),
-                                                 key=os.path.getsize)),
+    'deleted data file': lambda d: os.remove(
+        max(glob.glob(f'{d}/state/ocdbt.process_0/d/*'), key=os.path.getsize)
+    ),
     'empty manifest': lambda d: open(f'{d}/state/manifest.ocdbt', 'w').close(),
     'deleted _METADATA': lambda d: os.remove(f'{d}/state/_METADATA'),
 }
@@ -237,13 +259,16 @@ def test_a_state_of_other_shapes_is_an_error_not_damage(tmp_path):
     wd = Workdir(tmp_path)
     save_steps(wd, [1])
     other = abstract({'w': np.zeros((64, 256), np.float32), 'step': np.int32(0)})
-    with pytest.raises(errors.WorkdirError, match=r'other shapes .* w: \(64, 512\) saved, '
-                                                  r'\(64, 256\) now'):
+    with pytest.raises(
+        errors.WorkdirError,
+        match=r'other shapes .* w: \(64, 512\) saved, '
+        r'\(64, 256\) now',
+    ):
         wd.checkpoints(every_steps=1, keep=5).restore_newest(other, move_damaged=True)
     assert os.listdir(tmp_path / 'ckpt') == ['1'] and not (tmp_path / 'ckpt_corrupt').exists()
 
 
-SAVE_UNDER_A_FILE_SIZE_LIMIT = '''
+SAVE_UNDER_A_FILE_SIZE_LIMIT = """
 import resource, signal, sys
 import numpy as np
 from cmid_jax.errors import SaveError
@@ -260,13 +285,18 @@ try:
     print('saved')
 except SaveError as e:
     print(e.message)
-'''
+"""
 
 
 def test_a_failed_save_names_the_step_the_reason_and_the_intact_checkpoint(tmp_path):
     """A real I/O error (file size limit, as a full disk) in orbax's background write."""
-    out = subprocess.run([sys.executable, '-c', SAVE_UNDER_A_FILE_SIZE_LIMIT, str(tmp_path)],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, '-c', SAVE_UNDER_A_FILE_SIZE_LIMIT, str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith(f'Saving the checkpoint of step 2 to {tmp_path}/ckpt failed: ')
     assert 'File too large' in out.stdout

@@ -10,15 +10,21 @@ stride-8 conv to the stride-32 map. Its PyTorch twin is `torch.nn.Sequential(Con
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict, resolve_layout,
-                                    unflatten)
+from cmid_jax.models.common import (
+    add_mask_token,
+    flatten,
+    match_state_dict,
+    resolve_layout,
+    unflatten,
+)
 from cmid_jax.perf import flops
 
 VARIANTS = {'S': 8, 'M': 16}  # stem width
@@ -53,8 +59,15 @@ class Toy(nn.Module):
         return nn.Conv(self.num_features, (8, 8), strides=8, dtype=self.dtype, name='body')(x)
 
 
-def build(variant: str, *, img_size: int, dtype: Any = jnp.float32, attention_impl: str = 'auto',
-          platform: str | None = None, remat: str = 'none') -> Toy:
+def build(
+    variant: str,
+    *,
+    img_size: int,
+    dtype: Any = jnp.float32,
+    attention_impl: str = 'auto',
+    platform: str | None = None,
+    remat: str = 'none',
+) -> Toy:
     del img_size, attention_impl, platform, remat
     return Toy(VARIANTS[variant], dtype)
 
@@ -64,26 +77,30 @@ def forward_flops(variant: str, image_size: int, in_chans: int = 3) -> int:
     return flops.conv(h, h, 4, in_chans, w) + flops.conv(h // 8, h // 8, 8, w, 4 * w)
 
 
-def torch_models(variant: str, *, img_size: int, in_chans: int,
-                 layout: str | None = None) -> list[dict[str, Any]]:
+def torch_models(
+    variant: str, *, img_size: int, in_chans: int, layout: str | None = None
+) -> list[dict[str, Any]]:
     resolve_layout(LAYOUTS, layout, 'Toy')
     return []
 
 
-def to_torch_state_dict(variables: Mapping[str, Any], layout: str | None = None
-                        ) -> dict[str, np.ndarray]:
+def to_torch_state_dict(
+    variables: Mapping[str, Any], layout: str | None = None
+) -> dict[str, np.ndarray]:
     resolve_layout(LAYOUTS, layout, 'Toy')
     out = {}
     for (module, leaf), v in flatten(variables['params']).items():
         v = np.array(v, np.float32)
         out[f'{_TORCH[module]}.{"weight" if leaf == "kernel" else "bias"}'] = (
-            v.transpose(3, 2, 0, 1) if leaf == 'kernel' else v)
+            v.transpose(3, 2, 0, 1) if leaf == 'kernel' else v
+        )
     return out
 
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], model: Toy) -> dict[str, Any]:
-    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                                 train=False))['params']
+    template = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )['params']
     expected, paths = {}, {}
     for path, leaf in flatten(template).items():
         key = f'{_TORCH[path[0]]}.{"weight" if path[1] == "kernel" else "bias"}'
@@ -91,6 +108,12 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model: Toy) -> dict[str
         expected[key] = tuple(shape[i] for i in (3, 2, 0, 1)) if len(shape) == 4 else shape
         paths[key] = path
     arrays = match_state_dict(state_dict, expected, what='Toy')
-    return {'params': unflatten({paths[k]: jnp.asarray(a.transpose(2, 3, 1, 0) if a.ndim == 4
-                                                       else a) for k, a in arrays.items()}),
-            'batch_stats': {}}
+    return {
+        'params': unflatten(
+            {
+                paths[k]: jnp.asarray(a.transpose(2, 3, 1, 0) if a.ndim == 4 else a)
+                for k, a in arrays.items()
+            }
+        ),
+        'batch_stats': {},
+    }

@@ -7,6 +7,8 @@ def require_torch(purpose: str):
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as err:
-        raise ImportError(f'{purpose} needs PyTorch (pip install torch); a .safetensors file '
-                          'needs only the safetensors package') from err
+        raise ImportError(
+            f'{purpose} needs PyTorch (pip install torch); a .safetensors file '
+            'needs only the safetensors package'
+        ) from err
     return torch

@@ -19,7 +19,8 @@ into a state built for ``num_bands(config.data)`` input channels.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -34,9 +35,9 @@ def adapt_input_channels(kernel_hwio, n: int):
       ValueError: ``n`` < 1, or a kernel that does not have 3 input channels.
     """
     if n < 1:
-        raise ValueError(f"cannot adapt a kernel to {n} input channels")
+        raise ValueError(f'cannot adapt a kernel to {n} input channels')
     if kernel_hwio.ndim != 4 or kernel_hwio.shape[2] != 3:
-        raise ValueError(f"expected an RGB kernel of shape (H, W, 3, O), got {kernel_hwio.shape}")
+        raise ValueError(f'expected an RGB kernel of shape (H, W, 3, O), got {kernel_hwio.shape}')
     if n == 3:
         return kernel_hwio
     xp = np if isinstance(kernel_hwio, np.ndarray) else _jnp()
@@ -73,8 +74,10 @@ def adapt_stem(params: Mapping[str, Any], n: int) -> dict[str, Any]:
             node = node[key]
         else:
             return _replace(params, path, adapt_input_channels(node, n))
-    raise KeyError(f"no stem kernel found; looked for {['/'.join(p) for p in stems]} "
-                   f"among the top-level keys {sorted(params)}")
+    raise KeyError(
+        f'no stem kernel found; looked for {["/".join(p) for p in stems]} '
+        f'among the top-level keys {sorted(params)}'
+    )
 
 
 def _replace(tree: Mapping[str, Any], path: tuple[str, ...], value) -> dict[str, Any]:

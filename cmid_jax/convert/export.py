@@ -22,17 +22,18 @@ import hashlib
 import importlib
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from absl import logging
 import numpy as np
+from absl import logging
 
-from cmid_jax.restore import restore_train_state
-from cmid_jax.workdir import Workdir
 from cmid_jax.convert import require_torch
 from cmid_jax.data.bands import num_bands, type_max
 from cmid_jax.models import backbone_module
 from cmid_jax.models.cmid import STATE_KEYS, backbone_variables
+from cmid_jax.restore import restore_train_state
+from cmid_jax.workdir import Workdir
 
 FORMAT = 'cmid_jax.backbone/1'
 WEIGHT_SUFFIXES = {'.pth': 'pth', '.pt': 'pth', '.safetensors': 'safetensors'}
@@ -46,28 +47,36 @@ def weights_format(path: str) -> str:
     return WEIGHT_SUFFIXES[suffix]
 
 
-def save_weights(state_dict: Mapping[str, np.ndarray], path: str,
-                 metadata: Mapping[str, str] | None = None) -> None:
+def save_weights(
+    state_dict: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str] | None = None
+) -> None:
     """Writes a numpy state_dict as `.pth` (torch.save) or `.safetensors` (no torch needed)."""
     fmt = weights_format(path)
     if fmt == 'safetensors':
         from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
         # 'format': 'pt' lets safetensors.torch / transformers treat it as a torch state_dict.
-        save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path,
-                  metadata={'format': 'pt', **(metadata or {})})
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in state_dict.items()},
+            path,
+            metadata={'format': 'pt', **(metadata or {})},
+        )
     else:
         torch = require_torch('writing or reading a .pth file')
-        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()},
-                   path)
+        torch.save(
+            {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}, path
+        )
 
 
-def backbone_state_dict(state: Mapping[str, Any], arch: str, which: str = 'student',
-                        layout: str | None = None) -> dict[str, np.ndarray]:
+def backbone_state_dict(
+    state: Mapping[str, Any], arch: str, which: str = 'student', layout: str | None = None
+) -> dict[str, np.ndarray]:
     """The student's or teacher's backbone of a train state as a PyTorch state_dict (numpy), in
     `layout` (default: the arch's export layout)."""
     module = backbone_module(arch)
-    return module.to_torch_state_dict(backbone_variables(state, which),
-                                      layout=layout or module.EXPORT_LAYOUT)
+    return module.to_torch_state_dict(
+        backbone_variables(state, which), layout=layout or module.EXPORT_LAYOUT
+    )
 
 
 def _sha256(path: str) -> str:
@@ -78,8 +87,13 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def export_backbone(workdir: str, out: str, step: int | None = None, which: str = 'student',
-                    layout: str | None = None) -> dict[str, Any]:
+def export_backbone(
+    workdir: str,
+    out: str,
+    step: int | None = None,
+    which: str = 'student',
+    layout: str | None = None,
+) -> dict[str, Any]:
     """Writes a checkpoint's backbone to `out` and its metadata to `out + '.json'`.
 
     Args:
@@ -100,16 +114,22 @@ def export_backbone(workdir: str, out: str, step: int | None = None, which: str 
     config, state, step = restore_train_state(workdir, step)
     arch, variant, size = config.model.arch, config.model.variant, config.data.image_size
     in_chans = num_bands(config.data)
-    models = backbone_module(arch).torch_models(variant, img_size=size, in_chans=in_chans,
-                                                layout=layout)
+    models = backbone_module(arch).torch_models(
+        variant, img_size=size, in_chans=in_chans, layout=layout
+    )
     if not models:
-        logging.warning('No timm/torchvision model has the widths of %s %r; the weights keep the '
-                        'key layout of the larger variants.', arch, variant)
+        logging.warning(
+            'No timm/torchvision model has the widths of %s %r; the weights keep the '
+            'key layout of the larger variants.',
+            arch,
+            variant,
+        )
     state_dict = backbone_state_dict(state, arch, which, layout)
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_weights(state_dict, out, {'arch': arch, 'variant': variant, 'which': which,
-                                   'step': str(step)})
+    save_weights(
+        state_dict, out, {'arch': arch, 'variant': variant, 'which': which, 'step': str(step)}
+    )
     bands = config.data.get('bands')
     scale = type_max(config.data.get('dtype') or 'uint8')  # configs from before bands: 8-bit
     metadata = {
@@ -140,12 +160,21 @@ def export_backbone(workdir: str, out: str, step: int | None = None, which: str 
     }
     with open(out + '.json', 'w', encoding='utf-8') as f:
         json.dump(metadata, f, indent=2)
-    logging.info('Wrote the %s backbone of step %d (%s %s, %d tensors) to %s and %s.json',
-                 which, step, arch, variant, len(state_dict), out, out)
+    logging.info(
+        'Wrote the %s backbone of step %d (%s %s, %d tensors) to %s and %s.json',
+        which,
+        step,
+        arch,
+        variant,
+        len(state_dict),
+        out,
+        out,
+    )
     return metadata
 
 
 # --- Reading an export back (needs PyTorch) ---------------------------------------------------
+
 
 def _import_object(dotted: str) -> Any:
     module, _, name = dotted.rpartition('.')
@@ -161,8 +190,9 @@ def build_torch_model(spec: Mapping[str, Any]) -> Any:
             return importlib.import_module('timm').create_model(spec['model_name'], **kwargs)
         if spec['library'] == 'torchvision':
             return importlib.import_module('torchvision.models').get_model(
-                spec['model_name'], **kwargs)
-        raise ValueError(f"no builder for library {spec['library']!r} by model name")
+                spec['model_name'], **kwargs
+            )
+        raise ValueError(f'no builder for library {spec["library"]!r} by model name')
     return _import_object(spec['class'])(**kwargs)
 
 
@@ -171,8 +201,11 @@ def read_weights(path: str) -> dict[str, Any]:
     if weights_format(path) == 'safetensors':
         require_torch('writing or reading a .pth file')
         from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
+
         return load_file(path)
-    return require_torch('writing or reading a .pth file').load(path, map_location='cpu', weights_only=True)
+    return require_torch('writing or reading a .pth file').load(
+        path, map_location='cpu', weights_only=True
+    )
 
 
 def load_torch_model(metadata_path: str, alternative: int | None = None) -> Any:
@@ -184,15 +217,20 @@ def load_torch_model(metadata_path: str, alternative: int | None = None) -> Any:
     """
     with open(metadata_path, encoding='utf-8') as f:
         meta = json.load(f)
-    spec = meta['torch_model'] if alternative is None else (
-        meta['torch_model_alternatives'][alternative])
+    spec = (
+        meta['torch_model']
+        if alternative is None
+        else (meta['torch_model_alternatives'][alternative])
+    )
     if spec is None:
-        raise ValueError(f"{metadata_path}: {meta['arch']} {meta['variant']!r} has no PyTorch "
-                         'model to load into')
+        raise ValueError(
+            f'{metadata_path}: {meta["arch"]} {meta["variant"]!r} has no PyTorch model to load into'
+        )
     model = build_torch_model(spec)
     weights = os.path.join(os.path.dirname(os.path.abspath(metadata_path)), meta['weights'])
     missing, unexpected = model.load_state_dict(read_weights(weights), strict=False)
     if unexpected or sorted(missing) != sorted(spec.get('missing_keys', [])):
-        raise ValueError(f'{weights} does not load into {spec}: missing {missing}, '
-                         f'unexpected {unexpected}')
+        raise ValueError(
+            f'{weights} does not load into {spec}: missing {missing}, unexpected {unexpected}'
+        )
     return model.eval()

@@ -36,16 +36,17 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from cmid_jax import optim
-from cmid_jax.convert.adapt import adapt_stem
 from cmid_jax.convert import official, require_torch, safe_unpickle
+from cmid_jax.convert.adapt import adapt_stem
 from cmid_jax.models import BACKBONES, backbone_module
 from cmid_jax.models.cmid import STATE_KEYS
 from cmid_jax.models.common import as_numpy
@@ -56,6 +57,8 @@ from cmid_jax.workdir import IMPORT, Workdir
 _DDP_PREFIX = 'module.'
 # Classifier heads of plain timm / torchvision state_dicts; not part of a backbone.
 _CLASSIFIER_PREFIXES = ('fc.', 'head.')
+
+
 def _torch_load(path: str) -> tuple[Any, bool]:
     """`torch.load` with weights_only=True, else with the restricted unpickler; returns
     (object, whether the restricted unpickler replaced pickled objects)."""
@@ -65,8 +68,12 @@ def _torch_load(path: str) -> tuple[Any, bool]:
     except pickle.UnpicklingError:
         pass
     obj, replaced = safe_unpickle.load(path)
-    logging.warning('%s pickles objects besides tensors (%s); they were read as inert '
-                    'placeholders: none of their code ran.', path, ', '.join(replaced))
+    logging.warning(
+        '%s pickles objects besides tensors (%s); they were read as inert '
+        'placeholders: none of their code ran.',
+        path,
+        ', '.join(replaced),
+    )
     return obj, True
 
 
@@ -81,6 +88,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     unpickled = False
     if path.endswith('.safetensors'):
         from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
         obj = load_file(path)
     else:
         obj, unpickled = _torch_load(path)
@@ -94,8 +102,10 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     elif isinstance(obj.get('state_dict'), Mapping):
         obj = obj['state_dict']
     if unpickled and not info['trainer_checkpoint']:
-        raise ValueError(f'{path} pickles objects besides tensors but is not a CMID trainer '
-                         "checkpoint (no 'model' entry); refusing it")
+        raise ValueError(
+            f'{path} pickles objects besides tensors but is not a CMID trainer '
+            "checkpoint (no 'model' entry); refusing it"
+        )
     not_tensors = sorted(k for k, v in obj.items() if not hasattr(v, 'shape'))
     if not_tensors:
         raise ValueError(f'{path}: entries that are not tensors: {not_tensors}')
@@ -104,7 +114,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 def _strip_common_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
+        return {k[len(prefix) :]: v for k, v in state_dict.items()}
     return dict(state_dict)
 
 
@@ -128,33 +138,42 @@ def _guess_arch(keys) -> str | None:
 
 def _mismatch_header(config: ml_collections.ConfigDict, keys, kind: str) -> str:
     m = config.model
-    lines = [f'{kind} checkpoint does not match config.model.arch={m.arch!r} '
-             f'variant={m.variant!r} (data.image_size={config.data.image_size}).']
+    lines = [
+        f'{kind} checkpoint does not match config.model.arch={m.arch!r} '
+        f'variant={m.variant!r} (data.image_size={config.data.image_size}).'
+    ]
     guess = _guess_arch(keys)
     if guess is not None and guess != m.arch:
         lines.append(f'Its backbone looks like a {guess!r} backbone: pass a config for that arch.')
     if kind == 'full':
-        lines.append(f'Head widths come from config.model (proj_hidden_dim={m.proj_hidden_dim}, '
-                     f'proj_dim={m.proj_dim}, local_hidden_dim={m.local_hidden_dim}, '
-                     f'local_bottleneck_dim={m.local_bottleneck_dim}, '
-                     f'local_prototypes={m.local_prototypes}, local_use_bn={m.local_use_bn}) '
-                     f'and config.loss.queue_size={config.loss.queue_size}.')
+        lines.append(
+            f'Head widths come from config.model (proj_hidden_dim={m.proj_hidden_dim}, '
+            f'proj_dim={m.proj_dim}, local_hidden_dim={m.local_hidden_dim}, '
+            f'local_bottleneck_dim={m.local_bottleneck_dim}, '
+            f'local_prototypes={m.local_prototypes}, local_use_bn={m.local_use_bn}) '
+            f'and config.loss.queue_size={config.loss.queue_size}.'
+        )
     return '\n'.join(lines)
 
 
 def _check_like(state: dict, abstract: dict) -> None:
     """The imported state must have exactly the shapes and dtypes `main` restores into."""
-    spec = lambda tree: {jax.tree_util.keystr(p): (tuple(x.shape), np.dtype(x.dtype))
-                         for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    spec = lambda tree: {
+        jax.tree_util.keystr(p): (tuple(x.shape), np.dtype(x.dtype))
+        for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
     got, want = spec(state), spec(abstract)
     if got != want:
         diff = sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))
-        raise AssertionError(f'imported state differs from Trainer.abstract_state at {diff[:20]}: '
-                             f'{[(got.get(k), want.get(k)) for k in diff[:20]]}')
+        raise AssertionError(
+            f'imported state differs from Trainer.abstract_state at {diff[:20]}: '
+            f'{[(got.get(k), want.get(k)) for k in diff[:20]]}'
+        )
 
 
-def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdir: str, *,
-                      overwrite: bool = False) -> dict[str, Any]:
+def import_checkpoint(
+    checkpoint: str, config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
+) -> dict[str, Any]:
     """Turns an official CMID checkpoint into a cmid_jax workdir at step 0.
 
     Args:
@@ -168,13 +187,15 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
     """
     wd = Workdir(workdir)
     if wd.has_checkpoints() and not overwrite:
-        raise FileExistsError(f'{workdir} already has checkpoints; pass overwrite=True '
-                              '(--overwrite) to replace them')
+        raise FileExistsError(
+            f'{workdir} already has checkpoints; pass overwrite=True (--overwrite) to replace them'
+        )
     state_dict, info = read_checkpoint(checkpoint)
     config = config.copy_and_resolve_references()
     # Shapes do not depend on the schedule, which `main` sets up again when it resumes.
-    trainer = Trainer.create(config, optim.Schedule(config.total_steps or 1,
-                                                    config.steps_per_epoch or 1))
+    trainer = Trainer.create(
+        config, optim.Schedule(config.total_steps or 1, config.steps_per_epoch or 1)
+    )
     arch = config.model.arch
     full = official.is_full_checkpoint(state_dict)
     kind = 'full' if full else 'backbone'
@@ -185,20 +206,26 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
     try:
         if full:
             parts = official.from_official_state_dict(
-                state_dict, arch=arch, backbone=trainer.nets.backbone,
-                template=trainer.abstract_state)
+                state_dict,
+                arch=arch,
+                backbone=trainer.nets.backbone,
+                template=trainer.abstract_state,
+            )
         else:
             state_dict, dropped = backbone_only(state_dict)
             variables = backbone_module(arch).from_torch_state_dict(
-                state_dict, trainer.nets.backbone)
+                state_dict, trainer.nets.backbone
+            )
     except ValueError as err:
-        raise ValueError(f'{checkpoint}: {_mismatch_header(config, state_dict, kind)}\n{err}'
-                         ) from None
+        raise ValueError(
+            f'{checkpoint}: {_mismatch_header(config, state_dict, kind)}\n{err}'
+        ) from None
 
     # Whatever the checkpoint does not determine starts as in a fresh run with this config; jit
     # drops the unused parts of the init (e.g. the backbone, for a full checkpoint).
-    fresh = jax.jit(lambda key: {k: v for k, v in trainer.init_state(key).items()
-                                 if k not in parts})
+    fresh = jax.jit(
+        lambda key: {k: v for k, v in trainer.init_state(key).items() if k not in parts}
+    )
     state = dict(jax.device_get(fresh(jax.random.key(config.seed))), **parts)
     if not full:
         for which in STATE_KEYS.values():
@@ -206,8 +233,9 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
                 state[coll] = dict(state[coll], backbone=value)
     if trainer.nets.in_chans != 3:  # RGB weights into an N-band model: timm's stem rule.
         for coll in ('params', 'teacher_params'):
-            state[coll] = dict(state[coll],
-                               backbone=adapt_stem(state[coll]['backbone'], trainer.nets.in_chans))
+            state[coll] = dict(
+                state[coll], backbone=adapt_stem(state[coll]['backbone'], trainer.nets.in_chans)
+            )
     # Fresh optimizer and step 0: continued pretraining runs its own schedule.
     state['step'] = np.zeros((), np.int32)
     state['opt_state'] = jax.device_get(jax.jit(trainer.tx.init)(state['params']))
@@ -220,12 +248,20 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
         'source_epoch': info.get('epoch'),
         'dropped_keys': dropped,
         'step': 0,
-        'notes': ['optimizer state starts fresh (the official Adan state is not converted)',
-                  'step starts at 0: the lr, EMA and teacher-temperature schedules restart',
-                  'the data iterator starts fresh'] + (
-                      [] if full else ['heads, decoder, mask token, queue and centre are freshly '
-                                       'initialised; student and teacher backbones both come '
-                                       'from the file']),
+        'notes': [
+            'optimizer state starts fresh (the official Adan state is not converted)',
+            'step starts at 0: the lr, EMA and teacher-temperature schedules restart',
+            'the data iterator starts fresh',
+        ]
+        + (
+            []
+            if full
+            else [
+                'heads, decoder, mask token, queue and centre are freshly '
+                'initialised; student and teacher backbones both come '
+                'from the file'
+            ]
+        ),
     }
     if overwrite:
         wd.remove_checkpoints()
@@ -235,6 +271,11 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
     checkpoints.close()
     wd.write_config(config)
     wd.write_json(IMPORT, record)
-    logging.info('Imported the %s checkpoint %s into %s at step 0 (%s).', kind, checkpoint,
-                 workdir, '; '.join(record['notes']))
+    logging.info(
+        'Imported the %s checkpoint %s into %s at step 0 (%s).',
+        kind,
+        checkpoint,
+        workdir,
+        '; '.join(record['notes']),
+    )
     return record

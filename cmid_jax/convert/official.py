@@ -21,7 +21,8 @@ the official layout, `MASK_TOKEN_LAYOUT`), looked up in the registry `cmid_jax.m
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import numpy as np
@@ -36,9 +37,16 @@ Codec = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndar
 # Official state_dict prefix of each backbone (extract.py strips the student's).
 BACKBONE_PREFIXES = {'student': 'online_encoder.model.', 'teacher': 'branch_encoder.'}
 # Top-level names that only a full trainer checkpoint's `model` state_dict has.
-FULL_CHECKPOINT_MARKERS = ('online_encoder.', 'branch_encoder.', 'online_projector.',
-                           'branch_projector.', 'class_projector.', 'branch_class_projector.',
-                           'mim2org.', 'class_loss.')
+FULL_CHECKPOINT_MARKERS = (
+    'online_encoder.',
+    'branch_encoder.',
+    'online_projector.',
+    'branch_projector.',
+    'class_projector.',
+    'branch_class_projector.',
+    'mim2org.',
+    'class_loss.',
+)
 
 # (cmid_jax -> official, official -> cmid_jax). Only `.T`, indexing and reshapes, so each is exact.
 _SAME: Codec = (lambda x: x, lambda x: x)
@@ -74,17 +82,25 @@ def _head_entries(template: Mapping[str, Any], arch: str) -> list[_Entry]:
     has_bn = 'bn1' in template['params']['local_head']
     conv_ids, bn_ids = ((0, 3, 6), (1, 4)) if has_bn else ((0, 2, 4), ())
     entries = [
-        _Entry('online_encoder.mask_token', ('params', 'mask_token'),
-               _MASK_TOKEN[backbone_module(arch).MASK_TOKEN_LAYOUT]),
-        _Entry('mim2org.decoder_pred.0.weight', ('params', 'decoder', 'decoder_pred', 'kernel'),
-               _CONV2D_1X1),
+        _Entry(
+            'online_encoder.mask_token',
+            ('params', 'mask_token'),
+            _MASK_TOKEN[backbone_module(arch).MASK_TOKEN_LAYOUT],
+        ),
+        _Entry(
+            'mim2org.decoder_pred.0.weight',
+            ('params', 'decoder', 'decoder_pred', 'kernel'),
+            _CONV2D_1X1,
+        ),
         _Entry('mim2org.decoder_pred.0.bias', ('params', 'decoder', 'decoder_pred', 'bias'), _SAME),
         _Entry('class_loss.center', ('center',), _CENTER),
         _Entry('queue', ('queue',), _LINEAR),  # (K, D) rows <-> (D, K) columns
         _Entry('queue_ptr', ('queue_ptr',), _QUEUE_PTR),
     ]
-    nets = (('online_projector', 'class_projector', STATE_KEYS['student']),
-            ('branch_projector', 'branch_class_projector', STATE_KEYS['teacher']))
+    nets = (
+        ('online_projector', 'class_projector', STATE_KEYS['student']),
+        ('branch_projector', 'branch_class_projector', STATE_KEYS['teacher']),
+    )
     for projector, local, (params, stats) in nets:
         for i, fc in zip((0, 3), ('fc1', 'fc2')):
             entries += _affine(f'{projector}.layer.0.{i}', (params, 'projector', fc), _LINEAR)
@@ -92,26 +108,33 @@ def _head_entries(template: Mapping[str, Any], arch: str) -> list[_Entry]:
             entries += _affine(f'{local}.mlp.{i}', (params, 'local_head', fc), _CONV1D)
         for i, bn in zip(bn_ids, ('bn1', 'bn2')):
             p, s = (params, 'local_head', bn), (stats, 'local_head', bn)
-            entries += [_Entry(f'{local}.mlp.{i}.weight', p + ('scale',), _SAME),
-                        _Entry(f'{local}.mlp.{i}.bias', p + ('bias',), _SAME),
-                        _Entry(f'{local}.mlp.{i}.running_mean', s + ('mean',), _SAME),
-                        _Entry(f'{local}.mlp.{i}.running_var', s + ('var',), _SAME)]
+            entries += [
+                _Entry(f'{local}.mlp.{i}.weight', p + ('scale',), _SAME),
+                _Entry(f'{local}.mlp.{i}.bias', p + ('bias',), _SAME),
+                _Entry(f'{local}.mlp.{i}.running_mean', s + ('mean',), _SAME),
+                _Entry(f'{local}.mlp.{i}.running_var', s + ('var',), _SAME),
+            ]
         protos = (params, 'local_head', 'prototypes')
-        entries += [_Entry(f'{local}.last_layer.weight_v', protos, _CONV1D),  # (B, P) <-> (P, B, 1)
-                    _Entry(f'{local}.last_layer.weight_g', protos, _WEIGHT_G, assign=False)]
+        entries += [
+            _Entry(f'{local}.last_layer.weight_v', protos, _CONV1D),  # (B, P) <-> (P, B, 1)
+            _Entry(f'{local}.last_layer.weight_g', protos, _WEIGHT_G, assign=False),
+        ]
     return entries
 
 
 def _affine(prefix: str, path: tuple[str, ...], codec: Codec) -> list[_Entry]:
-    return [_Entry(f'{prefix}.weight', path + ('kernel',), codec),
-            _Entry(f'{prefix}.bias', path + ('bias',), _SAME)]
+    return [
+        _Entry(f'{prefix}.weight', path + ('kernel',), codec),
+        _Entry(f'{prefix}.bias', path + ('bias',), _SAME),
+    ]
 
 
 def _num_batches_tracked_keys(entries: list[_Entry]) -> list[str]:
     """BatchNorm1d counters of the local heads: written as 0, optional and ignored on import."""
     suffix = '.running_mean'
-    return [e.key[: -len(suffix)] + '.num_batches_tracked' for e in entries
-            if e.key.endswith(suffix)]
+    return [
+        e.key[: -len(suffix)] + '.num_batches_tracked' for e in entries if e.key.endswith(suffix)
+    ]
 
 
 def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
@@ -153,21 +176,26 @@ def is_full_checkpoint(keys) -> bool:
     Keys of the student backbone alone (`online_encoder.model.*`) count as a backbone-only file.
     """
     student = BACKBONE_PREFIXES['student']
-    return any(k in ('queue', 'queue_ptr')
-               or (k.startswith(FULL_CHECKPOINT_MARKERS) and not k.startswith(student))
-               for k in keys)
+    return any(
+        k in ('queue', 'queue_ptr')
+        or (k.startswith(FULL_CHECKPOINT_MARKERS) and not k.startswith(student))
+        for k in keys
+    )
 
 
 def _check_value(key: str, value: np.ndarray) -> str | None:
     # cmid_jax fixes the prototype norm to 1 (DINO norm_last_layer), so any other g would be lost.
     if key.endswith('.weight_g') and not np.allclose(value, 1.0, rtol=0, atol=1e-6):
-        return (f'must be all ones (cmid_jax fixes the prototype norm to 1); got values in '
-                f'[{value.min():.4g}, {value.max():.4g}]')
+        return (
+            f'must be all ones (cmid_jax fixes the prototype norm to 1); got values in '
+            f'[{value.min():.4g}, {value.max():.4g}]'
+        )
     return None
 
 
-def from_official_state_dict(state_dict: Mapping[str, Any], *, arch: str, backbone: nn.Module,
-                             template: Mapping[str, Any]) -> dict[str, Any]:
+def from_official_state_dict(
+    state_dict: Mapping[str, Any], *, arch: str, backbone: nn.Module, template: Mapping[str, Any]
+) -> dict[str, Any]:
     """Official `model` state_dict -> the train-state parts it determines.
 
     Args:
@@ -185,17 +213,26 @@ def from_official_state_dict(state_dict: Mapping[str, Any], *, arch: str, backbo
     module = backbone_module(arch)
     entries = _head_entries(template, arch)
     # The official shape follows from the template by encoding a zero-stride stand-in.
-    expected = {e.key: e.codec[0](np.broadcast_to(np.zeros((), _get(template, e.path).dtype),
-                                                  _get(template, e.path).shape)).shape
-                for e in entries}
+    expected = {
+        e.key: e.codec[0](
+            np.broadcast_to(
+                np.zeros((), _get(template, e.path).dtype), _get(template, e.path).shape
+            )
+        ).shape
+        for e in entries
+    }
     optional = dict.fromkeys(_num_batches_tracked_keys(entries))
     in_backbone = lambda k: k.startswith(tuple(BACKBONE_PREFIXES.values()))
 
     errors, out = [], {}
     try:
-        heads = match_state_dict({k: v for k, v in state_dict.items() if not in_backbone(k)},
-                                 expected, what='CMID heads/queue/centre', optional=optional,
-                                 validate=_check_value)
+        heads = match_state_dict(
+            {k: v for k, v in state_dict.items() if not in_backbone(k)},
+            expected,
+            what='CMID heads/queue/centre',
+            optional=optional,
+            validate=_check_value,
+        )
     except ValueError as err:
         errors.append(str(err))
     else:
@@ -205,7 +242,7 @@ def from_official_state_dict(state_dict: Mapping[str, Any], *, arch: str, backbo
                 _set(out, e.path, np.asarray(e.codec[1](heads[e.key]), dtype=leaf.dtype))
     for which, prefix in BACKBONE_PREFIXES.items():
         params, stats = STATE_KEYS[which]
-        sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         try:
             variables = module.from_torch_state_dict(sub, backbone)
         except ValueError as err:
@@ -214,8 +251,9 @@ def from_official_state_dict(state_dict: Mapping[str, Any], *, arch: str, backbo
         _set(out, (params, 'backbone'), variables['params'])
         _set(out, (stats, 'backbone'), variables.get('batch_stats', {}))
     if errors:
-        raise ValueError('official CMID checkpoint does not match the config:\n'
-                         + '\n'.join(errors))
+        raise ValueError(
+            'official CMID checkpoint does not match the config:\n' + '\n'.join(errors)
+        )
     for stats in ('batch_stats', 'teacher_batch_stats'):
         out[stats].setdefault('local_head', {})  # no BN in the local head: an empty collection
     return out

@@ -44,8 +44,11 @@ class Inert:
         del items
 
 
-_ADMITTED_NUMPY = {('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
-                   ('numpy', 'dtype')}
+_ADMITTED_NUMPY = {
+    ('numpy.core.multiarray', 'scalar'),
+    ('numpy._core.multiarray', 'scalar'),
+    ('numpy', 'dtype'),
+}
 _TENSOR_REBUILDERS = ('_rebuild_tensor', '_rebuild_tensor_v2', '_rebuild_parameter')
 
 
@@ -55,6 +58,7 @@ def _admitted(torch, module: str, name: str) -> Any | None:
         return collections.OrderedDict
     if (module, name) == ('_codecs', 'encode'):  # How protocol 2 stores bytes (numpy scalars).
         import _codecs  # pylint: disable=import-outside-toplevel
+
         return _codecs.encode
     if module == 'torch._utils' and name in _TENSOR_REBUILDERS:
         return getattr(torch._utils, name)  # pylint: disable=protected-access
@@ -70,6 +74,7 @@ def _admitted(torch, module: str, name: str) -> Any | None:
 def load(path: str) -> tuple[Any, list[str]]:
     """(the unpickled checkpoint on the CPU, the sorted names replaced by `Inert`)."""
     import torch  # pylint: disable=import-outside-toplevel
+
     replaced: set[str] = set()
 
     class RestrictedUnpickler(pickle.Unpickler):
@@ -83,7 +88,8 @@ def load(path: str) -> tuple[Any, list[str]]:
     def load_one(file, **kwargs):  # torch's legacy format reads small headers with it.
         return RestrictedUnpickler(file, **kwargs).load()
 
-    pickle_module = types.SimpleNamespace(Unpickler=RestrictedUnpickler, load=load_one,
-                                          __name__='cmid_jax.convert.safe_unpickle')
+    pickle_module = types.SimpleNamespace(
+        Unpickler=RestrictedUnpickler, load=load_one, __name__='cmid_jax.convert.safe_unpickle'
+    )
     obj = torch.load(path, map_location='cpu', weights_only=False, pickle_module=pickle_module)
     return obj, sorted(replaced)

@@ -10,7 +10,7 @@ back), and stops the run when too large a share of the data read is bad.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -52,7 +52,8 @@ class BadFiles:
                 f'{len(self._bad_read)} of the {len(self._bad_read) + self._good_read} '
                 f'{self.source.unit} read so far are unreadable ({share:.0%}, more than '
                 f'{MAX_BAD_SHARE:.0%}), e.g. {min(self._bad_read)}: check data.path and '
-                f'data.bands (the list is in bad_files.jsonl)')
+                f'data.bands (the list is in bad_files.jsonl)'
+            )
 
     def _add(self, index: int, where: str, step: int) -> None:
         try:
@@ -62,5 +63,10 @@ class BadFiles:
             reason = f'{type(e).__name__}: {e}'
         self._known.add(where)
         self._record({'file': where, 'index': index, 'step': step, 'reason': reason})
-        log.warning('Unreadable %s (%s): replaced by a random other one; %d so far, listed in '
-                    'bad_files.jsonl.', where, reason, self.count)
+        log.warning(
+            'Unreadable %s (%s): replaced by a random other one; %d so far, listed in '
+            'bad_files.jsonl.',
+            where,
+            reason,
+            self.count,
+        )

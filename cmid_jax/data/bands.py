@@ -21,15 +21,17 @@ none) or any of them is NaN.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from cmid_jax.data.errors import ImageError
 
 # Pixel types that travel to the device; anything else is converted by ``compact`` or refused.
-PIXEL_DTYPES = ("uint8", "uint16")
-ALL_BANDS = "all"  # keep every band of the file (cmid_jax.data.prepare's default; not a config value)
+PIXEL_DTYPES = ('uint8', 'uint16')
+ALL_BANDS = (
+    'all'  # keep every band of the file (cmid_jax.data.prepare's default; not a config value)
+)
 
 
 def type_max(dtype) -> float:
@@ -40,7 +42,7 @@ def type_max(dtype) -> float:
         return 65535.0
     if dtype == np.uint8 or not np.issubdtype(dtype, np.integer):  # floats, bfloat16
         return 255.0
-    raise ValueError(f"unsupported pixel type {dtype}; expected one of {', '.join(PIXEL_DTYPES)}")
+    raise ValueError(f'unsupported pixel type {dtype}; expected one of {", ".join(PIXEL_DTYPES)}')
 
 
 def compact_dtype(dtype) -> np.dtype:
@@ -59,17 +61,17 @@ def compact(array: np.ndarray, where: str) -> np.ndarray:
         return array
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * np.uint8(255)
-    if array.dtype.kind not in "iuf":
-        raise ImageError(where, f"unsupported pixel type {array.dtype}")
-    finite = np.isfinite(array) if array.dtype.kind == "f" else True
+    if array.dtype.kind not in 'iuf':
+        raise ImageError(where, f'unsupported pixel type {array.dtype}')
+    finite = np.isfinite(array) if array.dtype.kind == 'f' else True
     values = np.where(finite, array, 0)
     if (values.size and (values.min() < 0 or values.max() > 65535)) or (
-        array.dtype.kind == "f" and not np.array_equal(values, np.round(values))
+        array.dtype.kind == 'f' and not np.array_equal(values, np.round(values))
     ):
         raise ImageError(
             where,
-            f"{array.dtype} values outside the whole numbers 0..65535 cannot be carried as "
-            f"uint16 (rescale them, e.g. reflectance x 10000, before training)",
+            f'{array.dtype} values outside the whole numbers 0..65535 cannot be carried as '
+            f'uint16 (rescale them, e.g. reflectance x 10000, before training)',
         )
     return values.astype(np.uint16)
 
@@ -78,7 +80,7 @@ def valid_mask(array: np.ndarray, nodata: float | None = None) -> np.ndarray:
     """(H, W) bool: False where every band equals ``nodata`` (0 if None) or any band is NaN."""
     fill = 0 if nodata is None or np.isnan(nodata) else nodata
     valid = np.any(array != fill, axis=2)
-    if array.dtype.kind == "f":
+    if array.dtype.kind == 'f':
         valid &= ~np.isnan(array).any(axis=2)
     return valid
 
@@ -104,21 +106,21 @@ def resolve_bands(
             if band.lower() not in lowered:
                 raise ImageError(
                     where,
-                    f"data.bands={tuple(requested)!r} asks for band {band!r}, but the {count} "
-                    f"bands are named {list(names)} (use 0-based indices instead)",
+                    f'data.bands={tuple(requested)!r} asks for band {band!r}, but the {count} '
+                    f'bands are named {list(names)} (use 0-based indices instead)',
                 )
             out.append(lowered.index(band.lower()))
         elif isinstance(band, (int, np.integer)) and not isinstance(band, bool):
             if not 0 <= band < count:
                 raise ImageError(
                     where,
-                    f"has {count} band{'s' if count != 1 else ''}; data.bands="
-                    f"{tuple(requested)!r} needs 0-based band index {band}",
+                    f'has {count} band{"s" if count != 1 else ""}; data.bands='
+                    f'{tuple(requested)!r} needs 0-based band index {band}',
                 )
             out.append(int(band))
         else:
             raise ValueError(
-                f"data.bands={tuple(requested)!r}: {band!r} is neither a 0-based index nor a name"
+                f'data.bands={tuple(requested)!r}: {band!r} is neither a 0-based index nor a name'
             )
     return tuple(out)
 
@@ -129,31 +131,31 @@ def check_bands_setting(bands) -> tuple | None:
         return None
     bands = tuple(bands)
     if not bands:
-        raise ValueError("data.bands=() selects no band; use None for 8-bit RGB or list bands")
+        raise ValueError('data.bands=() selects no band; use None for 8-bit RGB or list bands')
     for band in bands:
         ok_index = isinstance(band, (int, np.integer)) and not isinstance(band, bool) and band >= 0
         if not (ok_index or (isinstance(band, str) and band)):
             raise ValueError(
-                f"data.bands={bands!r}: {band!r} is neither a 0-based index nor a band name"
+                f'data.bands={bands!r}: {band!r} is neither a 0-based index nor a band name'
             )
     return bands
 
 
 def num_bands(data_config) -> int:
     """Input channels of the model for ``config.data``: 3 in RGB mode, else ``len(data.bands)``."""
-    bands = data_config.get("bands")  # configs saved before bands existed are RGB
+    bands = data_config.get('bands')  # configs saved before bands existed are RGB
     return 3 if bands is None else len(bands)
 
 
 def is_rgb(data_config) -> bool:
     """Whether the colour-only augmentations (saturation, hue, grey) apply: ``data.rgb``, or, when
     that is None, exactly 3 bands."""
-    rgb = data_config.get("rgb")
+    rgb = data_config.get('rgb')
     if rgb is None:
         return num_bands(data_config) == 3
     if rgb and num_bands(data_config) != 3:
-        bands = data_config.get("bands")
-        raise ValueError(f"data.rgb=True needs 3 bands, but data.bands={bands!r}")
+        bands = data_config.get('bands')
+        raise ValueError(f'data.rgb=True needs 3 bands, but data.bands={bands!r}')
     return bool(rgb)
 
 

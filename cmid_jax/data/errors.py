@@ -9,7 +9,7 @@ class ImageError(ValueError):
     def __init__(self, path: str, reason: str):
         self.path = str(path)
         self.reason = str(reason)
-        super().__init__(f"cannot read image {self.path!r}: {self.reason}")
+        super().__init__(f'cannot read image {self.path!r}: {self.reason}')
 
     def __reduce__(self):  # keep picklable across grain worker processes
         return (type(self), (self.path, self.reason))
@@ -23,8 +23,8 @@ class TileRejected(Exception):
         self.fraction = float(fraction)
         self.limit = float(limit)
         super().__init__(
-            f"{self.where}: {self.fraction:.1%} nodata pixels, more than "
-            f"data.max_nodata={self.limit:g}"
+            f'{self.where}: {self.fraction:.1%} nodata pixels, more than '
+            f'data.max_nodata={self.limit:g}'
         )
 
     def __reduce__(self):

@@ -31,8 +31,8 @@ Any failure (missing file, not an image, truncated data, unsupported layout) rai
 
 from __future__ import annotations
 
-import os
 import logging
+import os
 
 import numpy as np
 
@@ -41,8 +41,8 @@ from cmid_jax.data.errors import ImageError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
-_TIFF_EXTENSIONS = (".tif", ".tiff")
+IMAGE_EXTENSIONS: tuple[str, ...] = ('.jpg', '.jpeg', '.png', '.tif', '.tiff')
+_TIFF_EXTENSIONS = ('.tif', '.tiff')
 # Largest band count accepted for a band-first (bands, H, W) array.
 _MAX_BANDS_FIRST = 16
 
@@ -50,7 +50,7 @@ _MAX_BANDS_FIRST = 16
 def demo_data_path() -> str:
     """Folder of the built-in demo tiles (Landsat-8 uint16 TIFFs, public domain; see
     ``cmid_jax/demo_data/ATTRIBUTION.md``)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_data")
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'demo_data')
 
 
 def _is_image_name(name: str) -> bool:
@@ -71,13 +71,13 @@ def list_images(path: str | os.PathLike) -> list[str]:
     """
     root = os.fspath(path)
     if not os.path.exists(root):
-        raise FileNotFoundError(f"image path {root!r} does not exist")
+        raise FileNotFoundError(f'image path {root!r} does not exist')
     if os.path.isfile(root):
         if _is_image_name(root):
             return [root]
         raise ValueError(
-            f"{root!r} is not an image file (looked for extensions "
-            f"{', '.join(IMAGE_EXTENSIONS)}, case-insensitive)"
+            f'{root!r} is not an image file (looked for extensions '
+            f'{", ".join(IMAGE_EXTENSIONS)}, case-insensitive)'
         )
     found: list[str] = []
     seen_dirs: set[str] = set()
@@ -87,16 +87,16 @@ def list_images(path: str | os.PathLike) -> list[str]:
             dirnames[:] = []
             continue
         seen_dirs.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith('.')]
         found.extend(
             os.path.join(dirpath, f)
             for f in filenames
-            if not f.startswith(".") and _is_image_name(f)
+            if not f.startswith('.') and _is_image_name(f)
         )
     if not found:
         raise ValueError(
-            f"no image files found under {root!r} (looked recursively for extensions "
-            f"{', '.join(IMAGE_EXTENSIONS)}, case-insensitive)"
+            f'no image files found under {root!r} (looked recursively for extensions '
+            f'{", ".join(IMAGE_EXTENSIONS)}, case-insensitive)'
         )
     return sorted(found)
 
@@ -131,11 +131,11 @@ def to_rgb_uint8(arr: np.ndarray, path: str, nodata: float | None = None) -> np.
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0 or arr.shape[2] == 0:
-        raise ImageError(path, f"unsupported image array shape {arr.shape}")
+        raise ImageError(path, f'unsupported image array shape {arr.shape}')
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
     if np.iscomplexobj(arr):
-        raise ImageError(path, f"unsupported complex dtype {arr.dtype}")
+        raise ImageError(path, f'unsupported complex dtype {arr.dtype}')
     if arr.dtype == np.uint8:
         rgb = arr[:, :, :3]
     else:
@@ -167,11 +167,11 @@ def _load_tiff(path: str) -> np.ndarray:
         fallback = _load_tiff_8bit_pil(path)
         if fallback is None:
             raise
-        log.debug("tifffile failed on %s (%s); decoded with PIL", path, e)
+        log.debug('tifffile failed on %s (%s); decoded with PIL', path, e)
         return fallback
     arr = _band_last(np.asarray(arr))
     if arr.ndim not in (2, 3):
-        raise ImageError(path, f"unsupported TIFF array shape {arr.shape}")
+        raise ImageError(path, f'unsupported TIFF array shape {arr.shape}')
     return to_rgb_uint8(arr, path)
 
 
@@ -183,11 +183,11 @@ def _load_tiff_8bit_pil(path: str) -> np.ndarray | None:
         with Image.open(path) as im:
             bits = im.tag_v2.get(258, 8)  # BitsPerSample
             bits = tuple(bits) if isinstance(bits, (tuple, list)) else (bits,)
-            modes = ("L", "P", "RGB", "RGBA", "RGBX", "CMYK")
+            modes = ('L', 'P', 'RGB', 'RGBA', 'RGBX', 'CMYK')
             if any(b != 8 for b in bits) or im.mode not in modes:
                 return None
             im.load()
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            return np.asarray(im.convert('RGB'), dtype=np.uint8).copy()
     except Exception:
         return None
 
@@ -197,9 +197,9 @@ def _load_pil(path: str) -> np.ndarray:
 
     with Image.open(path) as im:
         im.load()  # force a full decode: truncated files raise here
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        if im.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'):
             return to_rgb_uint8(np.asarray(im), path)
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        return np.asarray(im.convert('RGB'), dtype=np.uint8).copy()
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -219,7 +219,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     except ImageError:
         raise
     except Exception as e:  # PIL / tifffile / OS errors of any kind
-        raise ImageError(p, f"{type(e).__name__}: {e}") from e
+        raise ImageError(p, f'{type(e).__name__}: {e}') from e
     if out.ndim != 3 or out.shape[2] != 3 or out.shape[0] < 1 or out.shape[1] < 1:
-        raise ImageError(p, f"decoded to unexpected shape {out.shape}")
+        raise ImageError(p, f'decoded to unexpected shape {out.shape}')
     return out

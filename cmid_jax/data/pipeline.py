@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import grain
 import numpy as np
@@ -91,12 +92,12 @@ class FileSource:
     nothing up front).
     """
 
-    unit = "images"
+    unit = 'images'
 
     def __init__(self, files: Sequence[str], bands: Sequence[int | str] | str | None = None):
         self.files = list(files)
         if not self.files:
-            raise ValueError("no image files to build a dataset from")
+            raise ValueError('no image files to build a dataset from')
         self.bands = bands if bands == ALL_BANDS else check_bands_setting(bands)
         if self.bands is None:
             self.dtype, self.num_bands = np.dtype(np.uint8), 3
@@ -116,8 +117,10 @@ class FileSource:
                 return info
             except ImageError as e:
                 failures.append(str(e))
-        raise ValueError(f"none of the first {len(failures)} image files can be read with "
-                         f"data.bands={self.bands!r}:\n  " + "\n  ".join(failures))
+        raise ValueError(
+            f'none of the first {len(failures)} image files can be read with '
+            f'data.bands={self.bands!r}:\n  ' + '\n  '.join(failures)
+        )
 
     def __len__(self) -> int:
         return len(self.files)
@@ -132,16 +135,19 @@ class FileSource:
         info = raster.read_info(path)
         if self.bands == ALL_BANDS:
             if info.count != self.num_bands:
-                raise ImageError(path, f"has {info.count} bands, the first usable file has "
-                                       f"{self.num_bands}")
+                raise ImageError(
+                    path, f'has {info.count} bands, the first usable file has {self.num_bands}'
+                )
             indices = range(info.count)
         else:
             indices = resolve_bands(self.bands, info.band_names, path)
         image = compact(raster.read_raster(path, indices), path)
         if image.dtype != self.dtype:
             raise ImageError(
-                path, f"pixel type {image.dtype} differs from the dataset's {self.dtype} "
-                f"(set by the first usable file)")
+                path,
+                f"pixel type {image.dtype} differs from the dataset's {self.dtype} "
+                f'(set by the first usable file)',
+            )
         return image
 
 
@@ -198,30 +204,30 @@ class DecodeProcessSlice(grain.transforms.MapWithIndex):
             try:
                 image = source.read(i)
             except TileRejected as e:
-                log.debug("replacing %s", e)
+                log.debug('replacing %s', e)
                 rejected += 1
                 continue
             except Exception as e:  # ImageError or anything else a decoder throws
                 # The train loop reports each bad file once, from its index in bad_images.
-                log.debug("replacing unreadable %s: %s", source.describe(i), e)
+                log.debug('replacing unreadable %s: %s', source.describe(i), e)
                 bad[len(failures)] = i + 1
-                failures.append(f"{source.describe(i)} ({type(e).__name__}: {e})")
+                failures.append(f'{source.describe(i)} ({type(e).__name__}: {e})')
                 continue
             out = make_views(image, rng, self.image_size)
-            out["bad_images"] = bad
+            out['bad_images'] = bad
             return out
         distinct = list(dict.fromkeys(failures))
-        more = f" and {len(distinct) - 3} more" if len(distinct) > 3 else ""
+        more = f' and {len(distinct) - 3} more' if len(distinct) > 3 else ''
         raise RuntimeError(
-            f"no usable {source.unit} in {self.max_tries} random tries starting from "
-            f"{source.describe(index)}: {len(failures)} unreadable, {rejected} rejected as "
-            f"mostly nodata (data.max_nodata); unreadable: {'; '.join(distinct[:3])}{more}"
+            f'no usable {source.unit} in {self.max_tries} random tries starting from '
+            f'{source.describe(index)}: {len(failures)} unreadable, {rejected} rejected as '
+            f'mostly nodata (data.max_nodata); unreadable: {"; ".join(distinct[:3])}{more}'
         )
 
 
 def as_source(source: Source | Sequence[str]) -> Source:
     """A list of paths becomes an 8-bit RGB :class:`FileSource`; a source is returned as is."""
-    if hasattr(source, "read") and hasattr(source, "describe"):
+    if hasattr(source, 'read') and hasattr(source, 'describe'):
         return source
     return FileSource(source)
 
@@ -261,23 +267,28 @@ def build_dataset(
     photometric augmentation and the block masks are made on the device (:mod:`cmid_jax.augment`).
     """
     if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"bad process {process_index} of {process_count}")
+        raise ValueError(f'bad process {process_index} of {process_count}')
     if global_batch_size < 1 or global_batch_size % process_count:
         raise ValueError(
-            f"global_batch_size={global_batch_size} must be a positive multiple of the "
-            f"{process_count} processes"
+            f'global_batch_size={global_batch_size} must be a positive multiple of the '
+            f'{process_count} processes'
         )
     if not files:
-        raise ValueError("no image files to build a dataset from")
+        raise ValueError('no image files to build a dataset from')
     source = as_source(files)
     if len(source) < global_batch_size:
         log.warning(
-            "%d %s, fewer than the global batch of %d: batches repeat them",
-            len(source), source.unit, global_batch_size,
+            '%d %s, fewer than the global batch of %d: batches repeat them',
+            len(source),
+            source.unit,
+            global_batch_size,
         )
     transform = DecodeProcessSlice(
-        source, image_size=image_size, seed=seed,
-        process_index=process_index, process_count=process_count,
+        source,
+        image_size=image_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
     )
     return (
         index_dataset(len(source), seed=seed)

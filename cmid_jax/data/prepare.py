@@ -29,7 +29,8 @@ import json
 import logging
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from cmid_jax.data import raster, records
 from cmid_jax.data.bands import ALL_BANDS, check_bands_setting, resolve_bands
@@ -46,13 +47,13 @@ _CHUNK = 256  # elements read ahead by the thread pool
 def _read(source, index: int) -> tuple[str, Any]:
     """('ok', array) | ('rejected', None) | ('skipped', reason) for element ``index``."""
     try:
-        return "ok", source.read(index)
+        return 'ok', source.read(index)
     except TileRejected:
-        return "rejected", None
+        return 'rejected', None
     except ImageError as e:
-        return "skipped", e.reason
+        return 'skipped', e.reason
     except Exception as e:  # a decoder may throw anything; one bad element never stops the run
-        return "skipped", f"{type(e).__name__}: {e}"
+        return 'skipped', f'{type(e).__name__}: {e}'
 
 
 def _band_names(source, index: int) -> tuple[list[str | None], float | None]:
@@ -63,8 +64,11 @@ def _band_names(source, index: int) -> tuple[list[str | None], float | None]:
         return [info.band_names[b] for b in scene.bands], scene.nodata
     path = source.files[index]
     info = raster.read_info(path)
-    indices = (range(info.count) if source.bands == ALL_BANDS
-               else resolve_bands(source.bands, info.band_names, path))
+    indices = (
+        range(info.count)
+        if source.bands == ALL_BANDS
+        else resolve_bands(source.bands, info.band_names, path)
+    )
     return [info.band_names[b] for b in indices], info.nodata
 
 
@@ -85,70 +89,76 @@ def prepare(
         settings are invalid, or no element at all could be converted.
     """
     if tile < 0:
-        raise ValueError(f"--tile={tile} must be 0 (whole images) or a tile side in pixels")
+        raise ValueError(f'--tile={tile} must be 0 (whole images) or a tile side in pixels')
     if records.is_prepared(out):
-        raise ValueError(f"{out!r} already holds a prepared set ({records.MANIFEST}); remove it "
-                         f"or choose another --out")
+        raise ValueError(
+            f'{out!r} already holds a prepared set ({records.MANIFEST}); remove it '
+            f'or choose another --out'
+        )
     files = list_images(src)
     wanted = ALL_BANDS if bands is None else check_bands_setting(bands)
     skipped: list[dict[str, str]] = []
     if tile:
         index = TileIndex.build(files, tile, wanted)
         source = TileSource(index, rgb8=False, max_nodata=max_nodata)
-        skipped += [{"element": path, "reason": reason} for path, reason in index.skipped]
+        skipped += [{'element': path, 'reason': reason} for path, reason in index.skipped]
     else:
         source = FileSource(files, wanted)
     os.makedirs(out, exist_ok=True)
     start, last_log = time.perf_counter(), time.perf_counter()
     first, rejected, nbytes = None, 0, 0
-    with records.ShardWriter(out, records_per_shard) as writer, \
-            concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    with (
+        records.ShardWriter(out, records_per_shard) as writer,
+        concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool,
+    ):
         for chunk in range(0, len(source), _CHUNK):
             ids = range(chunk, min(chunk + _CHUNK, len(source)))
             for i, (kind, payload) in zip(ids, pool.map(lambda i: _read(source, i), ids)):
-                if kind == "ok":
+                if kind == 'ok':
                     writer.write(payload)
                     nbytes += payload.nbytes
                     first = i if first is None else first
-                elif kind == "rejected":
+                elif kind == 'rejected':
                     rejected += 1
                 else:
-                    log.warning("skipping %s: %s", source.describe(i), payload)
-                    skipped.append({"element": source.describe(i), "reason": payload})
+                    log.warning('skipping %s: %s', source.describe(i), payload)
+                    skipped.append({'element': source.describe(i), 'reason': payload})
             if time.perf_counter() - last_log > 10:
                 last_log = time.perf_counter()
-                log.info("%d of %d %s read", ids[-1] + 1, len(source), source.unit)
+                log.info('%d of %d %s read', ids[-1] + 1, len(source), source.unit)
         shards = writer.shards
     seconds = time.perf_counter() - start
-    count = sum(s["records"] for s in shards)
+    count = sum(s['records'] for s in shards)
     if first is None:
-        reasons = "\n  ".join(f"{s['element']}: {s['reason']}" for s in skipped[:20])
-        raise ValueError(f"nothing to write from {src!r}: {len(skipped)} skipped, {rejected} "
-                         f"rejected as mostly nodata (--max_nodata={max_nodata}):\n  {reasons}")
+        reasons = '\n  '.join(f'{s["element"]}: {s["reason"]}' for s in skipped[:20])
+        raise ValueError(
+            f'nothing to write from {src!r}: {len(skipped)} skipped, {rejected} '
+            f'rejected as mostly nodata (--max_nodata={max_nodata}):\n  {reasons}'
+        )
     names, nodata = _band_names(source, first)
     manifest = {
-        "format": records.FORMAT,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": os.path.abspath(src),
-        "records": count,
-        "dtype": source.dtype.name,
-        "bands": source.num_bands,
-        "band_names": names,
-        "selected_bands": None if bands is None else list(wanted),
-        "nodata": nodata,
-        "tile_size": tile,
-        "max_nodata": max_nodata if tile else None,
-        "files": len(files),
-        "rejected_nodata": rejected,
-        "skipped_count": len(skipped),
-        "skipped": skipped,
-        "shards": shards,
-        "seconds": round(seconds, 3),
-        "megabytes": round(nbytes / 1e6, 3),
+        'format': records.FORMAT,
+        'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+        'source': os.path.abspath(src),
+        'records': count,
+        'dtype': source.dtype.name,
+        'bands': source.num_bands,
+        'band_names': names,
+        'selected_bands': None if bands is None else list(wanted),
+        'nodata': nodata,
+        'tile_size': tile,
+        'max_nodata': max_nodata if tile else None,
+        'files': len(files),
+        'rejected_nodata': rejected,
+        'skipped_count': len(skipped),
+        'skipped': skipped,
+        'shards': shards,
+        'seconds': round(seconds, 3),
+        'megabytes': round(nbytes / 1e6, 3),
     }
-    tmp = os.path.join(out, records.MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    tmp = os.path.join(out, records.MANIFEST + '.tmp')
+    with open(tmp, 'w', encoding='utf-8') as f:
         json.dump(manifest, f, indent=2)
-        f.write("\n")
+        f.write('\n')
     os.replace(tmp, os.path.join(out, records.MANIFEST))
     return manifest

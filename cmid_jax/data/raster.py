@@ -19,25 +19,26 @@ import dataclasses
 import os
 import threading
 import warnings
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from cmid_jax.data.errors import ImageError
 
-TIFF_EXTENSIONS = (".tif", ".tiff")
+TIFF_EXTENSIONS = ('.tif', '.tiff')
 _MAX_OPEN = 32
 # PIL modes -> (band names, numpy dtype). Other modes are converted to RGB first.
 _PIL_MODES = {
-    "L": (("gray",), np.uint8),
-    "LA": (("gray", "alpha"), np.uint8),
-    "RGB": (("red", "green", "blue"), np.uint8),
-    "RGBA": (("red", "green", "blue", "alpha"), np.uint8),
-    "I;16": (("gray",), np.uint16),
-    "I;16L": (("gray",), np.uint16),
-    "I;16B": (("gray",), np.uint16),
-    "I": (("gray",), np.int32),
-    "F": (("gray",), np.float32),
+    'L': (('gray',), np.uint8),
+    'LA': (('gray', 'alpha'), np.uint8),
+    'RGB': (('red', 'green', 'blue'), np.uint8),
+    'RGBA': (('red', 'green', 'blue', 'alpha'), np.uint8),
+    'I;16': (('gray',), np.uint16),
+    'I;16L': (('gray',), np.uint16),
+    'I;16B': (('gray',), np.uint16),
+    'I': (('gray',), np.int32),
+    'F': (('gray',), np.float32),
 }
 
 
@@ -77,11 +78,11 @@ def _rasterio():
         from rasterio.errors import NotGeoreferencedWarning
     except ImportError as e:  # pragma: no cover - depends on the installation
         raise ImportError(
-            "reading TIFF bands or tiles (data.bands, data.tile_size, cmid_jax.data.prepare) needs "
+            'reading TIFF bands or tiles (data.bands, data.tile_size, cmid_jax.data.prepare) needs '
             "rasterio: pip install 'cmid-jax[geo]'"
         ) from e
     # Plain (non-geo) TIFFs are fine training data; GDAL's warning about them is noise.
-    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+    warnings.filterwarnings('ignore', category=NotGeoreferencedWarning)
     return rasterio
 
 
@@ -90,7 +91,7 @@ _local = threading.local()
 
 def _dataset(path: str):
     """A cached, open rasterio dataset for ``path`` (per thread)."""
-    cache = getattr(_local, "datasets", None)
+    cache = getattr(_local, 'datasets', None)
     if cache is None:
         cache = _local.datasets = collections.OrderedDict()
     ds = cache.get(path)
@@ -105,7 +106,7 @@ def _dataset(path: str):
 
 
 def _forget(path: str) -> None:
-    cache = getattr(_local, "datasets", None)
+    cache = getattr(_local, 'datasets', None)
     if cache and path in cache:
         cache.pop(path).close()
 
@@ -114,9 +115,9 @@ def _tiff_info(path: str) -> RasterInfo:
     ds = _dataset(path)
     dtypes = set(ds.dtypes)
     if len(dtypes) != 1:
-        raise ImageError(path, f"bands of different pixel types {sorted(dtypes)}")
+        raise ImageError(path, f'bands of different pixel types {sorted(dtypes)}')
     names = tuple(
-        desc or (None if ci.name == "undefined" else ci.name)
+        desc or (None if ci.name == 'undefined' else ci.name)
         for desc, ci in zip(ds.descriptions, ds.colorinterp)
     )
     return RasterInfo(path, ds.height, ds.width, ds.dtypes[0], ds.nodata, names)
@@ -140,7 +141,7 @@ def _pil_open(path: str):
     im = Image.open(path)
     if im.mode not in _PIL_MODES:
         im.load()
-        im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+        im = im.convert('RGBA' if 'A' in im.mode or 'transparency' in im.info else 'RGB')
     return im
 
 
@@ -176,7 +177,7 @@ def read_info(path: str | os.PathLike) -> RasterInfo:
         raise
     except Exception as e:  # rasterio / PIL / OS errors of any kind
         _forget(p)
-        raise ImageError(p, f"{type(e).__name__}: {e}") from e
+        raise ImageError(p, f'{type(e).__name__}: {e}') from e
 
 
 def read_raster(
@@ -194,20 +195,25 @@ def read_raster(
         bands = range(info.count) if bands is None else bands
         bad = [b for b in bands if not 0 <= b < info.count]
         if bad:
-            raise ImageError(p, f"has {info.count} bands; band indices {bad} do not exist")
+            raise ImageError(p, f'has {info.count} bands; band indices {bad} do not exist')
         if window is not None and (
-            window.top < 0 or window.left < 0 or window.height < 1 or window.width < 1
-            or window.top + window.height > info.height or window.left + window.width > info.width
+            window.top < 0
+            or window.left < 0
+            or window.height < 1
+            or window.width < 1
+            or window.top + window.height > info.height
+            or window.left + window.width > info.width
         ):
             raise ImageError(
-                p, f"window {tuple(window)} is outside the {info.height}x{info.width} image")
+                p, f'window {tuple(window)} is outside the {info.height}x{info.width} image'
+            )
         out = _tiff_read(p, bands, window) if _is_tiff(p) else _pil_read(p, bands, window)
     except (ImageError, ImportError):
         raise
     except Exception as e:
         _forget(p)
-        raise ImageError(p, f"{type(e).__name__}: {e}") from e
+        raise ImageError(p, f'{type(e).__name__}: {e}') from e
     want = (window.height, window.width) if window is not None else (info.height, info.width)
     if out.shape[:2] != want:
-        raise ImageError(p, f"decoded to {out.shape[:2]}, expected {want}")
+        raise ImageError(p, f'decoded to {out.shape[:2]}, expected {want}')
     return out

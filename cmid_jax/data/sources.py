@@ -27,7 +27,8 @@ from cmid_jax.data.bands import check_bands_setting, num_bands, type_max
 from cmid_jax.data.files import demo_data_path, list_images
 from cmid_jax.data.pipeline import FileSource, Source
 from cmid_jax.data.stats import load_stats
-from cmid_jax.data.tfds_source import PREFIX as TFDS_PREFIX, TfdsSource
+from cmid_jax.data.tfds_source import PREFIX as TFDS_PREFIX
+from cmid_jax.data.tfds_source import TfdsSource
 from cmid_jax.data.tiles import TileIndex, TileSource
 
 log = logging.getLogger(__name__)
@@ -42,41 +43,51 @@ def open_source(data) -> Source:
     bands = check_bands_setting(data.bands)
     tile = int(data.tile_size or 0)
     if tile < 0:
-        raise ValueError(f"data.tile_size={tile} must be 0 (whole images) or a tile side in pixels")
+        raise ValueError(f'data.tile_size={tile} must be 0 (whole images) or a tile side in pixels')
     if 0 < tile < data.image_size:
-        raise ValueError(f"data.tile_size={tile} is smaller than the crop data.image_size="
-                         f"{data.image_size}; use tiles of at least the crop size (or 0 for whole "
-                         f"images)")
-    spec = data.get("source")
+        raise ValueError(
+            f'data.tile_size={tile} is smaller than the crop data.image_size='
+            f'{data.image_size}; use tiles of at least the crop size (or 0 for whole '
+            f'images)'
+        )
+    spec = data.get('source')
     if spec:
         if not spec.startswith(TFDS_PREFIX):
-            raise ValueError(f"data.source={spec!r}: expected 'tfds:NAME[/CONFIG]:SPLIT', or None "
-                             f"to read data.path")
+            raise ValueError(
+                f"data.source={spec!r}: expected 'tfds:NAME[/CONFIG]:SPLIT', or None "
+                f'to read data.path'
+            )
         if tile:
-            raise ValueError(f"data.tile_size={tile} cuts scenes of a folder; it does not apply to "
-                             f"data.source={spec!r} (set it to 0)")
+            raise ValueError(
+                f'data.tile_size={tile} cuts scenes of a folder; it does not apply to '
+                f'data.source={spec!r} (set it to 0)'
+            )
         return TfdsSource(spec, data_dir=data.path, bands=bands)
     path = data.path or demo_data_path()
     if records.is_prepared(path):
         if tile:
             manifest = records.read_manifest(path)
-            raise ValueError(f"data.path={path!r} holds ArrayRecord shards from cmid_jax.data.prepare, "
-                             f"already cut (tile size {manifest['tile_size']}); set "
-                             f"data.tile_size=0 to read them")
+            raise ValueError(
+                f'data.path={path!r} holds ArrayRecord shards from cmid_jax.data.prepare, '
+                f'already cut (tile size {manifest["tile_size"]}); set '
+                f'data.tile_size=0 to read them'
+            )
         return records.RecordSource(path, bands)
     files = list_images(path)
     if tile:
-        return TileSource(TileIndex.build(files, tile, bands), rgb8=bands is None,
-                          max_nodata=data.max_nodata)
+        return TileSource(
+            TileIndex.build(files, tile, bands), rgb8=bands is None, max_nodata=data.max_nodata
+        )
     return FileSource(files, bands)
 
 
 def describe_source(data, source: Source) -> str:
     """One line for the log: what is read, from where, how many elements."""
-    where = data.get("source") or data.path or demo_data_path()
-    mode = "8-bit RGB" if data.bands is None else f"bands {tuple(data.bands)}"
-    return (f"{len(source)} {source.unit} ({mode}, {source.num_bands}x{source.dtype.name}) "
-            f"from {where}")
+    where = data.get('source') or data.path or demo_data_path()
+    mode = '8-bit RGB' if data.bands is None else f'bands {tuple(data.bands)}'
+    return (
+        f'{len(source)} {source.unit} ({mode}, {source.num_bands}x{source.dtype.name}) from {where}'
+    )
 
 
 def resolve_data_config(data, source: Source) -> None:
@@ -87,12 +98,13 @@ def resolve_data_config(data, source: Source) -> None:
       ValueError: a setting that does not fit the data, naming the key, its value and what the
         data needs.
     """
-    if not data.get("source"):
+    if not data.get('source'):
         data.path = data.path or demo_data_path()
     bands = num_bands(data)
     if source.num_bands != bands:  # sources follow data.bands; this guards new sources
-        raise ValueError(f"the data has {source.num_bands} bands, data.bands={data.bands!r} "
-                         f"implies {bands}")
+        raise ValueError(
+            f'the data has {source.num_bands} bands, data.bands={data.bands!r} implies {bands}'
+        )
     dtype = source.dtype.name
     if data.dtype is not None and data.dtype != dtype:
         raise ValueError(f"data.dtype={data.dtype!r}, but the data's pixels are {dtype}")
@@ -100,29 +112,33 @@ def resolve_data_config(data, source: Source) -> None:
     if data.stats:
         stats = load_stats(data.stats)
         requested = None if data.bands is None else list(data.bands)
-        if stats["bands"] != requested or stats["dtype"] != dtype:
+        if stats['bands'] != requested or stats['dtype'] != dtype:
             raise ValueError(
-                f"data.stats={data.stats!r} was computed for bands {stats['bands']} of "
-                f"{stats['dtype']} pixels, but this run reads bands {requested} of {dtype} pixels; "
-                f"recompute it with python -m cmid_jax.tools.data_stats and the same data settings")
-        data.mean, data.std = tuple(stats["mean"]), tuple(stats["std"])
+                f'data.stats={data.stats!r} was computed for bands {stats["bands"]} of '
+                f'{stats["dtype"]} pixels, but this run reads bands {requested} of {dtype} pixels; '
+                f'recompute it with python -m cmid_jax.tools.data_stats and the same data settings'
+            )
+        data.mean, data.std = tuple(stats['mean']), tuple(stats['std'])
         if data.value_range is None:
-            data.value_range = tuple(stats["value_range"])
-    for key in ("mean", "std"):
+            data.value_range = tuple(stats['value_range'])
+    for key in ('mean', 'std'):
         values = tuple(data[key])
         if len(values) != bands:
             raise ValueError(
-                f"data.{key} has {len(values)} values for {bands} bands (data.bands="
-                f"{data.bands!r}); compute per-band values with `python -m cmid_jax.tools.data_stats "
-                f"--config=... --out=stats.json` and pass --config.data.stats=stats.json")
+                f'data.{key} has {len(values)} values for {bands} bands (data.bands='
+                f'{data.bands!r}); compute per-band values with `python -m cmid_jax.tools.data_stats '
+                f'--config=... --out=stats.json` and pass --config.data.stats=stats.json'
+            )
     if any(not s > 0 for s in data.std):
-        raise ValueError(f"data.std={tuple(data.std)!r} must be positive for every band")
+        raise ValueError(f'data.std={tuple(data.std)!r} must be positive for every band')
     if data.value_range is None:
         data.value_range = (0.0, type_max(dtype))
     black, white = map(float, data.value_range)
     if not 0 <= black < white <= type_max(dtype):
-        raise ValueError(f"data.value_range={tuple(data.value_range)!r} must be (black, white) "
-                         f"with 0 <= black < white <= {type_max(dtype):g} for {dtype} data")
+        raise ValueError(
+            f'data.value_range={tuple(data.value_range)!r} must be (black, white) '
+            f'with 0 <= black < white <= {type_max(dtype):g} for {dtype} data'
+        )
     data.value_range = (black, white)
     if not 0.0 <= data.max_nodata <= 1.0:
-        raise ValueError(f"data.max_nodata={data.max_nodata} must be a fraction in [0, 1]")
+        raise ValueError(f'data.max_nodata={data.max_nodata} must be a fraction in [0, 1]')

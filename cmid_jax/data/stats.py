@@ -28,7 +28,7 @@ from cmid_jax.data.tagged_json import read_tagged_json
 
 log = logging.getLogger(__name__)
 
-FORMAT = "cmid_jax.data_stats/1"
+FORMAT = 'cmid_jax.data_stats/1'
 PERCENTILES = (0.1, 1.0, 50.0, 99.0, 99.9)
 _MAX_REASONS = 20  # unreadable elements listed in the JSON
 
@@ -36,7 +36,7 @@ _MAX_REASONS = 20  # unreadable elements listed in the JSON
 def _percentile(hist: np.ndarray, q: float) -> int:
     """Smallest value v with at least q% of the counts <= v (nearest rank)."""
     cdf = np.cumsum(hist)
-    return int(np.searchsorted(cdf, q / 100.0 * cdf[-1], side="left"))
+    return int(np.searchsorted(cdf, q / 100.0 * cdf[-1], side='left'))
 
 
 def source_stats(config, samples: int) -> dict[str, Any]:
@@ -64,7 +64,7 @@ def compute_stats(source, *, samples: int, seed: int) -> dict[str, Any]:
       ValueError: no valid pixel in the sample.
     """
     if samples < 1:
-        raise ValueError(f"samples={samples} must be positive")
+        raise ValueError(f'samples={samples} must be positive')
     n = len(source)
     order = np.random.default_rng(int(seed) % 2**32).permutation(n)[:samples]
     bins = int(type_max(source.dtype)) + 1
@@ -78,8 +78,8 @@ def compute_stats(source, *, samples: int, seed: int) -> dict[str, Any]:
             rejected += 1
             continue
         except ImageError as e:
-            log.warning("skipping %s", e)
-            unreadable.append({"element": source.describe(int(index)), "reason": str(e)})
+            log.warning('skipping %s', e)
+            unreadable.append({'element': source.describe(int(index)), 'reason': str(e)})
             continue
         valid = valid_mask(image)
         nodata_pixels += int(valid.size - valid.sum())
@@ -88,52 +88,55 @@ def compute_stats(source, *, samples: int, seed: int) -> dict[str, Any]:
             hist[b] += np.bincount(pixels[:, b], minlength=bins)
         used += 1
         if count % 1000 == 0:
-            log.info("%d of %d elements read", count, len(order))
+            log.info('%d of %d elements read', count, len(order))
     total = int(hist[0].sum())
     if total == 0:
-        raise ValueError(f"no valid pixel in {len(order)} sampled {source.unit} "
-                         f"({rejected} rejected as nodata, {len(unreadable)} unreadable)")
+        raise ValueError(
+            f'no valid pixel in {len(order)} sampled {source.unit} '
+            f'({rejected} rejected as nodata, {len(unreadable)} unreadable)'
+        )
     values = np.arange(bins, dtype=np.float64)
     mean_raw = hist @ values / total
     var_raw = (hist * np.square(values[None, :] - mean_raw[:, None])).sum(axis=1) / total
     std_raw = np.sqrt(var_raw)
     scale = type_max(source.dtype)
-    percentiles = {f"{q:g}": [_percentile(h, q) for h in hist] for q in PERCENTILES}
+    percentiles = {f'{q:g}': [_percentile(h, q) for h in hist] for q in PERCENTILES}
     if source.dtype == np.uint8:
         value_range = [0.0, 255.0]
     else:
-        value_range = [float(min(percentiles["0.1"])), float(max(percentiles["99.9"]))]
+        value_range = [float(min(percentiles['0.1'])), float(max(percentiles['99.9']))]
     return {
-        "format": FORMAT,
-        "mean": [float(v) for v in mean_raw / scale],
-        "std": [float(v) for v in std_raw / scale],
-        "unit": f"value / {scale:g}",
-        "value_range": value_range,
-        "dtype": source.dtype.name,
-        "num_bands": int(source.num_bands),
-        "mean_raw": [float(v) for v in mean_raw],
-        "std_raw": [float(v) for v in std_raw],
-        "percentiles_raw": percentiles,
-        "elements_sampled": int(len(order)),
-        "elements_used": used,
-        "rejected_nodata": rejected,
-        "unreadable": len(unreadable),
-        "unreadable_examples": unreadable[:_MAX_REASONS],
-        "pixels": total,
-        "nodata_pixels": nodata_pixels,
-        "seed": int(seed),
+        'format': FORMAT,
+        'mean': [float(v) for v in mean_raw / scale],
+        'std': [float(v) for v in std_raw / scale],
+        'unit': f'value / {scale:g}',
+        'value_range': value_range,
+        'dtype': source.dtype.name,
+        'num_bands': int(source.num_bands),
+        'mean_raw': [float(v) for v in mean_raw],
+        'std_raw': [float(v) for v in std_raw],
+        'percentiles_raw': percentiles,
+        'elements_sampled': int(len(order)),
+        'elements_used': used,
+        'rejected_nodata': rejected,
+        'unreadable': len(unreadable),
+        'unreadable_examples': unreadable[:_MAX_REASONS],
+        'pixels': total,
+        'nodata_pixels': nodata_pixels,
+        'seed': int(seed),
     }
 
 
 def write_stats(stats: dict[str, Any], path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path, 'w', encoding='utf-8') as f:
         json.dump(stats, f, indent=2)
-        f.write("\n")
+        f.write('\n')
 
 
 def load_stats(path: str) -> dict[str, Any]:
     """A statistics file of `cmid_jax.tools.data_stats`, checked for the keys a run reads."""
-    return read_tagged_json(path, FORMAT, ("mean", "std", "value_range", "dtype", "bands"),
-                            f"data.stats={path!r}")
+    return read_tagged_json(
+        path, FORMAT, ('mean', 'std', 'value_range', 'dtype', 'bands'), f'data.stats={path!r}'
+    )

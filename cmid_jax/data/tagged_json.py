@@ -4,7 +4,8 @@ tagged with a `format` so that a wrong or stale file fails with a clear error, n
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def read_tagged_json(path: str, fmt: str, required: Sequence[str], what: str) -> dict[str, Any]:
@@ -13,14 +14,14 @@ def read_tagged_json(path: str, fmt: str, required: Sequence[str], what: str) ->
     `what` names the file in the errors, e.g. "data.stats='s.json'" or "the manifest 'x/m.json'".
     """
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding='utf-8') as f:
             obj = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{what}: cannot read it ({e})") from e
-    found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f'{what}: cannot read it ({e})') from e
+    found = obj.get('format') if isinstance(obj, dict) else type(obj).__name__
     if found != fmt:
-        raise ValueError(f"{what} is not a file of format {fmt!r} (its format is {found!r})")
+        raise ValueError(f'{what} is not a file of format {fmt!r} (its format is {found!r})')
     missing = [k for k in required if k not in obj]
     if missing:
-        raise ValueError(f"{what} lacks the keys {missing}")
+        raise ValueError(f'{what} lacks the keys {missing}')
     return obj

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -72,12 +72,12 @@ class TileIndex:
 
     def __post_init__(self):
         # Entry i belongs to the first scene whose cumulative window count exceeds i.
-        object.__setattr__(self, "ends", np.cumsum([s.num_windows for s in self.scenes]))
+        object.__setattr__(self, 'ends', np.cumsum([s.num_windows for s in self.scenes]))
 
     @classmethod
     def build(
         cls, files: Sequence[str], tile: int, bands: Sequence[int | str] | str | None = None
-    ) -> "TileIndex":
+    ) -> TileIndex:
         """Reads the header of every file. ``bands`` None: the first (up to) 3 bands, for
         8-bit RGB; ``ALL_BANDS``: every band, and every scene must have as many as the first
         usable one; otherwise :func:`~cmid_jax.data.bands.resolve_bands` per scene (names may
@@ -87,7 +87,7 @@ class TileIndex:
           ValueError: ``tile`` is not positive, or no scene is usable (every reason listed).
         """
         if tile < 1:
-            raise ValueError(f"data.tile_size={tile} must be positive to cut scenes into tiles")
+            raise ValueError(f'data.tile_size={tile} must be positive to cut scenes into tiles')
         all_bands = isinstance(bands, str) and bands == ALL_BANDS
         bands = bands if all_bands else check_bands_setting(bands)
         scenes, skipped = [], []
@@ -101,35 +101,46 @@ class TileIndex:
                     indices = tuple(range(info.count))
                     if scenes and info.count != len(scenes[0].bands):
                         raise ImageError(
-                            path, f"has {info.count} bands, the first usable scene "
-                            f"{scenes[0].path!r} has {len(scenes[0].bands)}")
+                            path,
+                            f'has {info.count} bands, the first usable scene '
+                            f'{scenes[0].path!r} has {len(scenes[0].bands)}',
+                        )
                 else:
                     indices = resolve_bands(bands, info.band_names, path)
                 scene_dtype = compact_dtype(info.dtype)
                 if bands is not None and dtype is not None and scene_dtype != dtype:
                     raise ImageError(
-                        path, f"pixel type {info.dtype} differs from the {dtype} of the first "
-                        f"usable scene {scenes[0].path!r}")
+                        path,
+                        f'pixel type {info.dtype} differs from the {dtype} of the first '
+                        f'usable scene {scenes[0].path!r}',
+                    )
                 if info.height < tile or info.width < tile:
                     raise ImageError(
-                        path, f"scene is {info.height}x{info.width} pixels, smaller than "
-                        f"data.tile_size={tile}")
+                        path,
+                        f'scene is {info.height}x{info.width} pixels, smaller than '
+                        f'data.tile_size={tile}',
+                    )
             except ImageError as e:
-                log.warning("skipping scene: %s", e)
+                log.warning('skipping scene: %s', e)
                 skipped.append((path, e.reason))
                 continue
             dtype = scene_dtype if dtype is None else dtype
-            scenes.append(Scene(
-                path, indices, info.nodata,
-                tuple(int(v) for v in window_starts(info.height, tile)),
-                tuple(int(v) for v in window_starts(info.width, tile)),
-            ))
+            scenes.append(
+                Scene(
+                    path,
+                    indices,
+                    info.nodata,
+                    tuple(int(v) for v in window_starts(info.height, tile)),
+                    tuple(int(v) for v in window_starts(info.width, tile)),
+                )
+            )
         if not scenes:
-            reasons = "\n  ".join(f"{p}: {r}" for p, r in skipped)
-            raise ValueError(f"no usable scene for data.tile_size={tile} among {len(files)} "
-                             f"files:\n  {reasons}")
+            reasons = '\n  '.join(f'{p}: {r}' for p, r in skipped)
+            raise ValueError(
+                f'no usable scene for data.tile_size={tile} among {len(files)} files:\n  {reasons}'
+            )
         if skipped:
-            log.warning("%d of %d scenes skipped (reasons above)", len(skipped), len(files))
+            log.warning('%d of %d scenes skipped (reasons above)', len(skipped), len(files))
         return cls(tile, tuple(scenes), tuple(skipped), dtype)
 
     @property
@@ -142,8 +153,8 @@ class TileIndex:
     def locate(self, index: int) -> tuple[Scene, raster.Window]:
         """Scene and window of entry ``index``."""
         if not 0 <= index < len(self):
-            raise IndexError(f"tile index {index} out of range [0, {len(self)})")
-        k = int(np.searchsorted(self.ends, index, side="right"))
+            raise IndexError(f'tile index {index} out of range [0, {len(self)})')
+        k = int(np.searchsorted(self.ends, index, side='right'))
         scene = self.scenes[k]
         local = index - (int(self.ends[k - 1]) if k else 0)
         r, c = divmod(local, len(scene.cols))
@@ -158,11 +169,11 @@ class TileSource:
     raw values of the index's bands.
     """
 
-    unit = "tiles"
+    unit = 'tiles'
 
     def __init__(self, index: TileIndex, *, rgb8: bool, max_nodata: float = 1.0):
         if not 0.0 <= max_nodata <= 1.0:
-            raise ValueError(f"data.max_nodata={max_nodata} must be a fraction in [0, 1]")
+            raise ValueError(f'data.max_nodata={max_nodata} must be a fraction in [0, 1]')
         self.index = index
         self.rgb8 = rgb8
         self.max_nodata = float(max_nodata)
@@ -174,7 +185,7 @@ class TileSource:
 
     def describe(self, index: int) -> str:
         scene, w = self.index.locate(index)
-        return f"{scene.path} window (top={w.top}, left={w.left}, {w.height}x{w.width})"
+        return f'{scene.path} window (top={w.top}, left={w.left}, {w.height}x{w.width})'
 
     def read_raw(self, index: int) -> tuple[np.ndarray, float | None]:
         """The window's raw selected bands (compact type) and the scene's nodata value."""
@@ -190,6 +201,7 @@ class TileSource:
         if self.rgb8:
             return to_rgb_uint8(tile, self.describe(index), nodata)
         if tile.dtype != self.dtype:  # the header promised another type
-            raise ImageError(self.describe(index),
-                             f"pixel type {tile.dtype}, expected {self.dtype}")
+            raise ImageError(
+                self.describe(index), f'pixel type {tile.dtype}, expected {self.dtype}'
+            )
         return tile

@@ -50,7 +50,7 @@ def check_image_size(image_size: int) -> int:
     s = int(image_size)
     if s <= 0 or s % MASK_PATCH_SIZE != 0:
         raise ValueError(
-            f"image_size must be a positive multiple of {MASK_PATCH_SIZE}, got {image_size}"
+            f'image_size must be a positive multiple of {MASK_PATCH_SIZE}, got {image_size}'
         )
     return s
 
@@ -130,9 +130,7 @@ def _linear_taps(length: int, out: int):
     return i0, i1, frac
 
 
-def resized_crop(
-    image: np.ndarray, top: int, left: int, h: int, w: int, size: int
-) -> np.ndarray:
+def resized_crop(image: np.ndarray, top: int, left: int, h: int, w: int, size: int) -> np.ndarray:
     """Crop ``image[top:top+h, left:left+w]`` and resize it to ``size x size`` with
     bilinear interpolation (OpenCV INTER_LINEAR semantics, no antialiasing; the crop
     borders are clamped, pixels outside the crop are never read). Returns the image's
@@ -190,8 +188,9 @@ def apply_crop(image: np.ndarray, crop: Crop, size: int) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def make_views(image: np.ndarray, rng: np.random.Generator, image_size: int = 224
-               ) -> dict[str, np.ndarray]:
+def make_views(
+    image: np.ndarray, rng: np.random.Generator, image_size: int = 224
+) -> dict[str, np.ndarray]:
     """The host part of both CMID views of one (H, W, C) uint8 or uint16 image (a 2-D image is
     grey RGB).
 
@@ -205,8 +204,8 @@ def make_views(image: np.ndarray, rng: np.random.Generator, image_size: int = 22
         image = np.repeat(image[:, :, None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] < 1 or image.dtype not in (np.uint8, np.uint16):
         raise ValueError(
-            f"make_views expects an (H, W, C) uint8 or uint16 image, got {image.shape} "
-            f"{image.dtype}"
+            f'make_views expects an (H, W, C) uint8 or uint16 image, got {image.shape} '
+            f'{image.dtype}'
         )
     image = pre_resize(image, size)
     height, width = image.shape[:2]
@@ -214,8 +213,8 @@ def make_views(image: np.ndarray, rng: np.random.Generator, image_size: int = 22
     crop_a = sample_crop(rng, height, width)
     crop_b = sample_crop(rng, height, width)
     return {
-        "img_a": apply_crop(image, crop_a, size),
-        "img_b": apply_crop(image, crop_b, size),
-        "loc_a": location_grid(*crop_a, grid=grid),
-        "loc_b": location_grid(*crop_b, grid=grid),
+        'img_a': apply_crop(image, crop_a, size),
+        'img_b': apply_crop(image, crop_b, size),
+        'loc_a': location_grid(*crop_a, grid=grid),
+        'loc_b': location_grid(*crop_b, grid=grid),
     }

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -52,26 +52,31 @@ def pair_features(fa: jax.Array, fb: jax.Array) -> jax.Array:
 class Labelled:
     """The images of some names (for change, A and B stacked along the bands) and their labels
     as class indices."""
+
     names: tuple[str, ...]
     images: list[np.ndarray]
     labels: list[np.ndarray]
 
     def subset(self, names: tuple[str, ...]) -> Labelled:
         index = {n: i for i, n in enumerate(self.names)}
-        return Labelled(names, [self.images[index[n]] for n in names],
-                        [self.labels[index[n]] for n in names])
+        return Labelled(
+            names, [self.images[index[n]] for n in names], [self.labels[index[n]] for n in names]
+        )
 
 
-def read_dense_set(dataset: dense_data.DenseSet, data: ml_collections.ConfigDict,
-                   change: bool) -> tuple[Labelled, tuple[str, ...]]:
+def read_dense_set(
+    dataset: dense_data.DenseSet, data: ml_collections.ConfigDict, change: bool
+) -> tuple[Labelled, tuple[str, ...]]:
     """Reads and checks every image and label of `dataset`; returns them and the class names."""
     dates = [read_images([files[d] for files in dataset.images], data) for d in range(1 + change)]
     images, labels = [], []
     for i in range(len(dataset.names)):
         first = dates[0][i]
         if change and dates[1][i].shape != first.shape:
-            raise ValueError(f'{dataset.images[i][1]!r} is {_size(dates[1][i])} but '
-                             f'{dataset.images[i][0]!r} is {_size(first)}')
+            raise ValueError(
+                f'{dataset.images[i][1]!r} is {_size(dates[1][i])} but '
+                f'{dataset.images[i][0]!r} is {_size(first)}'
+            )
         images.append(np.concatenate([d[i] for d in dates], axis=-1) if change else first)
         labels.append(dense_data.read_label(dataset.labels[i], first.shape[:2]))
     class_names = dataset.class_names
@@ -107,9 +112,15 @@ def upsample_logits(logits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if logits.shape[:2] == tuple(shape):
         return logits
     size = (shape[1], shape[0])
-    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(logits[..., c]))
-                                .resize(size, Image.BILINEAR))
-                     for c in range(logits.shape[-1])], axis=-1)
+    return np.stack(
+        [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(logits[..., c])).resize(size, Image.BILINEAR)
+            )
+            for c in range(logits.shape[-1])
+        ],
+        axis=-1,
+    )
 
 
 def train_windows(data: Labelled, size: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -120,8 +131,9 @@ def train_windows(data: Labelled, size: int, scale: float = 1.0) -> tuple[np.nda
     for image, label in zip(data.images, data.labels):
         image, label = rescale(image, scale), rescale(label, scale, label=True)
         h, w = label.shape
-        label = np.pad(label, ((0, max(size - h, 0)), (0, max(size - w, 0))),
-                       constant_values=dense_head.IGNORE)
+        label = np.pad(
+            label, ((0, max(size - h, 0)), (0, max(size - w, 0))), constant_values=dense_head.IGNORE
+        )
         images.append(tiling.windows(image, size, size)[0])
         labels.append(tiling.windows(label, size, size)[0])
     return np.concatenate(images), np.concatenate(labels)
@@ -130,6 +142,7 @@ def train_windows(data: Labelled, size: int, scale: float = 1.0) -> tuple[np.nda
 @dataclasses.dataclass(frozen=True)
 class Probe:
     """A trained head with what it needs at test time."""
+
     head: nn.Module
     params: dict
     stats: dict
@@ -138,33 +151,51 @@ class Probe:
     num_windows: int
 
 
-def train_probe(config: ml_collections.ConfigDict, variables: dict, train: Labelled,
-                num_classes: int, head_name: str, change: bool, seed: int, batch_size: int,
-                scale: float = 1.0) -> Probe:
+def train_probe(
+    config: ml_collections.ConfigDict,
+    variables: dict,
+    train: Labelled,
+    num_classes: int,
+    head_name: str,
+    change: bool,
+    seed: int,
+    batch_size: int,
+    scale: float = 1.0,
+) -> Probe:
     size = int(config.data.image_size)
     windows, labels = train_windows(train, size, scale)
     # No larger batches than there are windows: padding would only burn compute.
-    extract = FeatureExtractor(config, batch_size=min(batch_size, len(windows)),
-                               feature_map=True)
+    extract = FeatureExtractor(config, batch_size=min(batch_size, len(windows)), feature_map=True)
     if change:
         bands = windows.shape[-1] // 2
-        inputs = np.asarray(pair_features(extract(variables, windows[..., :bands]),
-                                          extract(variables, windows[..., bands:])))
+        inputs = np.asarray(
+            pair_features(
+                extract(variables, windows[..., :bands]), extract(variables, windows[..., bands:])
+            )
+        )
     else:
         inputs = extract(variables, windows)
     stats = dense_head.channel_stats(inputs)
     head = dense_head.build_head(head_name, num_classes)
     targets = dense_head.label_grid(labels)
     weights = dense_head.balanced_weights(targets, num_classes) if change else None
-    params, losses = dense_head.train_head(head, inputs, targets, stats, seed=seed,
-                                           class_weights=weights)
-    logging.info('%s head on %d windows of %s features: loss %.3f -> %.3f.', head_name,
-                 len(inputs), inputs.shape[1:], losses[:50].mean(), losses[-50:].mean())
+    params, losses = dense_head.train_head(
+        head, inputs, targets, stats, seed=seed, class_weights=weights
+    )
+    logging.info(
+        '%s head on %d windows of %s features: loss %.3f -> %.3f.',
+        head_name,
+        len(inputs),
+        inputs.shape[1:],
+        losses[:50].mean(),
+        losses[-50:].mean(),
+    )
     return Probe(head, params, stats, losses, size // inputs.shape[1], len(inputs))
 
 
-def make_predict(config: ml_collections.ConfigDict, variables: dict, probe: Probe,
-                 change: bool) -> Callable[[np.ndarray], np.ndarray]:
+def make_predict(
+    config: ml_collections.ConfigDict, variables: dict, probe: Probe, change: bool
+) -> Callable[[np.ndarray], np.ndarray]:
     """(B, S, S, bands) windows (A and B stacked for change) -> (B, S, S, classes) logits."""
     size = int(config.data.image_size)
     feature_map = make_feature_map_fn(config)
@@ -174,8 +205,10 @@ def make_predict(config: ml_collections.ConfigDict, variables: dict, probe: Prob
         variables, params, stats = args
         if change:
             bands = windows.shape[-1] // 2
-            x = pair_features(feature_map(variables, windows[..., :bands]),
-                              feature_map(variables, windows[..., bands:]))
+            x = pair_features(
+                feature_map(variables, windows[..., :bands]),
+                feature_map(variables, windows[..., bands:]),
+            )
         else:
             x = feature_map(variables, windows)
         return dense_head.head_logits(probe.head, params, stats, x, size)
@@ -184,10 +217,17 @@ def make_predict(config: ml_collections.ConfigDict, variables: dict, probe: Prob
     return lambda windows: np.asarray(logits(args, windows))
 
 
-def evaluate_probe(config: ml_collections.ConfigDict, variables: dict, probe: Probe,
-                   test: Labelled, num_classes: int, ignore_index: int | None, change: bool,
-                   batch_size: int, scale: float = 1.0
-                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def evaluate_probe(
+    config: ml_collections.ConfigDict,
+    variables: dict,
+    probe: Probe,
+    test: Labelled,
+    num_classes: int,
+    ignore_index: int | None,
+    change: bool,
+    batch_size: int,
+    scale: float = 1.0,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(confusion matrix over all test pixels, preview rows of the first test images). The
     windows slide over the images resized by `scale`; the logits are resized back to the
     labels' full resolution, where the metrics are taken."""
@@ -198,31 +238,39 @@ def evaluate_probe(config: ml_collections.ConfigDict, variables: dict, probe: Pr
     side = min([max(size, PREVIEW_SIDE)] + [min(im.shape[:2]) for im in shown])
     crops: dict[str, list[np.ndarray]] = {}
     stride = sliding_stride(size)
-    total = sum(tiling.num_windows(scaled_shape(im.shape, scale), size, stride)
-                for im in test.images)
-    outputs = tiling.tiled_predict(predict, (rescale(im, scale) for im in test.images), size,
-                                   stride, min(batch_size, total))
+    total = sum(
+        tiling.num_windows(scaled_shape(im.shape, scale), size, stride) for im in test.images
+    )
+    outputs = tiling.tiled_predict(
+        predict, (rescale(im, scale) for im in test.images), size, stride, min(batch_size, total)
+    )
     for i, logits in enumerate(outputs):
         logits = upsample_logits(logits, test.labels[i].shape)
         prediction = np.argmax(logits, axis=-1).astype(np.uint8)
-        confusion += dense_metrics.confusion_matrix(test.labels[i], prediction, num_classes,
-                                                    ignore_index)
+        confusion += dense_metrics.confusion_matrix(
+            test.labels[i], prediction, num_classes, ignore_index
+        )
         if i < len(shown):
-            for name, crop in _preview_crops(test.images[i], test.labels[i], prediction, side,
-                                             change).items():
+            for name, crop in _preview_crops(
+                test.images[i], test.labels[i], prediction, side, change
+            ).items():
                 crops.setdefault(name, []).append(crop)
     rows = {name: np.stack(c) for name, c in crops.items()}
     for name in rows:
-        rows[name] = (visualize.class_colors(rows[name], num_classes)
-                      if name in ('label', 'prediction') else visualize.display_images(rows[name]))
+        rows[name] = (
+            visualize.class_colors(rows[name], num_classes)
+            if name in ('label', 'prediction')
+            else visualize.display_images(rows[name])
+        )
     return confusion, rows
 
 
-def _preview_crops(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, side: int,
-                   change: bool) -> dict[str, np.ndarray]:
+def _preview_crops(
+    image: np.ndarray, label: np.ndarray, prediction: np.ndarray, side: int, change: bool
+) -> dict[str, np.ndarray]:
     h, w = label.shape
     top, left = (h - side) // 2, (w - side) // 2
-    crop = lambda a: a[top:top + side, left:left + side]
+    crop = lambda a: a[top : top + side, left : left + side]
     if change:
         bands = image.shape[-1] // 2
         images = {'A': crop(image[..., :bands]), 'B': crop(image[..., bands:])}
@@ -231,24 +279,43 @@ def _preview_crops(image: np.ndarray, label: np.ndarray, prediction: np.ndarray,
     return {**images, 'label': crop(label), 'prediction': crop(prediction)}
 
 
-def run_probe(config: ml_collections.ConfigDict, variables: dict,
-              dataset: dense_data.DenseSet, split: dense_data.NameSplit, *, change: bool,
-              head: str, seed: int, scale: float, batch_size: int, preview: str) -> dict:
+def run_probe(
+    config: ml_collections.ConfigDict,
+    variables: dict,
+    dataset: dense_data.DenseSet,
+    split: dense_data.NameSplit,
+    *,
+    change: bool,
+    head: str,
+    seed: int,
+    scale: float,
+    batch_size: int,
+    preview: str,
+) -> dict:
     """Reads `dataset`, trains the probe on `split.train`, scores it on `split.test` and saves the
     preview picture at `preview`; returns the result's fields (metrics and settings)."""
     labelled, class_names = read_dense_set(dataset, config.data, change)
     train, test = labelled.subset(split.train), labelled.subset(split.test)
     num_classes, size = len(class_names), int(config.data.image_size)
-    logging.info('%s on %s: %d classes, %d train / %d test images, %d-px windows.',
-                 'change' if change else 'segmentation', dataset.root, num_classes,
-                 len(train.names), len(test.names), size)
-    probe = train_probe(config, variables, train, num_classes, head, change, seed, batch_size,
-                        scale)
-    confusion, rows = evaluate_probe(config, variables, probe, test, num_classes,
-                                     dataset.ignore_index, change, batch_size, scale)
+    logging.info(
+        '%s on %s: %d classes, %d train / %d test images, %d-px windows.',
+        'change' if change else 'segmentation',
+        dataset.root,
+        num_classes,
+        len(train.names),
+        len(test.names),
+        size,
+    )
+    probe = train_probe(
+        config, variables, train, num_classes, head, change, seed, batch_size, scale
+    )
+    confusion, rows = evaluate_probe(
+        config, variables, probe, test, num_classes, dataset.ignore_index, change, batch_size, scale
+    )
     colors = visualize.class_colors(np.arange(num_classes), num_classes)
-    visualize.save_png(preview, visualize.labelled_grid(rows, legend=dict(zip(class_names,
-                                                                             colors))))
+    visualize.save_png(
+        preview, visualize.labelled_grid(rows, legend=dict(zip(class_names, colors)))
+    )
     if change:
         metrics = dense_metrics.change_metrics(confusion)
         # Predicting "changed" everywhere scores F1 = 2p / (1 + p) for a changed fraction p.
@@ -256,19 +323,31 @@ def run_probe(config: ml_collections.ConfigDict, variables: dict,
     else:
         metrics = dense_metrics.segmentation_metrics(confusion)
         metrics['per_class_iou'] = dict(zip(class_names, metrics.pop('iou')))
-        train_counts = np.bincount(np.concatenate([m.ravel() for m in train.labels]),
-                                   minlength=256)[:num_classes]
+        train_counts = np.bincount(
+            np.concatenate([m.ravel() for m in train.labels]), minlength=256
+        )[:num_classes]
         # The test pixel accuracy of always predicting the train split's most frequent class.
         metrics['majority_pixel_accuracy'] = float(
-            confusion[np.argmax(train_counts)].sum() / confusion.sum())
+            confusion[np.argmax(train_counts)].sum() / confusion.sum()
+        )
     return {
-        **metrics, 'head': head, 'features': 'last stage', 'feature_stride': probe.feature_stride,
-        'num_classes': num_classes, 'class_names': list(class_names),
-        'num_train': len(train.names), 'num_test': len(test.names),
-        'train_windows': probe.num_windows, 'window': size,
-        'test_window_stride': sliding_stride(size), 'scale': scale, 'split': split.digest(),
-        'head_steps': dense_head.STEPS, 'head_batch_size': dense_head.BATCH_SIZE,
-        'head_lr': dense_head.LR, 'label_stride': dense_head.LABEL_STRIDE,
+        **metrics,
+        'head': head,
+        'features': 'last stage',
+        'feature_stride': probe.feature_stride,
+        'num_classes': num_classes,
+        'class_names': list(class_names),
+        'num_train': len(train.names),
+        'num_test': len(test.names),
+        'train_windows': probe.num_windows,
+        'window': size,
+        'test_window_stride': sliding_stride(size),
+        'scale': scale,
+        'split': split.digest(),
+        'head_steps': dense_head.STEPS,
+        'head_batch_size': dense_head.BATCH_SIZE,
+        'head_lr': dense_head.LR,
+        'label_stride': dense_head.LABEL_STRIDE,
         'class_weights': 'balanced' if change else 'none',
         'head_loss': round(float(probe.losses[-50:].mean()), 4),
     }

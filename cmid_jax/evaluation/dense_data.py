@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -42,6 +42,7 @@ CHANGE_VALUES = (0, 255)  # Unchanged, changed: class 0 and class 1.
 class DenseSet:
     """Sorted names and, for each, its image files (one for segmentation, A and B for change)
     and its label file."""
+
     root: str
     names: tuple[str, ...]
     images: tuple[tuple[str, ...], ...]
@@ -89,14 +90,19 @@ def _read_classes(path: str) -> tuple[tuple[str, ...], int]:
         with open(path, encoding='utf-8') as f:
             spec = json.load(f)
         classes, ignore = spec['classes'], spec.get('ignore_index', IGNORE_INDEX)
-        if (not isinstance(classes, list) or not classes
-                or not all(isinstance(c, str) for c in classes)):
+        if (
+            not isinstance(classes, list)
+            or not classes
+            or not all(isinstance(c, str) for c in classes)
+        ):
             raise ValueError('"classes" must be a non-empty list of names')
         if not isinstance(ignore, int) or not 0 <= ignore <= 255 or ignore < len(classes):
             raise ValueError(f'"ignore_index" must be an integer in [{len(classes)}, 255]')
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f'{path!r}: expected {{"classes": [names], "ignore_index": 255}}; '
-                         f'{type(e).__name__}: {e}') from None
+        raise ValueError(
+            f'{path!r}: expected {{"classes": [names], "ignore_index": 255}}; '
+            f'{type(e).__name__}: {e}'
+        ) from None
     return tuple(classes), ignore
 
 
@@ -111,8 +117,14 @@ def list_segmentation(root: str) -> DenseSet:
     classes, ignore = ((), IGNORE_INDEX)
     if os.path.exists(classes_json):
         classes, ignore = _read_classes(classes_json)
-    return DenseSet(root, tuple(names), tuple((images[n],) for n in names),
-                    tuple(masks[n] for n in names), classes, ignore)
+    return DenseSet(
+        root,
+        tuple(names),
+        tuple((images[n],) for n in names),
+        tuple(masks[n] for n in names),
+        classes,
+        ignore,
+    )
 
 
 def list_change(root: str) -> DenseSet:
@@ -121,39 +133,54 @@ def list_change(root: str) -> DenseSet:
     a, b = (_files_by_name(os.path.join(root, d), IMAGE_EXTENSIONS) for d in 'AB')
     labels = _files_by_name(os.path.join(root, 'label'), ('.png',))
     names = _match({'A': a, 'B': b, 'label': labels})
-    return DenseSet(root, tuple(names), tuple((a[n], b[n]) for n in names),
-                    tuple(labels[n] for n in names), ('unchanged', 'changed'), None)
+    return DenseSet(
+        root,
+        tuple(names),
+        tuple((a[n], b[n]) for n in names),
+        tuple(labels[n] for n in names),
+        ('unchanged', 'changed'),
+        None,
+    )
 
 
 def read_label(path: str, shape: tuple[int, int]) -> np.ndarray:
     """(H, W) uint8 values of a single-band 8-bit PNG, checked to be `shape` (its image's)."""
     with Image.open(path) as im:
         if im.mode not in ('L', 'P'):
-            raise ValueError(f'{path!r} is a {im.mode} image; expected a single-band 8-bit PNG '
-                             '(mode L or P) of class indices')
+            raise ValueError(
+                f'{path!r} is a {im.mode} image; expected a single-band 8-bit PNG '
+                '(mode L or P) of class indices'
+            )
         label = np.asarray(im)
     if label.shape != tuple(shape):
-        raise ValueError(f'{path!r} is {label.shape[1]}x{label.shape[0]} px but its image is '
-                         f'{shape[1]}x{shape[0]} px (width x height)')
+        raise ValueError(
+            f'{path!r} is {label.shape[1]}x{label.shape[0]} px but its image is '
+            f'{shape[1]}x{shape[0]} px (width x height)'
+        )
     return label
 
 
-def check_segmentation_mask(path: str, mask: np.ndarray, num_classes: int,
-                            ignore_index: int) -> None:
+def check_segmentation_mask(
+    path: str, mask: np.ndarray, num_classes: int, ignore_index: int
+) -> None:
     """Raises naming `path` if a value is neither a class index nor `ignore_index`."""
     values = np.unique(mask)
     bad = values[(values >= num_classes) & (values != ignore_index)]
     if bad.size:
-        raise ValueError(f'{path!r} has values {bad.tolist()} outside the {num_classes} classes '
-                         f'(0-{num_classes - 1}) and the ignore value {ignore_index}')
+        raise ValueError(
+            f'{path!r} has values {bad.tolist()} outside the {num_classes} classes '
+            f'(0-{num_classes - 1}) and the ignore value {ignore_index}'
+        )
 
 
 def change_to_class(path: str, label: np.ndarray) -> np.ndarray:
     """0 / 255 -> class 0 / 1, raising naming `path` for any other value."""
     bad = np.setdiff1d(np.unique(label), CHANGE_VALUES)
     if bad.size:
-        raise ValueError(f'{path!r} has values {bad.tolist()}; a change label holds only 0 '
-                         '(unchanged) and 255 (changed)')
+        raise ValueError(
+            f'{path!r} has values {bad.tolist()}; a change label holds only 0 '
+            '(unchanged) and 255 (changed)'
+        )
     return (label == 255).astype(np.uint8)
 
 
@@ -184,16 +211,19 @@ def group_of(name: str, split_group: str | None) -> str:
     return match.group(1) if match.groups() else match.group(0)
 
 
-def split_names(names: Sequence[str], train_fraction: float, seed: int,
-                split_group: str | None = None) -> NameSplit:
+def split_names(
+    names: Sequence[str], train_fraction: float, seed: int, split_group: str | None = None
+) -> NameSplit:
     """Seeded split of `names` by group (see the module docstring); both halves sorted."""
     groups = sorted({group_of(n, split_group) for n in names})
     if len(groups) < 2:
-        raise ValueError(f'{len(groups)} split group(s) {groups} among {len(names)} names; need '
-                         'at least 2 so that train and test both get one'
-                         + (f' (split_group={split_group!r})' if split_group else ''))
+        raise ValueError(
+            f'{len(groups)} split group(s) {groups} among {len(names)} names; need '
+            'at least 2 so that train and test both get one'
+            + (f' (split_group={split_group!r})' if split_group else '')
+        )
     ranked = sorted(groups, key=lambda g: hashlib.sha256(f'{seed}/{g}'.encode()).hexdigest())
-    train_groups = set(ranked[:train_count(train_fraction, len(groups))])
+    train_groups = set(ranked[: train_count(train_fraction, len(groups))])
     train = tuple(n for n in sorted(names) if group_of(n, split_group) in train_groups)
     test = tuple(n for n in sorted(names) if group_of(n, split_group) not in train_groups)
     return NameSplit(train, test)

@@ -59,7 +59,8 @@ class FPNHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         conv_norm_relu = lambda x, width: nn.relu(
-            nn.GroupNorm(num_groups=8)(nn.Conv(width, (3, 3))(x)))
+            nn.GroupNorm(num_groups=8)(nn.Conv(width, (3, 3))(x))
+        )
         x = conv_norm_relu(nn.Dense(self.width)(x), self.width)
         b, h, w, c = x.shape
         x = jax.image.resize(x, (b, 2 * h, 2 * w, c), 'bilinear')
@@ -78,13 +79,16 @@ def channel_stats(inputs: np.ndarray) -> dict:
     """{'mean', 'std'} per channel of (N, h, w, D) features, float32 (std 1 where < 1e-6)."""
     flat = inputs.reshape(-1, inputs.shape[-1])
     mean = flat.mean(0, dtype=np.float64)
-    std = np.sqrt(np.maximum(np.mean(np.square(flat, dtype=np.float64), 0) - mean ** 2, 0))
-    return {'mean': mean.astype(np.float32),
-            'std': np.where(std < 1e-6, 1.0, std).astype(np.float32)}
+    std = np.sqrt(np.maximum(np.mean(np.square(flat, dtype=np.float64), 0) - mean**2, 0))
+    return {
+        'mean': mean.astype(np.float32),
+        'std': np.where(std < 1e-6, 1.0, std).astype(np.float32),
+    }
 
 
-def head_logits(head: nn.Module, params: dict, stats: dict, inputs: jax.Array,
-                out_size: int) -> jax.Array:
+def head_logits(
+    head: nn.Module, params: dict, stats: dict, inputs: jax.Array, out_size: int
+) -> jax.Array:
     """(B, h, w, D) features -> (B, out_size, out_size, classes) logits, bilinearly upsampled."""
     logits = head.apply({'params': params}, (inputs - stats['mean']) / stats['std'])
     b, _, _, c = logits.shape
@@ -93,7 +97,7 @@ def head_logits(head: nn.Module, params: dict, stats: dict, inputs: jax.Array,
 
 def label_grid(label_windows: np.ndarray) -> np.ndarray:
     """(N, S, S) labels -> the (N, S/4, S/4) training targets: every 4th pixel from the 2nd."""
-    return label_windows[:, LABEL_STRIDE // 2::LABEL_STRIDE, LABEL_STRIDE // 2::LABEL_STRIDE]
+    return label_windows[:, LABEL_STRIDE // 2 :: LABEL_STRIDE, LABEL_STRIDE // 2 :: LABEL_STRIDE]
 
 
 def balanced_weights(targets: np.ndarray, num_classes: int) -> np.ndarray:
@@ -103,9 +107,16 @@ def balanced_weights(targets: np.ndarray, num_classes: int) -> np.ndarray:
     return (counts.sum() / (num_classes * np.maximum(counts, 1))).astype(np.float32)
 
 
-def train_head(head: nn.Module, inputs: np.ndarray, targets: np.ndarray, stats: dict, *,
-               seed: int = 0, steps: int = STEPS,
-               class_weights: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+def train_head(
+    head: nn.Module,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    stats: dict,
+    *,
+    seed: int = 0,
+    steps: int = STEPS,
+    class_weights: np.ndarray | None = None,
+) -> tuple[dict, np.ndarray]:
     """Fits `head` on (N, h, w, D) cached features and (N, L, L) uint8 targets (`IGNORE` left
     out) by the recipe above, with per-class loss weights if given; returns (params, the loss of
     each step).
@@ -132,8 +143,7 @@ def train_head(head: nn.Module, inputs: np.ndarray, targets: np.ndarray, stats: 
 
     @jax.jit
     def step(params, opt_state, inputs, targets, i):  # The arrays as arguments, not constants.
-        idx = jax.random.randint(jax.random.fold_in(data_key, i), (BATCH_SIZE,), 0,
-                                 inputs.shape[0])
+        idx = jax.random.randint(jax.random.fold_in(data_key, i), (BATCH_SIZE,), 0, inputs.shape[0])
         loss, grads = jax.value_and_grad(loss_fn)(params, inputs[idx], targets[idx])
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss

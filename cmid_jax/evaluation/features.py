@@ -17,13 +17,14 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import types
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cmid_jax import objective
 from cmid_jax.data import FileSource, ImageError, bicubic_resize, num_bands
@@ -41,7 +42,7 @@ def center_resize(image: np.ndarray, size: int) -> np.ndarray:
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
         image = bicubic_resize(image, nh, nw)  # As pretraining resamples.
         top, left = (nh - size) // 2, (nw - size) // 2
-        image = image[top:top + size, left:left + size]
+        image = image[top : top + size, left : left + size]
     return np.ascontiguousarray(image)
 
 
@@ -64,8 +65,10 @@ class LabelledReader:
         self.num_bands = num_bands(data)
         self.dtype = np.dtype(data.get('dtype') or 'uint8')
         self.files = list(files)
-        self._expects = (f"the model's data settings (config.json) expect data.bands="
-                         f'{self.bands!r} ({self.num_bands} bands) of {self.dtype.name} pixels')
+        self._expects = (
+            f"the model's data settings (config.json) expect data.bands="
+            f'{self.bands!r} ({self.num_bands} bands) of {self.dtype.name} pixels'
+        )
         try:
             self._source = FileSource(self.files, self.bands)
         except ValueError as e:  # None of the first files has the bands.
@@ -87,8 +90,9 @@ def _map_threads(fn: Callable[[int], object], n: int, num_threads: int | None) -
         return list(pool.map(fn, range(n)))
 
 
-def load_images(files: Sequence[str], size: int, data: Mapping = RGB8,
-                num_threads: int | None = None) -> np.ndarray:
+def load_images(
+    files: Sequence[str], size: int, data: Mapping = RGB8, num_threads: int | None = None
+) -> np.ndarray:
     """Reads (`LabelledReader`) and center-resizes every file into one (N, size, size, bands)
     array of the model's pixel type; `data` is the workdir's `config.data`."""
     read = LabelledReader(files, data)
@@ -101,15 +105,17 @@ def load_images(files: Sequence[str], size: int, data: Mapping = RGB8,
     return out
 
 
-def read_images(files: Sequence[str], data: Mapping = RGB8,
-                num_threads: int | None = None) -> list[np.ndarray]:
+def read_images(
+    files: Sequence[str], data: Mapping = RGB8, num_threads: int | None = None
+) -> list[np.ndarray]:
     """Every file at its own size, (H, W, bands) of the model's pixel type, read as
     `load_images` reads them (`LabelledReader`); `data` is the workdir's `config.data`."""
     return _map_threads(LabelledReader(files, data), len(files), num_threads)
 
 
-def make_feature_map_fn(config: ml_collections.ConfigDict
-                        ) -> Callable[[dict, jax.Array], jax.Array]:
+def make_feature_map_fn(
+    config: ml_collections.ConfigDict,
+) -> Callable[[dict, jax.Array], jax.Array]:
     """`fn(variables, images) -> (B, h, w, C)` float32: the backbone's last feature map (stride
     `feature_stride`) of (B, S, S, bands) uint8 / uint16 images, normalised with
     `config.data.mean` / `std` and BatchNorm in inference mode. Not jitted: callers compose it."""
@@ -142,8 +148,14 @@ class FeatureExtractor:
     Without one, it runs where the variables live.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, *, batch_size: int = 128,
-                 mesh: Mesh | None = None, feature_map: bool = False):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        *,
+        batch_size: int = 128,
+        mesh: Mesh | None = None,
+        feature_map: bool = False,
+    ):
         fmap_fn = make_feature_map_fn(config)
 
         def features(variables, images):
@@ -164,13 +176,16 @@ class FeatureExtractor:
         if self._images_sharding is None:
             return batch
         # Works for shardings that span several processes, given the same array everywhere.
-        return jax.make_array_from_callback(batch.shape, self._images_sharding,
-                                            lambda idx: batch[idx])
+        return jax.make_array_from_callback(
+            batch.shape, self._images_sharding, lambda idx: batch[idx]
+        )
 
     def __call__(self, variables: dict, images: np.ndarray) -> np.ndarray:
         """(N, S, S, bands) uint8 / uint16 images -> (N, C) or (N, h, w, C) float32 features;
         the last batch is zero-padded."""
         n, bs = len(images), self.batch_size
-        out = [self._fn(variables, self._put(pad_batch(images[start:start + bs], bs)))
-               for start in range(0, n, bs)]  # Dispatched without waiting.
+        out = [
+            self._fn(variables, self._put(pad_batch(images[start : start + bs], bs)))
+            for start in range(0, n, bs)
+        ]  # Dispatched without waiting.
         return np.concatenate([np.asarray(f) for f in jax.device_get(out)])[:n]

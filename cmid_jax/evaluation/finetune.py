@@ -49,8 +49,7 @@ class FinetuneRecipe:
     seed: int = 0
 
 
-def augment(images: np.ndarray, rng: np.random.Generator,
-            scale: tuple[float, float]) -> np.ndarray:
+def augment(images: np.ndarray, rng: np.random.Generator, scale: tuple[float, float]) -> np.ndarray:
     """RandomResizedCrop back to the input size plus a horizontal flip with p 0.5, per image; any
     band count, the images' own pixel type."""
     out = np.empty_like(images)
@@ -62,9 +61,16 @@ def augment(images: np.ndarray, rng: np.random.Generator,
     return out
 
 
-def finetune_top1(config: ml_collections.ConfigDict, variables: dict, train_images: np.ndarray,
-                  train_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
-                  num_classes: int, recipe: FinetuneRecipe = FinetuneRecipe()) -> float:
+def finetune_top1(
+    config: ml_collections.ConfigDict,
+    variables: dict,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    num_classes: int,
+    recipe: FinetuneRecipe = FinetuneRecipe(),
+) -> float:
     """Fine-tunes a copy of `variables` (backbone `{'params', 'batch_stats'}`) with the recipe
     and returns the top-1 accuracy (fraction in [0, 1]) on the test images."""
     nets = cmid.build_networks(config)
@@ -78,32 +84,41 @@ def finetune_top1(config: ml_collections.ConfigDict, variables: dict, train_imag
         raise ValueError(f'nothing to train: epochs={recipe.epochs}, {n} train images')
 
     def pooled(backbone_vars, images, train):
-        fmap, new_stats = nets.apply('backbone', backbone_vars,
-                                     objective.normalize(images, mean, std), train=train)
+        fmap, new_stats = nets.apply(
+            'backbone', backbone_vars, objective.normalize(images, mean, std), train=train
+        )
         return jnp.mean(fmap.astype(jnp.float32), axis=(1, 2)), new_stats
 
     one = jax.ShapeDtypeStruct((1,) + train_images.shape[1:], train_images.dtype)
     width = jax.eval_shape(lambda v, x: pooled(v, x, False)[0], variables, one).shape[-1]
-    params = {'backbone': variables['params'],
-              'head': {'w': jnp.zeros((width, num_classes), jnp.float32),
-                       'b': jnp.zeros((num_classes,), jnp.float32)}}
+    params = {
+        'backbone': variables['params'],
+        'head': {
+            'w': jnp.zeros((width, num_classes), jnp.float32),
+            'b': jnp.zeros((num_classes,), jnp.float32),
+        },
+    }
     params = jax.tree.map(jnp.array, params)  # A copy: the caller's state is not donated.
     batch_stats = jax.tree.map(jnp.array, variables['batch_stats'])
 
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, recipe.lr, int(recipe.warmup_fraction * total_steps), total_steps)
-    tx = optax.chain(optax.clip_by_global_norm(recipe.clip_norm),
-                     optax.adamw(schedule, weight_decay=recipe.weight_decay,
-                                 mask=optim.weight_decay_mask))
+        0.0, recipe.lr, int(recipe.warmup_fraction * total_steps), total_steps
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(recipe.clip_norm),
+        optax.adamw(schedule, weight_decay=recipe.weight_decay, mask=optim.weight_decay_mask),
+    )
     opt_state = tx.init(params)
 
     def train_step(params, batch_stats, opt_state, images, labels):
         def loss_fn(p):
-            feats, new_stats = pooled({'params': p['backbone'], 'batch_stats': batch_stats},
-                                      images, True)
+            feats, new_stats = pooled(
+                {'params': p['backbone'], 'batch_stats': batch_stats}, images, True
+            )
             logits = feats @ p['head']['w'] + p['head']['b']
-            targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes),
-                                          recipe.label_smoothing)
+            targets = optax.smooth_labels(
+                jax.nn.one_hot(labels, num_classes), recipe.label_smoothing
+            )
             return jnp.mean(optax.softmax_cross_entropy(logits, targets)), new_stats
 
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -115,13 +130,15 @@ def finetune_top1(config: ml_collections.ConfigDict, variables: dict, train_imag
     for epoch in range(recipe.epochs):
         order = rng.permutation(n)
         for s in range(steps_per_epoch):
-            idx = order[s * batch_size:(s + 1) * batch_size]
+            idx = order[s * batch_size : (s + 1) * batch_size]
             images = augment(train_images[idx], rng, recipe.crop_scale)
             params, batch_stats, opt_state, loss = train_step(
-                params, batch_stats, opt_state, images, train_labels[idx])
+                params, batch_stats, opt_state, images, train_labels[idx]
+            )
         logging.info('fine-tune epoch %d/%d: loss %.4f', epoch + 1, recipe.epochs, float(loss))
 
     feats = FeatureExtractor(config, batch_size=batch_size)(
-        {'params': params['backbone'], 'batch_stats': batch_stats}, test_images)
+        {'params': params['backbone'], 'batch_stats': batch_stats}, test_images
+    )
     logits = feats @ np.asarray(params['head']['w']) + np.asarray(params['head']['b'])
     return float(np.mean(np.argmax(logits, axis=1) == np.asarray(test_labels)))

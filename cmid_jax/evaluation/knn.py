@@ -29,9 +29,16 @@ def _class_scores(train_feats, train_labels, queries, temperature, *, num_classe
     return jnp.einsum('qk,qkc->qc', weights, votes)
 
 
-def knn_scores(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
-               num_classes: int, *, k: int = 20, temperature: float = 0.07,
-               chunk: int = 1024) -> np.ndarray:
+def knn_scores(
+    train_feats: np.ndarray,
+    train_labels: np.ndarray,
+    test_feats: np.ndarray,
+    num_classes: int,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> np.ndarray:
     """(num_test, num_classes) summed vote weights; k is capped at the number of train samples."""
     k = min(int(k), len(train_feats))
     train = l2_normalize(jnp.asarray(train_feats, jnp.float32))
@@ -40,20 +47,34 @@ def knn_scores(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np
     chunk = min(chunk, len(test))
     out = []
     for start in range(0, len(test), chunk):
-        q = test[start:start + chunk]
+        q = test[start : start + chunk]
         pad = chunk - len(q)
         if pad:
             q = np.concatenate([q, np.zeros((pad, q.shape[1]), q.dtype)])
-        scores = _class_scores(train, labels, l2_normalize(jnp.asarray(q)),
-                               jnp.float32(temperature), num_classes=num_classes, k=k)
-        out.append(scores[:chunk - pad])
+        scores = _class_scores(
+            train,
+            labels,
+            l2_normalize(jnp.asarray(q)),
+            jnp.float32(temperature),
+            num_classes=num_classes,
+            k=k,
+        )
+        out.append(scores[: chunk - pad])
     return np.concatenate([np.asarray(s) for s in jax.device_get(out)])
 
 
-def knn_top1(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
-             test_labels: np.ndarray, num_classes: int, *, k: int = 20,
-             temperature: float = 0.07) -> float:
+def knn_top1(
+    train_feats: np.ndarray,
+    train_labels: np.ndarray,
+    test_feats: np.ndarray,
+    test_labels: np.ndarray,
+    num_classes: int,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> float:
     """Top-1 accuracy (fraction in [0, 1]) of the weighted kNN classifier."""
-    scores = knn_scores(train_feats, train_labels, test_feats, num_classes, k=k,
-                        temperature=temperature)
+    scores = knn_scores(
+        train_feats, train_labels, test_feats, num_classes, k=k, temperature=temperature
+    )
     return float(np.mean(np.argmax(scores, axis=1) == np.asarray(test_labels)))

@@ -25,6 +25,7 @@ from cmid_jax.data import list_images
 @dataclasses.dataclass(frozen=True)
 class LabelledSplit:
     """File paths and integer labels of both halves; label i names `class_names[i]`."""
+
     class_names: tuple[str, ...]
     train_files: tuple[str, ...]
     train_labels: tuple[int, ...]
@@ -51,11 +52,15 @@ def list_labelled(root: str | os.PathLike) -> dict[str, list[str]]:
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f'labelled data folder {root!r} does not exist')
-    classes = sorted(d for d in os.listdir(root)
-                     if not d.startswith('.') and os.path.isdir(os.path.join(root, d)))
+    classes = sorted(
+        d
+        for d in os.listdir(root)
+        if not d.startswith('.') and os.path.isdir(os.path.join(root, d))
+    )
     if len(classes) < 2:
-        raise ValueError(f'{root!r} must hold one sub-folder per class (at least 2); '
-                         f'found {classes}')
+        raise ValueError(
+            f'{root!r} must hold one sub-folder per class (at least 2); found {classes}'
+        )
     return {c: list_images(os.path.join(root, c)) for c in classes}
 
 
@@ -72,16 +77,19 @@ def train_count(train_fraction: float, n: int) -> int:
     return min(max(math.floor(train_fraction * n + 0.5), 1), n - 1)
 
 
-def split_per_class(files_by_class: dict[str, list[str]], train_fraction: float,
-                    seed: int) -> LabelledSplit:
+def split_per_class(
+    files_by_class: dict[str, list[str]], train_fraction: float, seed: int
+) -> LabelledSplit:
     """Seeded per-class split of `{class: files}` (see the module docstring)."""
     names = tuple(sorted(files_by_class))
     train_f, train_y, test_f, test_y = [], [], [], []
     for label, name in enumerate(names):
         files = sorted(files_by_class[name])
         if len(files) < 2:
-            raise ValueError(f'class {name!r} has {len(files)} image(s); need at least 2 '
-                             'so that both halves of the split see it')
+            raise ValueError(
+                f'class {name!r} has {len(files)} image(s); need at least 2 '
+                'so that both halves of the split see it'
+            )
         # The deepest folder common to the class's files: the class folder for a flat layout.
         class_dir = os.path.commonpath([os.path.dirname(f) for f in files])
         ranked = sorted(files, key=lambda f: _rank_key(seed, name, class_dir, f))
@@ -93,7 +101,8 @@ def split_per_class(files_by_class: dict[str, list[str]], train_fraction: float,
     return LabelledSplit(names, tuple(train_f), tuple(train_y), tuple(test_f), tuple(test_y))
 
 
-def load_split(root: str | os.PathLike, train_fraction: float = 0.5,
-               seed: int = 0) -> LabelledSplit:
+def load_split(
+    root: str | os.PathLike, train_fraction: float = 0.5, seed: int = 0
+) -> LabelledSplit:
     """The seeded per-class split of the class-per-folder dataset at `root`."""
     return split_per_class(list_labelled(root), train_fraction, seed)

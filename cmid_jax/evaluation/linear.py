@@ -29,13 +29,22 @@ def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nda
     train = np.asarray(train, np.float64)
     mean, std = train.mean(axis=0), train.std(axis=0)
     std = np.where(std < 1e-6, 1.0, std)
-    return (((train - mean) / std).astype(np.float32),
-            ((np.asarray(test, np.float64) - mean) / std).astype(np.float32))
+    return (
+        ((train - mean) / std).astype(np.float32),
+        ((np.asarray(test, np.float64) - mean) / std).astype(np.float32),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=('num_classes', 'max_iters'))
-def fit_logistic_regression(x: jax.Array, y: jax.Array, *, num_classes: int, l2: float = L2,
-                            max_iters: int = MAX_ITERS, tol: float = GRAD_TOL) -> dict:
+def fit_logistic_regression(
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    num_classes: int,
+    l2: float = L2,
+    max_iters: int = MAX_ITERS,
+    tol: float = GRAD_TOL,
+) -> dict:
     """Minimises mean cross-entropy + l2/2 ||W||^2 by full-batch L-BFGS; returns {'w', 'b'}."""
     labels = jax.nn.one_hot(y, num_classes)
 
@@ -50,8 +59,7 @@ def fit_logistic_regression(x: jax.Array, y: jax.Array, *, num_classes: int, l2:
     def step(carry):
         params, state = carry
         value, grad = value_and_grad(params, state=state)
-        updates, state = opt.update(grad, state, params, value=value, grad=grad,
-                                    value_fn=objective)
+        updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=objective)
         return optax.apply_updates(params, updates), state
 
     def not_done(carry):
@@ -60,17 +68,27 @@ def fit_logistic_regression(x: jax.Array, y: jax.Array, *, num_classes: int, l2:
         grad = optax.tree.get(state, 'grad')
         return (count == 0) | ((count < max_iters) & (optax.tree.norm(grad) >= tol))
 
-    params = {'w': jnp.zeros((x.shape[1], num_classes), jnp.float32),
-              'b': jnp.zeros((num_classes,), jnp.float32)}
+    params = {
+        'w': jnp.zeros((x.shape[1], num_classes), jnp.float32),
+        'b': jnp.zeros((num_classes,), jnp.float32),
+    }
     params, _ = jax.lax.while_loop(not_done, step, (params, opt.init(params)))
     return params
 
 
-def linear_probe_top1(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
-                      test_labels: np.ndarray, num_classes: int, *, l2: float = L2) -> float:
+def linear_probe_top1(
+    train_feats: np.ndarray,
+    train_labels: np.ndarray,
+    test_feats: np.ndarray,
+    test_labels: np.ndarray,
+    num_classes: int,
+    *,
+    l2: float = L2,
+) -> float:
     """Top-1 accuracy (fraction in [0, 1]) of the recipe's probe on the test split."""
     x_train, x_test = standardize(train_feats, test_feats)
-    params = fit_logistic_regression(jnp.asarray(x_train), jnp.asarray(train_labels, jnp.int32),
-                                     num_classes=num_classes, l2=l2)
+    params = fit_logistic_regression(
+        jnp.asarray(x_train), jnp.asarray(train_labels, jnp.int32), num_classes=num_classes, l2=l2
+    )
     logits = np.asarray(x_test @ np.asarray(params['w']) + np.asarray(params['b']))
     return float(np.mean(np.argmax(logits, axis=1) == np.asarray(test_labels)))

@@ -9,19 +9,26 @@ from __future__ import annotations
 import jax
 import ml_collections
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cmid_jax import visualize
-from cmid_jax.workdir import METRICS, Workdir
 from cmid_jax.evaluation.online import make_online_knn
 from cmid_jax.evaluation.reconstruction import make_reconstruction_fn
+from cmid_jax.workdir import METRICS, Workdir
 
 
 class PeriodicEvals:
     """Built once (the labelled split is decoded into memory, the functions jitted)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, workdir: Workdir, writer,
-                 total_steps: int):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: Mesh,
+        workdir: Workdir,
+        writer,
+        total_steps: int,
+    ):
         self.config, self.writer, self.total_steps = config, writer, total_steps
         self.is_main = jax.process_index() == 0
         self.images_dir = workdir.images_dir()
@@ -29,8 +36,7 @@ class PeriodicEvals:
         self.knn = make_online_knn(config, mesh=mesh) if config.eval.path else None
         self.reconstruct = None
         if config.loss.use_mim and config.images_every_steps:
-            self.reconstruct = make_reconstruction_fn(config,
-                                                      out_sharding=NamedSharding(mesh, P()))
+            self.reconstruct = make_reconstruction_fn(config, out_sharding=NamedSharding(mesh, P()))
 
     def _due(self, step: int, every: int) -> bool:
         return step % every == 0 or step == self.total_steps
@@ -52,8 +58,9 @@ class PeriodicEvals:
         if self.reconstruct is not None and self._due(step, self.config.images_every_steps):
             views = jax.device_get(self.reconstruct(state, batch))
             if self.is_main:
-                grid = visualize.reconstruction_grid(views, views['reconstruction'],
-                                                     self.config.data.mean, self.config.data.std)
+                grid = visualize.reconstruction_grid(
+                    views, views['reconstruction'], self.config.data.mean, self.config.data.std
+                )
                 visualize.save_png(self.images_dir / f'reconstruction_{step:08d}.png', grid)
                 self.writer.write_images(step, {'reconstruction': grid[None]})
         return scores

@@ -43,12 +43,12 @@ import numpy as np
 
 from cmid_jax.evaluation import dense, dense_data, dense_head
 from cmid_jax.evaluation.features import WHICH, FeatureExtractor, load_images
-from cmid_jax.models.cmid import backbone_variables
-from cmid_jax.restore import restore_train_state
 from cmid_jax.evaluation.finetune import FinetuneRecipe, finetune_top1
 from cmid_jax.evaluation.knn import knn_top1
 from cmid_jax.evaluation.labelled import load_split
 from cmid_jax.evaluation.linear import L2, linear_probe_top1
+from cmid_jax.models.cmid import backbone_variables
+from cmid_jax.restore import restore_train_state
 from cmid_jax.workdir import EVAL, Workdir
 
 CLASSIFICATION = ('knn', 'linear', 'finetune')
@@ -56,10 +56,20 @@ DENSE = ('segmentation', 'change')
 PROTOCOLS = CLASSIFICATION + DENSE
 
 
-def evaluate(workdir: str, data: str, protocol: str = 'knn', *, which: str = 'student',
-             train_fraction: float = 0.5, seed: int = 0, step: int | None = None,
-             finetune: FinetuneRecipe | None = None, head: str = 'linear',
-             split_group: str | None = None, scale: float = 1.0) -> dict:
+def evaluate(
+    workdir: str,
+    data: str,
+    protocol: str = 'knn',
+    *,
+    which: str = 'student',
+    train_fraction: float = 0.5,
+    seed: int = 0,
+    step: int | None = None,
+    finetune: FinetuneRecipe | None = None,
+    head: str = 'linear',
+    split_group: str | None = None,
+    scale: float = 1.0,
+) -> dict:
     """Runs one protocol on the checkpoint of `step` (default: latest); returns the result and
     appends it as one JSON line to `workdir/eval.jsonl`. Accuracies are fractions in [0, 1].
 
@@ -75,45 +85,85 @@ def evaluate(workdir: str, data: str, protocol: str = 'knn', *, which: str = 'st
         raise ValueError(f'scale must be positive, got {scale}')
     t0 = time.monotonic()
     if protocol in DENSE:  # Names and split checked before the checkpoint is read.
-        dataset = (dense_data.list_change if protocol == 'change'
-                   else dense_data.list_segmentation)(data)
+        dataset = (
+            dense_data.list_change if protocol == 'change' else dense_data.list_segmentation
+        )(data)
         split = dense_data.split_names(dataset.names, train_fraction, seed, split_group)
     config, state, ckpt_step = restore_train_state(workdir, step)
     variables = backbone_variables(state, which)
     eval_batch = int((config.get('eval') or {}).get('batch_size', 128))
     if protocol in DENSE:
-        fields = dense.run_probe(config, variables, dataset, split, change=protocol == 'change',
-                                 head=head, seed=seed, scale=scale, batch_size=eval_batch,
-                                 preview=Workdir(workdir).images_dir() / f'{protocol}_{ckpt_step}.png')
+        fields = dense.run_probe(
+            config,
+            variables,
+            dataset,
+            split,
+            change=protocol == 'change',
+            head=head,
+            seed=seed,
+            scale=scale,
+            batch_size=eval_batch,
+            preview=Workdir(workdir).images_dir() / f'{protocol}_{ckpt_step}.png',
+        )
         fields['split_group'] = split_group
     else:
-        fields = _classification(config, variables, data, protocol, train_fraction, seed,
-                                 finetune, eval_batch)
+        fields = _classification(
+            config, variables, data, protocol, train_fraction, seed, finetune, eval_batch
+        )
     result = {
-        'protocol': protocol, 'which': which, 'step': ckpt_step, **fields,
-        'train_fraction': train_fraction, 'seed': seed, 'data': os.path.abspath(data),
-        'arch': config.model.arch, 'variant': config.model.variant,
-        'image_size': int(config.data.image_size), 'seconds': round(time.monotonic() - t0, 1),
+        'protocol': protocol,
+        'which': which,
+        'step': ckpt_step,
+        **fields,
+        'train_fraction': train_fraction,
+        'seed': seed,
+        'data': os.path.abspath(data),
+        'arch': config.model.arch,
+        'variant': config.model.variant,
+        'image_size': int(config.data.image_size),
+        'seconds': round(time.monotonic() - t0, 1),
     }
     Workdir(workdir).append_jsonl(EVAL, result)
     return result
 
 
-def _classification(config: ml_collections.ConfigDict, variables: dict, data: str,
-                    protocol: str, train_fraction: float, seed: int,
-                    finetune: FinetuneRecipe | None, eval_batch: int) -> dict:
+def _classification(
+    config: ml_collections.ConfigDict,
+    variables: dict,
+    data: str,
+    protocol: str,
+    train_fraction: float,
+    seed: int,
+    finetune: FinetuneRecipe | None,
+    eval_batch: int,
+) -> dict:
     split = load_split(data, train_fraction, seed)
     size = int(config.data.image_size)
     train_images = load_images(split.train_files, size, config.data)
     test_images = load_images(split.test_files, size, config.data)
     train_labels, test_labels = np.asarray(split.train_labels), np.asarray(split.test_labels)
-    logging.info('%s on %s: %d classes, %d train / %d test images at %d px.', protocol, data,
-                 split.num_classes, len(train_images), len(test_images), size)
+    logging.info(
+        '%s on %s: %d classes, %d train / %d test images at %d px.',
+        protocol,
+        data,
+        split.num_classes,
+        len(train_images),
+        len(test_images),
+        size,
+    )
 
     if protocol == 'finetune':
         ft = finetune or FinetuneRecipe(seed=seed)
-        top1 = finetune_top1(config, variables, train_images, train_labels, test_images,
-                             test_labels, split.num_classes, ft)
+        top1 = finetune_top1(
+            config,
+            variables,
+            train_images,
+            train_labels,
+            test_images,
+            test_labels,
+            split.num_classes,
+            ft,
+        )
         recipe = {'epochs': ft.epochs, 'batch_size': ft.batch_size, 'lr': ft.lr}
     else:
         eval_cfg = config.get('eval') or {}
@@ -122,12 +172,26 @@ def _classification(config: ml_collections.ConfigDict, variables: dict, data: st
         test_feats = extractor(variables, test_images)
         if protocol == 'knn':
             k, temperature = int(eval_cfg.get('k', 20)), float(eval_cfg.get('temperature', 0.07))
-            top1 = knn_top1(train_feats, train_labels, test_feats, test_labels, split.num_classes,
-                            k=k, temperature=temperature)
+            top1 = knn_top1(
+                train_feats,
+                train_labels,
+                test_feats,
+                test_labels,
+                split.num_classes,
+                k=k,
+                temperature=temperature,
+            )
             recipe = {'k': k, 'temperature': temperature}
         else:
-            top1 = linear_probe_top1(train_feats, train_labels, test_feats, test_labels,
-                                     split.num_classes)
+            top1 = linear_probe_top1(
+                train_feats, train_labels, test_feats, test_labels, split.num_classes
+            )
             recipe = {'l2': L2}
-    return {'top1': top1, 'num_classes': split.num_classes, 'num_train': len(train_images),
-            'num_test': len(test_images), 'split': split.digest(), **recipe}
+    return {
+        'top1': top1,
+        'num_classes': split.num_classes,
+        'num_train': len(train_images),
+        'num_test': len(test_images),
+        'split': split.digest(),
+        **recipe,
+    }

@@ -9,7 +9,7 @@ each pixel's prediction is the mean of those of all windows that cover it.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -44,13 +44,19 @@ def windows(image: np.ndarray, size: int, stride: int) -> tuple[np.ndarray, list
     """(n, size, size, ...) windows of `extend_to(image, size)` and their (top, left) offsets."""
     image = extend_to(image, size)
     h, w = image.shape[:2]
-    offsets = [(y, x) for y in window_starts(h, size, stride)
-               for x in window_starts(w, size, stride)]
-    return np.stack([image[y:y + size, x:x + size] for y, x in offsets]), offsets
+    offsets = [
+        (y, x) for y in window_starts(h, size, stride) for x in window_starts(w, size, stride)
+    ]
+    return np.stack([image[y : y + size, x : x + size] for y, x in offsets]), offsets
 
 
-def tiled_predict(predict: Callable[[np.ndarray], np.ndarray], images: Iterable[np.ndarray],
-                  size: int, stride: int, batch_size: int) -> Iterator[np.ndarray]:
+def tiled_predict(
+    predict: Callable[[np.ndarray], np.ndarray],
+    images: Iterable[np.ndarray],
+    size: int,
+    stride: int,
+    batch_size: int,
+) -> Iterator[np.ndarray]:
     """Yields, for each (H, W, bands) image in turn, the (H, W, C) float32 mean of
     `predict(windows)` over the windows covering each pixel. `predict` maps a (batch_size, size,
     size, bands) batch to (batch_size, size, size, C) per-pixel outputs."""
@@ -70,8 +76,8 @@ def tiled_predict(predict: Callable[[np.ndarray], np.ndarray], images: Iterable[
                 extended = tuple(max(d, size) for d in shapes[i])
                 sums[i] = np.zeros(extended + o.shape[2:], np.float32)
                 counts[i] = np.zeros(extended, np.float32)
-            sums[i][y:y + size, x:x + size] += o
-            counts[i][y:y + size, x:x + size] += 1
+            sums[i][y : y + size, x : x + size] += o
+            counts[i][y : y + size, x : x + size] += 1
             left[i] -= 1
 
     def finished():

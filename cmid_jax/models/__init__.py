@@ -16,7 +16,8 @@ and takes the mask token (width `mask_token_width`) from the caller, who owns it
 from __future__ import annotations
 
 import types
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import flax.linen as nn
 
@@ -35,17 +36,28 @@ class Backbone(Protocol):
     TELL_KEYS: tuple[str, ...]  # torch state_dict keys only this arch has (one per layout)
     HAS_BATCH_NORM: bool  # BN in the backbone (and, as officially, in the local head)
 
-    def build(self, variant: str, *, img_size: int, dtype: Any = ..., attention_impl: str = ...,
-              platform: str | None = None, remat: str = ...) -> nn.Module: ...
+    def build(
+        self,
+        variant: str,
+        *,
+        img_size: int,
+        dtype: Any = ...,
+        attention_impl: str = ...,
+        platform: str | None = None,
+        remat: str = ...,
+    ) -> nn.Module: ...
 
-    def to_torch_state_dict(self, variables: Mapping[str, Any],
-                            layout: str | None = None) -> dict[str, Any]: ...
+    def to_torch_state_dict(
+        self, variables: Mapping[str, Any], layout: str | None = None
+    ) -> dict[str, Any]: ...
 
-    def from_torch_state_dict(self, state_dict: Mapping[str, Any],
-                              model: nn.Module) -> dict[str, Any]: ...
+    def from_torch_state_dict(
+        self, state_dict: Mapping[str, Any], model: nn.Module
+    ) -> dict[str, Any]: ...
 
-    def torch_models(self, variant: str, *, img_size: int, in_chans: int,
-                     layout: str | None = None) -> list[dict[str, Any]]: ...
+    def torch_models(
+        self, variant: str, *, img_size: int, in_chans: int, layout: str | None = None
+    ) -> list[dict[str, Any]]: ...
 
     def forward_flops(self, variant: str, image_size: int, in_chans: int = 3) -> int: ...
 
@@ -60,8 +72,9 @@ BACKBONES: dict[str, types.ModuleType] = {
 def backbone_module(arch: str) -> Backbone:
     """The module that owns backbone `arch`."""
     if arch not in BACKBONES:
-        raise ValueError(f'unknown backbone arch {arch!r} (config.model.arch); known: '
-                         f'{sorted(BACKBONES)}')
+        raise ValueError(
+            f'unknown backbone arch {arch!r} (config.model.arch); known: {sorted(BACKBONES)}'
+        )
     return BACKBONES[arch]
 
 

@@ -37,8 +37,7 @@ def cudnn_unsupported(*, platform: str, dtype: Any, head_dim: int) -> str | None
     if platform != 'cuda':
         return f'it needs an NVIDIA GPU (platform cuda), not {platform}'
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
-        return (f'it needs model.compute_dtype bfloat16 or float16, not '
-                f'{jnp.dtype(dtype).name}')
+        return f'it needs model.compute_dtype bfloat16 or float16, not {jnp.dtype(dtype).name}'
     if head_dim % 8 or head_dim > _CUDNN_MAX_HEAD_DIM:
         return f'it needs a head width that is a multiple of 8 and at most 128, not {head_dim}'
     return None
@@ -56,16 +55,19 @@ def resolve(requested: str, *, platform: str, dtype: Any, head_dim: int) -> str:
         raise ValueError(f'unknown platform {platform!r}; expected one of {PLATFORMS}')
     problem = cudnn_unsupported(platform=platform, dtype=dtype, head_dim=head_dim)
     if requested == 'cudnn' and problem:
-        raise ValueError(f"model.attention_impl='cudnn' cannot run: {problem}. Use 'auto' "
-                         "(cuDNN where it runs, XLA elsewhere) or 'xla'.")
+        raise ValueError(
+            f"model.attention_impl='cudnn' cannot run: {problem}. Use 'auto' "
+            "(cuDNN where it runs, XLA elsewhere) or 'xla'."
+        )
     resolved = requested if requested != 'auto' else ('xla' if problem else 'cudnn')
     _log_choice(requested, platform, resolved, problem)
     return resolved
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_choice(requested: str, platform: str, resolved: str, problem: str | None) -> None:
     """Logs each choice once per process (networks are built for training and for every eval)."""
     why = f' (cuDNN: {problem})' if requested == 'auto' and problem else ''
-    logging.info('Attention on %s: %s (model.attention_impl=%r)%s.', platform, resolved,
-                 requested, why)
+    logging.info(
+        'Attention on %s: %s (model.attention_impl=%r)%s.', platform, resolved, requested, why
+    )

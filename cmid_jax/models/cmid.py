@@ -21,8 +21,10 @@ from cmid_jax.models.heads import LocalHead, MIMDecoder, Projector
 
 TEACHER_KEYS = ('backbone', 'projector', 'local_head')
 # Train-state keys of each network's (params, batch_stats); 'student' is the deployed network.
-STATE_KEYS = {'student': ('params', 'batch_stats'),
-              'teacher': ('teacher_params', 'teacher_batch_stats')}
+STATE_KEYS = {
+    'student': ('params', 'batch_stats'),
+    'teacher': ('teacher_params', 'teacher_batch_stats'),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +41,9 @@ class Networks:
         module = getattr(self, name)
         if name == 'projector' or name == 'decoder':
             return module.apply({'params': variables['params']}, *args, **kwargs), {}
-        out, mutated = module.apply(variables, *args, train=train, mutable=['batch_stats'], **kwargs)
+        out, mutated = module.apply(
+            variables, *args, train=train, mutable=['batch_stats'], **kwargs
+        )
         return out, mutated.get('batch_stats', {})
 
 
@@ -47,25 +51,40 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
     try:
         return {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}[config.model.compute_dtype]
     except KeyError:
-        raise ValueError(f'config.model.compute_dtype={config.model.compute_dtype!r}; expected '
-                         "'bfloat16' or 'float32'.") from None
+        raise ValueError(
+            f'config.model.compute_dtype={config.model.compute_dtype!r}; expected '
+            "'bfloat16' or 'float32'."
+        ) from None
 
 
 def build_networks(config: ml_collections.ConfigDict, platform: str | None = None) -> Networks:
     """The networks of `config`, for lowering on `platform` (None = this machine's)."""
     dtype = compute_dtype(config)
     m = config.model
-    backbone = build_backbone(m.arch, m.variant, img_size=config.data.image_size, dtype=dtype,
-                              attention_impl=m.attention_impl, platform=platform,
-                              remat=m.get('remat', 'none'))
+    backbone = build_backbone(
+        m.arch,
+        m.variant,
+        img_size=config.data.image_size,
+        dtype=dtype,
+        attention_impl=m.attention_impl,
+        platform=platform,
+        remat=m.get('remat', 'none'),
+    )
     # The official local head has BN exactly for the CNN backbones (use_bn: True for ResNet).
-    use_bn = m.local_use_bn if m.local_use_bn is not None else backbone_module(m.arch).HAS_BATCH_NORM
+    use_bn = (
+        m.local_use_bn if m.local_use_bn is not None else backbone_module(m.arch).HAS_BATCH_NORM
+    )
     in_chans = num_bands(config.data)
     return Networks(
         backbone=backbone,
         projector=Projector(m.proj_hidden_dim, m.proj_dim, dtype=dtype),
-        local_head=LocalHead(m.local_hidden_dim, m.local_bottleneck_dim, m.local_prototypes,
-                             use_bn=use_bn, dtype=dtype),
+        local_head=LocalHead(
+            m.local_hidden_dim,
+            m.local_bottleneck_dim,
+            m.local_prototypes,
+            use_bn=use_bn,
+            dtype=dtype,
+        ),
         decoder=MIMDecoder(stride=backbone.feature_stride, out_chans=in_chans, dtype=dtype),
         grid=config.data.image_size // config.mask.patch_size,
         in_chans=in_chans,
@@ -82,12 +101,12 @@ def init_student(nets: Networks, rng: jax.Array, image_size: int) -> tuple[dict,
     feats = jnp.zeros((2, 4, width), jnp.float32)
     loc = nets.local_head.init(k_loc, feats, train=False)
     params = {
-            'backbone': bb['params'],
-            'projector': nets.projector.init(k_proj, jnp.zeros((2, width)))['params'],
-            'local_head': loc['params'],
-            'decoder': nets.decoder.init(k_dec, jnp.zeros((2, 1, 1, width)))['params'],
-            # Zero-initialised and added at the backbone's injection point (official MaskResNet/MaskSwin).
-            'mask_token': jnp.zeros((nets.backbone.mask_token_width,), jnp.float32),
+        'backbone': bb['params'],
+        'projector': nets.projector.init(k_proj, jnp.zeros((2, width)))['params'],
+        'local_head': loc['params'],
+        'decoder': nets.decoder.init(k_dec, jnp.zeros((2, 1, 1, width)))['params'],
+        # Zero-initialised and added at the backbone's injection point (official MaskResNet/MaskSwin).
+        'mask_token': jnp.zeros((nets.backbone.mask_token_width,), jnp.float32),
     }
     batch_stats = {'backbone': bb.get('batch_stats', {}), 'local_head': loc.get('batch_stats', {})}
     return params, batch_stats
@@ -96,8 +115,10 @@ def init_student(nets: Networks, rng: jax.Array, image_size: int) -> tuple[dict,
 def teacher_from_student(params: dict, batch_stats: dict) -> tuple[dict, dict]:
     """The teacher starts as an exact copy of the student's EMA'd parts (init_momentum_pairs)."""
     copy = lambda tree: jax.tree.map(jnp.array, tree)
-    return ({k: copy(params[k]) for k in TEACHER_KEYS},
-            {k: copy(v) for k, v in batch_stats.items()})
+    return (
+        {k: copy(params[k]) for k in TEACHER_KEYS},
+        {k: copy(v) for k, v in batch_stats.items()},
+    )
 
 
 def backbone_variables(state: dict, which: str = 'student') -> dict:
@@ -106,5 +127,4 @@ def backbone_variables(state: dict, which: str = 'student') -> dict:
     if which not in STATE_KEYS:
         raise ValueError(f'which must be one of {sorted(STATE_KEYS)}, got {which!r}')
     params, stats = STATE_KEYS[which]
-    return {'params': state[params]['backbone'],
-            'batch_stats': state[stats].get('backbone', {})}
+    return {'params': state[params]['backbone'], 'batch_stats': state[stats].get('backbone', {})}

@@ -11,7 +11,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -41,9 +42,18 @@ def patch_conv(x: Array, patch_size: int, embed_dim: int, dtype: Any, name: str)
     Call it inside a compact method: the conv becomes a child `name` of the calling module.
     """
     p = patch_size
-    return nn.Conv(embed_dim, (p, p), strides=(p, p), padding='VALID', use_bias=True, dtype=dtype,
-                   param_dtype=jnp.float32, kernel_init=torch_default_kernel_init,
-                   bias_init=torch_default_bias_init(p * p * x.shape[-1]), name=name)(x)
+    return nn.Conv(
+        embed_dim,
+        (p, p),
+        strides=(p, p),
+        padding='VALID',
+        use_bias=True,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=torch_default_kernel_init,
+        bias_init=torch_default_bias_init(p * p * x.shape[-1]),
+        name=name,
+    )(x)
 
 
 def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -68,8 +78,9 @@ def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
     return out
 
 
-def upsampled_mask_term(mask: Array, mask_token: Array, feat_shape: tuple[int, ...],
-                        dtype: Any) -> Array:
+def upsampled_mask_term(
+    mask: Array, mask_token: Array, feat_shape: tuple[int, ...], dtype: Any
+) -> Array:
     """`mask_token * mask` with the 32-px block mask repeated (nearest) onto the feature grid."""
     _, h, w, c = feat_shape
     mh, mw = mask.shape[1:]
@@ -101,10 +112,14 @@ def as_numpy(v: Any) -> np.ndarray:
     return np.asarray(v)
 
 
-def match_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], *,
-                     what: str, optional: Mapping[str, tuple[int, ...] | None] | None = None,
-                     validate: Callable[[str, np.ndarray], str | None] | None = None,
-                     ) -> dict[str, np.ndarray]:
+def match_state_dict(
+    state_dict: Mapping[str, Any],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    what: str,
+    optional: Mapping[str, tuple[int, ...] | None] | None = None,
+    validate: Callable[[str, np.ndarray], str | None] | None = None,
+) -> dict[str, np.ndarray]:
     """Checks `state_dict` against `expected` (torch key -> shape); returns the arrays as numpy.
 
     `optional` keys may be absent; their shape is checked unless it is None. `validate(key, array)`
@@ -133,7 +148,8 @@ def match_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, tuple
             f'  unknown keys ({len(unknown)}): {unknown}\n'
             f'  missing keys ({len(missing)}): {missing}\n'
             f'  shape mismatches ({len(mismatched)}): {mismatched}'
-            + (f'\n  invalid values ({len(invalid)}): {invalid}' if invalid else ''))
+            + (f'\n  invalid values ({len(invalid)}): {invalid}' if invalid else '')
+        )
     return out
 
 
@@ -146,9 +162,16 @@ def resolve_layout(layouts: tuple[str, ...], layout: str | None, what: str) -> s
     return layout
 
 
-def torch_model_spec(library: str, *, kwargs: dict[str, Any], features: str,
-                     model_name: str | None = None, cls: str | None = None,
-                     object_kwargs: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+def torch_model_spec(
+    library: str,
+    *,
+    kwargs: dict[str, Any],
+    features: str,
+    model_name: str | None = None,
+    cls: str | None = None,
+    object_kwargs: dict[str, str] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """One PyTorch constructor, as JSON: `library` with a registered `model_name`, or a `class`
     path, and its kwargs; `object_kwargs` are kwargs whose values are classes named by dotted path
     (`cmid_jax.convert.export.build_torch_model` builds it)."""

@@ -18,9 +18,15 @@ from cmid_jax.models.common import torch_default_bias_init, torch_default_kernel
 
 
 def _torch_dense(features: int, fan_in: int, dtype: Any, name: str, use_bias: bool = True):
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=torch_default_kernel_init,
-                    bias_init=torch_default_bias_init(fan_in), name=name)
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=torch_default_kernel_init,
+        bias_init=torch_default_bias_init(fan_in),
+        name=name,
+    )
 
 
 def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:
@@ -34,19 +40,22 @@ def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:
 
 class MIMDecoder(nn.Module):
     """1x1 convolution to stride^2 * channels, then pixel shuffle back to input resolution."""
+
     stride: int
     out_chans: int = 3
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, fmap: jax.Array) -> jax.Array:
-        x = _torch_dense(self.stride * self.stride * self.out_chans, fmap.shape[-1], self.dtype,
-                         'decoder_pred')(fmap)
+        x = _torch_dense(
+            self.stride * self.stride * self.out_chans, fmap.shape[-1], self.dtype, 'decoder_pred'
+        )(fmap)
         return pixel_shuffle(x.astype(jnp.float32), self.stride)
 
 
 class Projector(nn.Module):
     """Global projector Linear(C, hidden) - ReLU - Linear(hidden, out); output L2-normalised."""
+
     hidden_dim: int = 2048
     out_dim: int = 256
     dtype: Any = jnp.float32
@@ -65,6 +74,7 @@ class LocalHead(nn.Module):
     Input (B, N, C) features at N matched positions; output (B, N, prototypes) float32 logits.
     BatchNorm (CNN backbones only) normalises over batch and positions, like BatchNorm1d.
     """
+
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     prototypes: int = 2048
@@ -77,14 +87,22 @@ class LocalHead(nn.Module):
         for i in range(2):
             x = _torch_dense(self.hidden_dim, fan_in, self.dtype, f'fc{i + 1}')(x)
             if self.use_bn:
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                 dtype=self.dtype, param_dtype=jnp.float32, name=f'bn{i + 1}')(x)
+                x = nn.BatchNorm(
+                    use_running_average=not train,
+                    momentum=0.9,
+                    epsilon=1e-5,
+                    dtype=self.dtype,
+                    param_dtype=jnp.float32,
+                    name=f'bn{i + 1}',
+                )(x)
             x = nn.gelu(x, approximate=False)
             fan_in = self.hidden_dim
         x = _torch_dense(self.bottleneck_dim, fan_in, self.dtype, 'fc3')(x)
         x = l2_normalize(x.astype(jnp.float32))
         # weight_norm with g fixed to 1: each prototype is the unit-norm direction of its weight vector.
-        v = self.param('prototypes', torch_default_kernel_init, (self.bottleneck_dim, self.prototypes))
+        v = self.param(
+            'prototypes', torch_default_kernel_init, (self.bottleneck_dim, self.prototypes)
+        )
         return x @ l2_normalize(v, axis=0)
 
 

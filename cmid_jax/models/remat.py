@@ -9,7 +9,7 @@ change: `nn.remat` keeps the module name.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -28,12 +28,14 @@ def check(policy: str) -> None:
         raise ValueError(f'model.remat={policy!r}; expected one of {POLICIES}')
 
 
-def block(module_class: type[nn.Module], policy: str,
-          static_argnums: Sequence[int] = ()) -> type[nn.Module]:
+def block(
+    module_class: type[nn.Module], policy: str, static_argnums: Sequence[int] = ()
+) -> type[nn.Module]:
     """`module_class` rematerialised under `policy`; static_argnums count `self` as 0."""
     check(policy)
     if policy == 'none':
         return module_class
-    saveable = {'dots': _matmul_and_conv_outputs,
-                'full': jax.checkpoint_policies.nothing_saveable}[policy]
+    saveable = {'dots': _matmul_and_conv_outputs, 'full': jax.checkpoint_policies.nothing_saveable}[
+        policy
+    ]
     return nn.remat(module_class, policy=saveable, static_argnums=tuple(static_argnums))

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,8 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmid_jax.models import remat as remat_lib
-from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict, resolve_layout,
-                                    torch_model_spec, unflatten)
+from cmid_jax.models.common import (
+    add_mask_token,
+    flatten,
+    match_state_dict,
+    resolve_layout,
+    torch_model_spec,
+    unflatten,
+)
 
 Array = jax.Array
 
@@ -71,17 +78,27 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         conv = functools.partial(
-            nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-            kernel_init=_conv_init)
+            nn.Conv,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_conv_init,
+        )
         norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-            dtype=self.dtype, param_dtype=jnp.float32)
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+        )
         out_ch = self.planes * 4
 
         y = conv(self.planes, (1, 1), padding=_pad(1), name='conv1')(x)
         y = nn.relu(norm(name='bn1')(y))
-        y = conv(self.planes, (3, 3), strides=(self.stride, self.stride), padding=_pad(3),
-                 name='conv2')(y)
+        y = conv(
+            self.planes, (3, 3), strides=(self.stride, self.stride), padding=_pad(3), name='conv2'
+        )(y)
         y = nn.relu(norm(name='bn2')(y))
         y = conv(out_ch, (1, 1), padding=_pad(1), name='conv3')(y)
         # timm zero_init_last: each residual branch starts as the identity.
@@ -89,8 +106,13 @@ class Bottleneck(nn.Module):
 
         shortcut = x
         if self.downsample:
-            shortcut = conv(out_ch, (1, 1), strides=(self.stride, self.stride), padding=_pad(1),
-                            name='downsample_0')(x)
+            shortcut = conv(
+                out_ch,
+                (1, 1),
+                strides=(self.stride, self.stride),
+                padding=_pad(1),
+                name='downsample_0',
+            )(x)
             shortcut = norm(name='downsample_1')(shortcut)
         return nn.relu(y + shortcut)
 
@@ -123,20 +145,35 @@ class ResNet(nn.Module):
         return self.width * 2 ** (len(self.stage_sizes) - 1) * 4
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool, mask: Array | None = None,
-                 mask_token: Array | None = None) -> Array:
+    def __call__(
+        self, x: Array, *, train: bool, mask: Array | None = None, mask_token: Array | None = None
+    ) -> Array:
         """Args:
-          x: `(B, H, W, C)` images, H and W multiples of 32.
-          train: BN uses (and updates, with mutable 'batch_stats') batch statistics if True.
-          mask: optional `(B, H//32, W//32)` block mask (1 = masked).
-          mask_token: `(width,)` token owned by the caller, added at masked positions after the stem.
+        x: `(B, H, W, C)` images, H and W multiples of 32.
+        train: BN uses (and updates, with mutable 'batch_stats') batch statistics if True.
+        mask: optional `(B, H//32, W//32)` block mask (1 = masked).
+        mask_token: `(width,)` token owned by the caller, added at masked positions after the stem.
         """
         x = jnp.asarray(x, self.dtype)
-        x = nn.Conv(self.width, (7, 7), strides=(2, 2), padding=_pad(7), use_bias=False,
-                    dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_conv_init,
-                    name='conv1')(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype, param_dtype=jnp.float32, name='bn1')(x)
+        x = nn.Conv(
+            self.width,
+            (7, 7),
+            strides=(2, 2),
+            padding=_pad(7),
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_conv_init,
+            name='conv1',
+        )(x)
+        x = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name='bn1',
+        )(x)
         x = nn.relu(x)
         # torch MaxPool2d(3, 2, padding=1) pads with -inf, so padded cells never win the max.
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
@@ -150,7 +187,7 @@ class ResNet(nn.Module):
         for s, n_blocks in enumerate(self.stage_sizes):
             for b in range(n_blocks):
                 x = bottleneck(
-                    planes=self.width * 2 ** s,
+                    planes=self.width * 2**s,
                     stride=2 if (s > 0 and b == 0) else 1,
                     downsample=(b == 0),  # also layer1.0: width -> 4 * width channels
                     dtype=self.dtype,
@@ -159,8 +196,15 @@ class ResNet(nn.Module):
         return x
 
 
-def build(variant: str, *, img_size: int, dtype: Any = jnp.float32, attention_impl: str = 'auto',
-          platform: str | None = None, remat: str = 'none') -> ResNet:
+def build(
+    variant: str,
+    *,
+    img_size: int,
+    dtype: Any = jnp.float32,
+    attention_impl: str = 'auto',
+    platform: str | None = None,
+    remat: str = 'none',
+) -> ResNet:
     """ResNet for a variant name ('50', or the small 'tiny' and 'nano'), its bottlenecks
     rematerialised per `remat` (`cmid_jax.models.remat`); any input size that is a multiple of 32
     works, and there is no attention to choose."""
@@ -175,13 +219,16 @@ def build(variant: str, *, img_size: int, dtype: Any = jnp.float32, attention_im
 def forward_flops(variant: str, image_size: int, in_chans: int = 3) -> int:
     """Analytic forward FLOPs of one image (`cmid_jax.perf.flops`)."""
     from cmid_jax.perf import flops  # jax-free formulas, shared with the PyTorch reference
+
     stage_sizes, width = VARIANTS[variant]
-    return flops.resnet_forward(image_size=image_size, stage_sizes=stage_sizes, width=width,
-                                in_chans=in_chans)
+    return flops.resnet_forward(
+        image_size=image_size, stage_sizes=stage_sizes, width=width, in_chans=in_chans
+    )
 
 
-def torch_models(variant: str, *, img_size: int, in_chans: int,
-                 layout: str | None = None) -> list[dict[str, Any]]:
+def torch_models(
+    variant: str, *, img_size: int, in_chans: int, layout: str | None = None
+) -> list[dict[str, Any]]:
     """PyTorch constructors the export loads into, strict-loadable (timm) first; torchvision
     misses only `fc.*`. None for the 16-channel 'nano', whose stem no torch library builds."""
     del img_size  # any multiple of 32
@@ -192,21 +239,38 @@ def torch_models(variant: str, *, img_size: int, in_chans: int,
     name = TORCH_NAMES.get(variant)
     features = 'model.forward_features(x): (B, C, H/32, W/32), the layer4 map'
     # torchvision always builds the classifier: load with strict=False (or set fc=Identity).
-    tv = dict(features='conv1, bn1, relu, maxpool, layer1..layer4: (B, C, H/32, W/32)',
-              missing_keys=['fc.bias', 'fc.weight'])
+    tv = dict(
+        features='conv1, bn1, relu, maxpool, layer1..layer4: (B, C, H/32, W/32)',
+        missing_keys=['fc.bias', 'fc.weight'],
+    )
     layers = list(stage_sizes)
     if name:
-        models = [torch_model_spec('timm', model_name=name, features=features,
-                                   kwargs=dict(in_chans=in_chans, num_classes=0)),
-                  torch_model_spec('torchvision', model_name=name, kwargs={}, **tv)]
+        models = [
+            torch_model_spec(
+                'timm',
+                model_name=name,
+                features=features,
+                kwargs=dict(in_chans=in_chans, num_classes=0),
+            ),
+            torch_model_spec('torchvision', model_name=name, kwargs={}, **tv),
+        ]
     else:
-        models = [torch_model_spec('timm', cls='timm.models.resnet.ResNet',
-                                   object_kwargs=dict(block='timm.models.resnet.Bottleneck'),
-                                   kwargs=dict(layers=layers, in_chans=in_chans, num_classes=0),
-                                   features=features),
-                  torch_model_spec('torchvision', cls='torchvision.models.resnet.ResNet',
-                                   object_kwargs=dict(block='torchvision.models.resnet.Bottleneck'),
-                                   kwargs=dict(layers=layers), **tv)]
+        models = [
+            torch_model_spec(
+                'timm',
+                cls='timm.models.resnet.ResNet',
+                object_kwargs=dict(block='timm.models.resnet.Bottleneck'),
+                kwargs=dict(layers=layers, in_chans=in_chans, num_classes=0),
+                features=features,
+            ),
+            torch_model_spec(
+                'torchvision',
+                cls='torchvision.models.resnet.ResNet',
+                object_kwargs=dict(block='torchvision.models.resnet.Bottleneck'),
+                kwargs=dict(layers=layers),
+                **tv,
+            ),
+        ]
     return models if in_chans == 3 else models[:1]  # torchvision ResNets take 3 bands only
 
 
@@ -237,8 +301,9 @@ def _from_torch_layout(x: np.ndarray) -> np.ndarray:
     return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x  # conv OIHW -> HWIO
 
 
-def to_torch_state_dict(variables: Mapping[str, Any], layout: str | None = None
-                        ) -> dict[str, np.ndarray]:
+def to_torch_state_dict(
+    variables: Mapping[str, Any], layout: str | None = None
+) -> dict[str, np.ndarray]:
     """Flax `{'params', 'batch_stats'}` -> torchvision resnet state_dict (float32 numpy, no `fc.*`).
 
     Includes `running_mean/var` and an int64 0-d `num_batches_tracked` per BN, so the result loads
@@ -251,7 +316,8 @@ def to_torch_state_dict(variables: Mapping[str, Any], layout: str | None = None
     for coll in ('params', 'batch_stats'):
         for path, v in flatten(variables[coll]).items():
             sd[_torch_key(coll, path)] = np.ascontiguousarray(
-                _to_torch_layout(np.array(v, dtype=np.float32)))  # writable, for torch.from_numpy
+                _to_torch_layout(np.array(v, dtype=np.float32))
+            )  # writable, for torch.from_numpy
     for path in flatten(variables['batch_stats']):
         if path[-1] == 'mean':
             prefix = _torch_key('batch_stats', path)[: -len('running_mean')]
@@ -262,11 +328,14 @@ def to_torch_state_dict(variables: Mapping[str, Any], layout: str | None = None
 def _template(model: ResNet) -> dict[str, Any]:
     return jax.eval_shape(
         functools.partial(model.init, train=False),
-        jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
+        jax.random.key(0),
+        jnp.zeros((1, 32, 32, 3), jnp.float32),
+    )
 
 
-def from_torch_state_dict(state_dict: Mapping[str, Any], model: ResNet
-                          ) -> dict[str, dict[str, Any]]:
+def from_torch_state_dict(
+    state_dict: Mapping[str, Any], model: ResNet
+) -> dict[str, dict[str, Any]]:
     """torchvision/timm resnet state_dict -> Flax `{'params', 'batch_stats'}` for `model`.
 
     Accepts numpy arrays or torch tensors. `num_batches_tracked` entries are optional and ignored.
@@ -277,14 +346,19 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model: ResNet
     expected: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]] = {}
     for coll in ('params', 'batch_stats'):
         for path, leaf in flatten(tmpl[coll]).items():
-            shape = leaf.shape if len(leaf.shape) != 4 else tuple(
-                leaf.shape[i] for i in (3, 2, 0, 1))
+            shape = (
+                leaf.shape if len(leaf.shape) != 4 else tuple(leaf.shape[i] for i in (3, 2, 0, 1))
+            )
             expected[_torch_key(coll, path)] = (coll, path, shape)
-    optional = {k[: -len('running_mean')] + 'num_batches_tracked': None
-                for k in expected if k.endswith('running_mean')}
+    optional = {
+        k[: -len('running_mean')] + 'num_batches_tracked': None
+        for k in expected
+        if k.endswith('running_mean')
+    }
 
-    arrays = match_state_dict(state_dict, {k: e[2] for k, e in expected.items()},
-                              what='ResNet', optional=optional)
+    arrays = match_state_dict(
+        state_dict, {k: e[2] for k, e in expected.items()}, what='ResNet', optional=optional
+    )
     out: dict[str, dict[tuple[str, ...], Any]] = {'params': {}, 'batch_stats': {}}
     for key, (coll, path, _) in expected.items():
         out[coll][path] = jnp.asarray(_from_torch_layout(arrays[key].astype(np.float32)))

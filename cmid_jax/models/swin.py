@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -38,9 +39,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmid_jax.models import remat as remat_lib
-from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict, patch_conv,
-                                    resolve_layout, torch_default_bias_init,
-                                    torch_default_kernel_init, torch_model_spec, unflatten)
+from cmid_jax.models.common import (
+    add_mask_token,
+    flatten,
+    match_state_dict,
+    patch_conv,
+    resolve_layout,
+    torch_default_bias_init,
+    torch_default_kernel_init,
+    torch_model_spec,
+    unflatten,
+)
 
 Array = jax.Array
 
@@ -71,11 +80,16 @@ HAS_BATCH_NORM = False
 _MASK_VALUE = -100.0
 
 
-def _dense(features: int, fan_in: int, *, use_bias: bool = True, dtype: Any,
-           name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=torch_default_kernel_init,
-                    bias_init=torch_default_bias_init(fan_in), name=name)
+def _dense(features: int, fan_in: int, *, use_bias: bool = True, dtype: Any, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=torch_default_kernel_init,
+        bias_init=torch_default_bias_init(fan_in),
+        name=name,
+    )
 
 
 def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
@@ -88,10 +102,12 @@ def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
 # ------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def relative_position_index(window: int) -> np.ndarray:
     """`(W*W, W*W)` int64 index into the `(2W-1)^2` bias table (MS-Swin / timm / mmcls)."""
-    coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing='ij')).reshape(2, -1)
+    coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing='ij')).reshape(
+        2, -1
+    )
     rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (2, T, T), each in [0, 2W-2]
     index = (rel[0] * (2 * window - 1) + rel[1]).astype(np.int64)
     index.setflags(write=False)  # cached and shared
@@ -112,7 +128,7 @@ def window_reverse(windows: Array, window: int, h: int, w: int) -> Array:
     return x.reshape(b, h, w, c)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shifted_window_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
     """`(nW, T, T)` float32 additive mask for a map rolled by `-shift`: 0 within a region, -100 across.
 
@@ -149,12 +165,16 @@ class WindowMSA(nn.Module):
         heads, ws = self.num_heads, self.window_size
         dh = c // heads
         # Zero-initialised: mmcls only draws it from trunc_normal in the init_weights CMID never calls.
-        table = self.param('relative_position_bias_table', nn.initializers.zeros,
-                           ((2 * ws - 1) ** 2, heads), jnp.float32)
+        table = self.param(
+            'relative_position_bias_table',
+            nn.initializers.zeros,
+            ((2 * ws - 1) ** 2, heads),
+            jnp.float32,
+        )
         # qkv laid out q|k|v, each head-major, as torch's reshape(B_, N, 3, heads, Dh).
         qkv = _dense(3 * c, c, dtype=self.dtype, name='qkv')(x).reshape(b, nw, t, 3, heads, dh)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        q = q * dh ** -0.5  # scaled before the product, like the reference
+        q = q * dh**-0.5  # scaled before the product, like the reference
         # Logits, bias, mask and softmax in float32 whatever the compute dtype.
         logits = jnp.einsum('bwqhd,bwkhd->bwhqk', q, k, preferred_element_type=jnp.float32)
         bias = table[relative_position_index(ws).reshape(-1)].reshape(t, t, heads)
@@ -220,10 +240,12 @@ class SwinBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = x + ShiftWindowMSA(self.num_heads, self.window_size, self.shift, self.dtype,
-                               name='attn')(_layer_norm(self.dtype, 'norm1')(x))
-        return x + FFN(int(x.shape[-1] * self.mlp_ratio), self.dtype,
-                       name='ffn')(_layer_norm(self.dtype, 'norm2')(x))
+        x = x + ShiftWindowMSA(
+            self.num_heads, self.window_size, self.shift, self.dtype, name='attn'
+        )(_layer_norm(self.dtype, 'norm1')(x))
+        return x + FFN(int(x.shape[-1] * self.mlp_ratio), self.dtype, name='ffn')(
+            _layer_norm(self.dtype, 'norm2')(x)
+        )
 
 
 class PatchMerging(nn.Module):
@@ -254,8 +276,14 @@ class SwinStage(nn.Module):
     def __call__(self, x: Array) -> Array:
         block = remat_lib.block(SwinBlock, self.remat)
         for i in range(self.depth):
-            x = block(self.num_heads, self.window_size, shift=i % 2 == 1,
-                          mlp_ratio=self.mlp_ratio, dtype=self.dtype, name=f'blocks_{i}')(x)
+            x = block(
+                self.num_heads,
+                self.window_size,
+                shift=i % 2 == 1,
+                mlp_ratio=self.mlp_ratio,
+                dtype=self.dtype,
+                name=f'blocks_{i}',
+            )(x)
         if self.downsample:
             x = PatchMerging(self.dtype, name='downsample')(x)
         return x
@@ -317,39 +345,57 @@ class SwinTransformer(nn.Module):
         return self.feature_stride * self.window_size
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool, mask: Array | None = None,
-                 mask_token: Array | None = None) -> Array:
+    def __call__(
+        self, x: Array, *, train: bool, mask: Array | None = None, mask_token: Array | None = None
+    ) -> Array:
         """Args:
-          x: `(B, H, W, C)` images, H and W multiples of 32 and at least `min_image_size`.
-          train: unused (no dropout / drop path); kept for a common backbone signature.
-          mask: optional `(B, H//32, W//32)` block mask (1 = masked), repeated x8 onto the patches.
-          mask_token: `(embed_dim,)` token owned by the caller, added to masked patch embeddings
-            after the patch-embedding norm (official MaskSwin, `replace=False`).
+        x: `(B, H, W, C)` images, H and W multiples of 32 and at least `min_image_size`.
+        train: unused (no dropout / drop path); kept for a common backbone signature.
+        mask: optional `(B, H//32, W//32)` block mask (1 = masked), repeated x8 onto the patches.
+        mask_token: `(embed_dim,)` token owned by the caller, added to masked patch embeddings
+          after the patch-embedding norm (official MaskSwin, `replace=False`).
         """
         del train
         _, h, w, _ = x.shape
         s = self.feature_stride
         if h % s or w % s or min(h, w) < self.min_image_size:
-            raise ValueError(f'Swin input {(h, w)} must be a multiple of {s} and at least '
-                             f'{self.min_image_size} px (window {self.window_size} on the last '
-                             'stage; mmcls pad_small_map=False)')
+            raise ValueError(
+                f'Swin input {(h, w)} must be a multiple of {s} and at least '
+                f'{self.min_image_size} px (window {self.window_size} on the last '
+                'stage; mmcls pad_small_map=False)'
+            )
 
-        x = PatchEmbed(self.patch_size, self.embed_dim, self.dtype,
-                       name='patch_embed')(jnp.asarray(x, self.dtype))
+        x = PatchEmbed(self.patch_size, self.embed_dim, self.dtype, name='patch_embed')(
+            jnp.asarray(x, self.dtype)
+        )
         x = add_mask_token(x, mask, mask_token, self.dtype)
         # Lets tests (and debugging) see the patch embeddings right after token injection.
         self.sow('intermediates', 'patch_tokens', x)
 
         n = len(self.depths)
         for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
-            x = SwinStage(depth, heads, self.window_size, downsample=i < n - 1,
-                          mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat,
-                          name=f'stages_{i}')(x)
+            x = SwinStage(
+                depth,
+                heads,
+                self.window_size,
+                downsample=i < n - 1,
+                mlp_ratio=self.mlp_ratio,
+                dtype=self.dtype,
+                remat=self.remat,
+                name=f'stages_{i}',
+            )(x)
         return _layer_norm(self.dtype, f'norm{n - 1}')(x)
 
 
-def build(variant: str, *, img_size: int, dtype: Any = jnp.float32, attention_impl: str = 'auto',
-          platform: str | None = None, remat: str = 'none') -> SwinTransformer:
+def build(
+    variant: str,
+    *,
+    img_size: int,
+    dtype: Any = jnp.float32,
+    attention_impl: str = 'auto',
+    platform: str | None = None,
+    remat: str = 'none',
+) -> SwinTransformer:
     """Swin for a variant name ('B', or the small 'tiny-test' and 'nano'), its blocks
     rematerialised per `remat`. Inputs of any multiple of 32 from `min_image_size` work; window
     attention always runs in XLA (its relative-position bias and shift mask are no fused-kernel
@@ -364,40 +410,73 @@ def build(variant: str, *, img_size: int, dtype: Any = jnp.float32, attention_im
 def forward_flops(variant: str, image_size: int, in_chans: int = 3) -> int:
     """Analytic forward FLOPs of one image (`cmid_jax.perf.flops`)."""
     from cmid_jax.perf import flops  # jax-free formulas, shared with the PyTorch reference
+
     v = VARIANTS[variant]
-    return flops.swin_forward(image_size=image_size, patch_size=4, embed_dim=v['embed_dim'],
-                              depths=v['depths'], window_size=v['window_size'], in_chans=in_chans)
+    return flops.swin_forward(
+        image_size=image_size,
+        patch_size=4,
+        embed_dim=v['embed_dim'],
+        depths=v['depths'],
+        window_size=v['window_size'],
+        in_chans=in_chans,
+    )
 
 
-def torch_models(variant: str, *, img_size: int, in_chans: int,
-                 layout: str | None = None) -> list[dict[str, Any]]:
+def torch_models(
+    variant: str, *, img_size: int, in_chans: int, layout: str | None = None
+) -> list[dict[str, Any]]:
     """timm SwinTransformer (strict) for the 'timm' layout; mmseg's SwinTransformer (the official
     CMID downstream code, loaded non-strictly) for 'mmcls'."""
     layout = resolve_layout(LAYOUTS, layout or EXPORT_LAYOUT, 'Swin')
     v = VARIANTS[variant]
-    shape = dict(embed_dim=v['embed_dim'], depths=list(v['depths']),
-                 num_heads=list(v['num_heads']), window_size=v['window_size'])
+    shape = dict(
+        embed_dim=v['embed_dim'],
+        depths=list(v['depths']),
+        num_heads=list(v['num_heads']),
+        window_size=v['window_size'],
+    )
     if layout == 'timm':
         name = TORCH_NAMES.get(variant)
         features = 'model.forward_features(x): (B, H/32, W/32, C) after the final norm'
         if name:
-            return [torch_model_spec('timm', model_name=name, features=features,
-                                     kwargs=dict(img_size=img_size, in_chans=in_chans,
-                                                 num_classes=0))]
-        return [torch_model_spec('timm', cls='timm.models.swin_transformer.SwinTransformer',
-                                 features=features,
-                                 kwargs=dict(img_size=img_size, patch_size=4, **shape,
-                                             in_chans=in_chans, num_classes=0))]
+            return [
+                torch_model_spec(
+                    'timm',
+                    model_name=name,
+                    features=features,
+                    kwargs=dict(img_size=img_size, in_chans=in_chans, num_classes=0),
+                )
+            ]
+        return [
+            torch_model_spec(
+                'timm',
+                cls='timm.models.swin_transformer.SwinTransformer',
+                features=features,
+                kwargs=dict(
+                    img_size=img_size, patch_size=4, **shape, in_chans=in_chans, num_classes=0
+                ),
+            )
+        ]
     # What mmseg / mmdet read; not loaded by our tests.
-    return [torch_model_spec(
-        'mmseg', cls='mmseg.models.backbones.SwinTransformer',
-        kwargs=dict(pretrain_img_size=img_size, in_channels=in_chans,
-                    embed_dims=shape['embed_dim'], depths=shape['depths'],
-                    num_heads=shape['num_heads'], window_size=shape['window_size'], patch_size=4,
-                    out_indices=[3]),
-        features='out_indices=(3,): the norm3 map, (B, C, H/32, W/32)',
-        note='mmseg / mmdet load it through init_cfg=dict(type="Pretrained", '
-             'checkpoint=...), non-strictly (cmid-method.md 10.4)')]
+    return [
+        torch_model_spec(
+            'mmseg',
+            cls='mmseg.models.backbones.SwinTransformer',
+            kwargs=dict(
+                pretrain_img_size=img_size,
+                in_channels=in_chans,
+                embed_dims=shape['embed_dim'],
+                depths=shape['depths'],
+                num_heads=shape['num_heads'],
+                window_size=shape['window_size'],
+                patch_size=4,
+                out_indices=[3],
+            ),
+            features='out_indices=(3,): the norm3 map, (B, C, H/32, W/32)',
+            note='mmseg / mmdet load it through init_cfg=dict(type="Pretrained", '
+            'checkpoint=...), non-strictly (cmid-method.md 10.4)',
+        )
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -416,8 +495,12 @@ def torch_models(variant: str, *, img_size: int, in_chans: int,
 
 
 _INDEXED = re.compile(r'^(stages|blocks|layers)((?:_\d+)+)$')
-_LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
-         'relative_position_bias_table': 'relative_position_bias_table'}
+_LEAF = {
+    'kernel': 'weight',
+    'scale': 'weight',
+    'bias': 'bias',
+    'relative_position_bias_table': 'relative_position_bias_table',
+}
 _MMCLS_TO_TIMM: tuple[tuple[str, Any], ...] = (
     (r'^patch_embed\.projection\.', 'patch_embed.proj.'),
     (r'^stages\.(\d+)\.downsample\.', lambda m: f'layers.{int(m.group(1)) + 1}.downsample.'),
@@ -430,8 +513,7 @@ _MMCLS_TO_TIMM: tuple[tuple[str, Any], ...] = (
 
 
 def _mmcls_key(path: tuple[str, ...]) -> str:
-    mods = [_INDEXED.sub(lambda m: m.group(1) + m.group(2).replace('_', '.'), p)
-            for p in path[:-1]]
+    mods = [_INDEXED.sub(lambda m: m.group(1) + m.group(2).replace('_', '.'), p) for p in path[:-1]]
     return '.'.join(mods + [_LEAF[path[-1]]])
 
 
@@ -491,8 +573,9 @@ def _index_buffers(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def to_torch_state_dict(variables: Mapping[str, Any], layout: str | None = None
-                        ) -> dict[str, np.ndarray]:
+def to_torch_state_dict(
+    variables: Mapping[str, Any], layout: str | None = None
+) -> dict[str, np.ndarray]:
     """Flax `{'params': ...}` -> a torch state_dict (numpy) in the `layout` key layout.
 
     'mmcls': the official CMID / mmcls / mmseg Swin keys (cmid-method.md 10.4), including the int64
@@ -501,9 +584,12 @@ def to_torch_state_dict(variables: Mapping[str, Any], layout: str | None = None
     """
     layout = resolve_layout(LAYOUTS, layout, 'Swin')
     params = variables['params'] if 'params' in variables else variables
-    sd = {_torch_key(path, layout): np.ascontiguousarray(  # writable copies, for torch.from_numpy
-              _to_torch_layout(path, np.array(v, dtype=np.float32), layout))
-          for path, v in flatten(params).items()}
+    sd = {
+        _torch_key(path, layout): np.ascontiguousarray(  # writable copies, for torch.from_numpy
+            _to_torch_layout(path, np.array(v, dtype=np.float32), layout)
+        )
+        for path, v in flatten(params).items()
+    }
     if layout == 'mmcls':
         sd.update(_index_buffers(params))
     return dict(sorted(sd.items()))
@@ -511,19 +597,26 @@ def to_torch_state_dict(variables: Mapping[str, Any], layout: str | None = None
 
 def _template(model: SwinTransformer) -> dict[str, Any]:
     size = model.min_image_size  # param shapes do not depend on the input size
-    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jnp.zeros((1, size, size, 3), jnp.float32))
+    return jax.eval_shape(
+        functools.partial(model.init, train=False),
+        jax.random.key(0),
+        jnp.zeros((1, size, size, 3), jnp.float32),
+    )
 
 
-def _expected(params: Mapping[str, Any], layout: str
-              ) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+def _expected(
+    params: Mapping[str, Any], layout: str
+) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     """torch key -> (param path, torch shape) for a (possibly abstract) param tree."""
-    return {_torch_key(path, layout): (path, _torch_shape(path, leaf.shape))
-            for path, leaf in flatten(params).items()}
+    return {
+        _torch_key(path, layout): (path, _torch_shape(path, leaf.shape))
+        for path, leaf in flatten(params).items()
+    }
 
 
-def torch_state_dict_shapes(model: SwinTransformer, layout: str | None = None
-                            ) -> dict[str, tuple[int, ...]]:
+def torch_state_dict_shapes(
+    model: SwinTransformer, layout: str | None = None
+) -> dict[str, tuple[int, ...]]:
     """Key -> shape of `to_torch_state_dict(variables, layout)` for `model`, without allocating."""
     layout = resolve_layout(LAYOUTS, layout, 'Swin')
     params = _template(model)['params']
@@ -536,13 +629,16 @@ def torch_state_dict_shapes(model: SwinTransformer, layout: str | None = None
 def detect_layout(state_dict: Mapping[str, Any]) -> str:
     """'timm' if the keys use timm's `layers.*` (and no mmcls `stages.*`), else 'mmcls'."""
     keys = list(state_dict)
-    if any(k.startswith('layers.') for k in keys) and not any(k.startswith('stages.') for k in keys):
+    if any(k.startswith('layers.') for k in keys) and not any(
+        k.startswith('stages.') for k in keys
+    ):
         return 'timm'
     return 'mmcls'
 
 
-def from_torch_state_dict(state_dict: Mapping[str, Any], model: SwinTransformer
-                          ) -> dict[str, dict[str, Any]]:
+def from_torch_state_dict(
+    state_dict: Mapping[str, Any], model: SwinTransformer
+) -> dict[str, dict[str, Any]]:
     """mmcls (official CMID) or timm Swin state_dict -> Flax `{'params': ...}` for `model`.
 
     The layout is detected from the keys (`detect_layout`). Accepts numpy arrays or torch tensors.
@@ -561,9 +657,14 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model: SwinTransformer
         return None
 
     arrays = match_state_dict(
-        state_dict, {k: shape for k, (_, shape) in expected.items()},
-        what=f'Swin ({layout} layout)', optional={k: v.shape for k, v in buffers.items()},
-        validate=standard_index)
-    out = {path: jnp.asarray(_from_torch_layout(path, arrays[key].astype(np.float32), layout))
-           for key, (path, _) in expected.items()}
+        state_dict,
+        {k: shape for k, (_, shape) in expected.items()},
+        what=f'Swin ({layout} layout)',
+        optional={k: v.shape for k, v in buffers.items()},
+        validate=standard_index,
+    )
+    out = {
+        path: jnp.asarray(_from_torch_layout(path, arrays[key].astype(np.float32), layout))
+        for key, (path, _) in expected.items()
+    }
     return {'params': unflatten(out)}

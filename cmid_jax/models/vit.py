@@ -17,16 +17,25 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmid_jax.models import attention, remat as remat_lib
-from cmid_jax.models.common import (add_mask_token, flatten, match_state_dict, patch_conv,
-                                    resolve_layout, torch_model_spec, unflatten)
+from cmid_jax.models import attention
+from cmid_jax.models import remat as remat_lib
+from cmid_jax.models.common import (
+    add_mask_token,
+    flatten,
+    match_state_dict,
+    patch_conv,
+    resolve_layout,
+    torch_model_spec,
+    unflatten,
+)
 
 Array = jax.Array
 
@@ -43,8 +52,11 @@ VARIANTS: dict[str, dict[str, int]] = {
 
 
 # --- Registry contract (cmid_jax.models.Backbone) -------------------------------------------------
-TORCH_NAMES = {'Ti/16': 'vit_tiny_patch16_224', 'S/16': 'vit_small_patch16_224',
-               'B/16': 'vit_base_patch16_224'}
+TORCH_NAMES = {
+    'Ti/16': 'vit_tiny_patch16_224',
+    'S/16': 'vit_small_patch16_224',
+    'B/16': 'vit_base_patch16_224',
+}
 LAYOUTS = ('timm',)  # the official code has no ViT; timm's keys are ours up to a rename
 EXPORT_LAYOUT = 'timm'
 MASK_TOKEN_LAYOUT = 'nlc'  # a token sequence, like the official MaskSwin's (1, 1, C)
@@ -53,8 +65,9 @@ TELL_KEYS = ('blocks.0.attn.qkv.weight',)
 HAS_BATCH_NORM = False
 
 
-def _attention(q: Array, k: Array, v: Array, *, implementation: str,
-               pad_to_multiple: int | None = None) -> Array:
+def _attention(
+    q: Array, k: Array, v: Array, *, implementation: str, pad_to_multiple: int | None = None
+) -> Array:
     """Softmax attention on `(B, T, N, Dh)` q/k/v (scale 1/sqrt(Dh)); returns `(B, T, N, Dh)`.
 
     With `pad_to_multiple`, the token axis is zero-padded to a multiple of it and the padded keys
@@ -69,7 +82,8 @@ def _attention(q: Array, k: Array, v: Array, *, implementation: str,
     q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
     lens = jnp.full((q.shape[0],), t, dtype=jnp.int32)
     out = jax.nn.dot_product_attention(
-        q, k, v, key_value_seq_lengths=lens, implementation=implementation)
+        q, k, v, key_value_seq_lengths=lens, implementation=implementation
+    )
     return out[:, :t]
 
 
@@ -84,8 +98,13 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, t, d = x.shape
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
-                                  kernel_init=_trunc_normal_02, bias_init=nn.initializers.zeros)
+        dense = functools.partial(
+            nn.Dense,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_trunc_normal_02,
+            bias_init=nn.initializers.zeros,
+        )
         qkv = dense(3 * d, name='qkv')(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.attention_impl == 'cudnn':
@@ -94,7 +113,8 @@ class Attention(nn.Module):
             o = _attention(q, k, v, implementation='xla')
         else:
             raise ValueError(
-                f"attention_impl must be 'xla' or 'cudnn', got {self.attention_impl!r}")
+                f"attention_impl must be 'xla' or 'cudnn', got {self.attention_impl!r}"
+            )
         return dense(d, name='proj')(o.reshape(b, t, d))
 
 
@@ -106,8 +126,13 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
-                                  kernel_init=_trunc_normal_02, bias_init=nn.initializers.zeros)
+        dense = functools.partial(
+            nn.Dense,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_trunc_normal_02,
+            bias_init=nn.initializers.zeros,
+        )
         d = x.shape[-1]
         # torch nn.GELU() is exact; jax's default tanh approximation is not (pitfall §11.4).
         x = nn.gelu(dense(self.hidden_dim, name='fc1')(x), approximate=False)
@@ -130,10 +155,12 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = x + Attention(self.dim, self.num_heads, self.dtype, self.attention_impl,
-                          name='attn')(_layer_norm(self.dtype, 'norm1')(x))
-        x = x + Mlp(int(self.dim * self.mlp_ratio), self.dtype,
-                    name='mlp')(_layer_norm(self.dtype, 'norm2')(x))
+        x = x + Attention(self.dim, self.num_heads, self.dtype, self.attention_impl, name='attn')(
+            _layer_norm(self.dtype, 'norm1')(x)
+        )
+        x = x + Mlp(int(self.dim * self.mlp_ratio), self.dtype, name='mlp')(
+            _layer_norm(self.dtype, 'norm2')(x)
+        )
         return x
 
 
@@ -186,13 +213,14 @@ class VisionTransformer(nn.Module):
         return self.embed_dim
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool, mask: Array | None = None,
-                 mask_token: Array | None = None) -> Array:
+    def __call__(
+        self, x: Array, *, train: bool, mask: Array | None = None, mask_token: Array | None = None
+    ) -> Array:
         """Args:
-          x: `(B, H, W, C)` images with H = W = img_size (the position embedding is not resampled).
-          train: unused (no dropout / drop path); kept for a common backbone signature.
-          mask: optional `(B, H//32, W//32)` block mask (1 = masked).
-          mask_token: `(embed_dim,)` token owned by the caller, added to masked patch embeddings.
+        x: `(B, H, W, C)` images with H = W = img_size (the position embedding is not resampled).
+        train: unused (no dropout / drop path); kept for a common backbone signature.
+        mask: optional `(B, H//32, W//32)` block mask (1 = masked).
+        mask_token: `(embed_dim,)` token owned by the caller, added to masked patch embeddings.
         """
         del train
         b, h, w, _ = x.shape
@@ -220,14 +248,27 @@ class VisionTransformer(nn.Module):
 
         block = remat_lib.block(Block, self.remat)
         for i in range(self.depth):
-            x = block(d, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
-                      name=f'blocks_{i}')(x)
+            x = block(
+                d,
+                self.num_heads,
+                self.mlp_ratio,
+                self.dtype,
+                self.attention_impl,
+                name=f'blocks_{i}',
+            )(x)
         x = _layer_norm(self.dtype, 'norm')(x)
         return x[:, 1:].reshape(b, gh, gw, d)
 
 
-def build(variant: str, *, img_size: int, dtype: Any = jnp.float32, attention_impl: str = 'auto',
-          platform: str | None = None, remat: str = 'none') -> VisionTransformer:
+def build(
+    variant: str,
+    *,
+    img_size: int,
+    dtype: Any = jnp.float32,
+    attention_impl: str = 'auto',
+    platform: str | None = None,
+    remat: str = 'none',
+) -> VisionTransformer:
     """ViT for a variant name ('mu/16' test-only, 'Ti/16', 'S/16', 'B/16') at `img_size`.
 
     `attention_impl` ('auto', 'xla', 'cudnn') is resolved for `platform` ('cuda', 'tpu', ...;
@@ -237,37 +278,65 @@ def build(variant: str, *, img_size: int, dtype: Any = jnp.float32, attention_im
         raise ValueError(f'unknown ViT variant {variant!r}; allowed: {sorted(VARIANTS)}')
     remat_lib.check(remat)
     v = VARIANTS[variant]
-    impl = attention.resolve(attention_impl, platform=platform or attention.current_platform(),
-                             dtype=dtype, head_dim=v['embed_dim'] // v['num_heads'])
-    return VisionTransformer(**v, img_size=img_size, dtype=dtype, attention_impl=impl,
-                             remat=remat)
+    impl = attention.resolve(
+        attention_impl,
+        platform=platform or attention.current_platform(),
+        dtype=dtype,
+        head_dim=v['embed_dim'] // v['num_heads'],
+    )
+    return VisionTransformer(**v, img_size=img_size, dtype=dtype, attention_impl=impl, remat=remat)
 
 
 def forward_flops(variant: str, image_size: int, in_chans: int = 3) -> int:
     """Analytic forward FLOPs of one image (`cmid_jax.perf.flops`)."""
     from cmid_jax.perf import flops  # jax-free formulas, shared with the PyTorch reference
+
     v = VARIANTS[variant]
-    return flops.vit_forward(image_size=image_size, patch_size=v['patch_size'],
-                             embed_dim=v['embed_dim'], depth=v['depth'], in_chans=in_chans)
+    return flops.vit_forward(
+        image_size=image_size,
+        patch_size=v['patch_size'],
+        embed_dim=v['embed_dim'],
+        depth=v['depth'],
+        in_chans=in_chans,
+    )
 
 
-def torch_models(variant: str, *, img_size: int, in_chans: int,
-                 layout: str | None = None) -> list[dict[str, Any]]:
+def torch_models(
+    variant: str, *, img_size: int, in_chans: int, layout: str | None = None
+) -> list[dict[str, Any]]:
     """The timm VisionTransformer the export loads into (strict)."""
     resolve_layout(LAYOUTS, layout, 'ViT')
-    features = ('model.forward_features(x)[:, model.num_prefix_tokens:]: (B, N, D) patch tokens '
-                'after the final norm (cmid_jax drops the cls token)')
+    features = (
+        'model.forward_features(x)[:, model.num_prefix_tokens:]: (B, N, D) patch tokens '
+        'after the final norm (cmid_jax drops the cls token)'
+    )
     name = TORCH_NAMES.get(variant)
     if name:
-        return [torch_model_spec('timm', model_name=name, features=features,
-                                 kwargs=dict(img_size=img_size, in_chans=in_chans, num_classes=0))]
+        return [
+            torch_model_spec(
+                'timm',
+                model_name=name,
+                features=features,
+                kwargs=dict(img_size=img_size, in_chans=in_chans, num_classes=0),
+            )
+        ]
     v = VARIANTS[variant]
-    return [torch_model_spec('timm', cls='timm.models.vision_transformer.VisionTransformer',
-                             features=features,
-                             kwargs=dict(img_size=img_size, patch_size=v['patch_size'],
-                                         embed_dim=v['embed_dim'], depth=v['depth'],
-                                         num_heads=v['num_heads'], in_chans=in_chans,
-                                         num_classes=0))]
+    return [
+        torch_model_spec(
+            'timm',
+            cls='timm.models.vision_transformer.VisionTransformer',
+            features=features,
+            kwargs=dict(
+                img_size=img_size,
+                patch_size=v['patch_size'],
+                embed_dim=v['embed_dim'],
+                depth=v['depth'],
+                num_heads=v['num_heads'],
+                in_chans=in_chans,
+                num_classes=0,
+            ),
+        )
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,8 +344,13 @@ def torch_models(variant: str, *, img_size: int, in_chans: int,
 # ------------------------------------------------------------------------------------------------
 
 _INDEXED = re.compile(r'^(blocks)_(\d+)$')
-_LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
-         'cls_token': 'cls_token', 'pos_embed': 'pos_embed'}
+_LEAF = {
+    'kernel': 'weight',
+    'scale': 'weight',
+    'bias': 'bias',
+    'cls_token': 'cls_token',
+    'pos_embed': 'pos_embed',
+}
 
 
 def _torch_key(path: tuple[str, ...]) -> str:
@@ -297,26 +371,31 @@ def _from_torch_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
     return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x.T
 
 
-def to_torch_state_dict(variables: Mapping[str, Any], layout: str | None = None
-                        ) -> dict[str, np.ndarray]:
+def to_torch_state_dict(
+    variables: Mapping[str, Any], layout: str | None = None
+) -> dict[str, np.ndarray]:
     """Flax `{'params': ...}` -> timm VisionTransformer state_dict (float32 numpy, no `head.*`)."""
     resolve_layout(LAYOUTS, layout, 'ViT')
     params = variables['params'] if 'params' in variables else variables
     sd = {}
     for path, v in flatten(params).items():
         sd[_torch_key(path)] = np.ascontiguousarray(
-            _to_torch_layout(path, np.array(v, dtype=np.float32)))  # writable copy
+            _to_torch_layout(path, np.array(v, dtype=np.float32))
+        )  # writable copy
     return dict(sorted(sd.items()))
 
 
 def _template(model: VisionTransformer) -> dict[str, Any]:
     return jax.eval_shape(
-        functools.partial(model.init, train=False), jax.random.key(0),
-        jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32))
+        functools.partial(model.init, train=False),
+        jax.random.key(0),
+        jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32),
+    )
 
 
-def from_torch_state_dict(state_dict: Mapping[str, Any], model: VisionTransformer
-                          ) -> dict[str, dict[str, Any]]:
+def from_torch_state_dict(
+    state_dict: Mapping[str, Any], model: VisionTransformer
+) -> dict[str, dict[str, Any]]:
     """timm VisionTransformer state_dict -> Flax `{'params': ...}` for `model`.
 
     Accepts numpy arrays or torch tensors. Strip `head.*` before calling. Raises one ValueError
@@ -326,14 +405,20 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model: VisionTransforme
     expected = {}
     for path, leaf in flatten(_template(model)['params']).items():
         if path[-1] == 'kernel':
-            shape = tuple(leaf.shape[i] for i in (3, 2, 0, 1)) if len(leaf.shape) == 4 \
+            shape = (
+                tuple(leaf.shape[i] for i in (3, 2, 0, 1))
+                if len(leaf.shape) == 4
                 else tuple(leaf.shape[::-1])
+            )
         else:
             shape = tuple(leaf.shape)
         expected[_torch_key(path)] = (path, shape)
 
-    arrays = match_state_dict(state_dict, {k: shape for k, (_, shape) in expected.items()},
-                              what='ViT')
-    out = {path: jnp.asarray(_from_torch_layout(path, arrays[key].astype(np.float32)))
-           for key, (path, _) in expected.items()}
+    arrays = match_state_dict(
+        state_dict, {k: shape for k, (_, shape) in expected.items()}, what='ViT'
+    )
+    out = {
+        path: jnp.asarray(_from_torch_layout(path, arrays[key].astype(np.float32)))
+        for key, (path, _) in expected.items()
+    }
     return {'params': unflatten(out)}

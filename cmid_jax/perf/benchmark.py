@@ -17,7 +17,7 @@ import platform
 import queue
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import flax
 import jax
@@ -26,11 +26,11 @@ import ml_collections
 import numpy as np
 
 from cmid_jax import optim, parallel, train
-from cmid_jax.perf import flops
 from cmid_jax.data import open_source, resolve_data_config
 from cmid_jax.data.pipeline import Source
-from cmid_jax.step import Trainer
+from cmid_jax.perf import flops
 from cmid_jax.perf.synthetic import synthetic_batch
+from cmid_jax.step import Trainer
 
 DATA_SOURCES = ('synthetic', 'pipeline')
 
@@ -40,15 +40,17 @@ def synthetic_batches(config: ml_collections.ConfigDict, batch_sharding) -> Iter
 
     The batch is 8-bit RGB, the default input; multi-band configs need `--data=pipeline`.
     """
-    local = synthetic_batch(config.seed, config.batch_size // jax.process_count(),
-                            config.data.image_size)
+    local = synthetic_batch(
+        config.seed, config.batch_size // jax.process_count(), config.data.image_size
+    )
     batch = parallel.global_batch(local, batch_sharding)
     while True:
         yield batch
 
 
-def pipeline_batches(config: ml_collections.ConfigDict, source: Source,
-                     batch_sharding) -> Iterator[dict]:
+def pipeline_batches(
+    config: ml_collections.ConfigDict, source: Source, batch_sharding
+) -> Iterator[dict]:
     """Batches of the training input pipeline, decoded, cropped and transferred per step.
 
     `config.data` must already be resolved against `source` (`resolve_data_config`), as in training.
@@ -63,8 +65,9 @@ def pipeline_batches(config: ml_collections.ConfigDict, source: Source,
         data_iter.close()
 
 
-def time_steps(step: Callable, state: dict, batches: Iterator[dict], steps: int
-               ) -> tuple[dict, float, list[float]]:
+def time_steps(
+    step: Callable, state: dict, batches: Iterator[dict], steps: int
+) -> tuple[dict, float, list[float]]:
     """Runs `steps` steps; returns (state, total seconds, per-step seconds).
 
     The loop only dispatches. A watcher thread waits on each step's loss in turn and stamps when it
@@ -134,12 +137,22 @@ def peak_memory_bytes() -> int | None:
 
 
 def versions() -> dict[str, str]:
-    return {'python': platform.python_version(), 'jax': jax.__version__,
-            'jaxlib': jaxlib.__version__, 'flax': flax.__version__}
+    return {
+        'python': platform.python_version(),
+        'jax': jax.__version__,
+        'jaxlib': jaxlib.__version__,
+        'flax': flax.__version__,
+    }
 
 
-def run_benchmark(config: ml_collections.ConfigDict, *, data: str = 'synthetic', steps: int = 20,
-                  warmup: int = 3, config_name: str | None = None) -> dict:
+def run_benchmark(
+    config: ml_collections.ConfigDict,
+    *,
+    data: str = 'synthetic',
+    steps: int = 20,
+    warmup: int = 3,
+    config_name: str | None = None,
+) -> dict:
     """Benchmarks the train step of `config`; returns the result record (see the README)."""
     if data not in DATA_SOURCES:
         raise ValueError(f'data={data!r}; expected one of {DATA_SOURCES}')
@@ -166,8 +179,11 @@ def run_benchmark(config: ml_collections.ConfigDict, *, data: str = 'synthetic',
     try:
         first = next(batches)
         start = time.perf_counter()
-        step = trainer.jit_train_step(replicated, batch_sharding, replicated).lower(
-            state, first).compile()
+        step = (
+            trainer.jit_train_step(replicated, batch_sharding, replicated)
+            .lower(state, first)
+            .compile()
+        )
         compile_s = time.perf_counter() - start
 
         # --- Warm-up, then the timed steps --------------------------------------------------------

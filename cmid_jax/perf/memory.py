@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.extend.core as jex
@@ -32,12 +33,13 @@ from cmid_jax.models import attention
 from cmid_jax.perf.synthetic import synthetic_batch
 from cmid_jax.step import Trainer
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
 class Residual:
     """One array kept from the forward to the backward pass."""
+
     shape: tuple[int, ...]
     dtype: str
     producer: str  # The primitive that computed it, e.g. 'dot_general', 'exp', 'erf'.
@@ -47,13 +49,15 @@ class Residual:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
-def saved_residuals(fun: Callable, primal: Any, *consts: Any, has_aux: bool = False
-                    ) -> list[Residual]:
+def saved_residuals(
+    fun: Callable, primal: Any, *consts: Any, has_aux: bool = False
+) -> list[Residual]:
     """The arrays reverse-mode differentiation of `fun(primal, *consts)` with respect to `primal`
     keeps for the backward pass, each array once; the inputs themselves are not counted.
 
     Arguments may be `jax.ShapeDtypeStruct`s: the function is only traced.
     """
+
     def forward(primal, *consts):
         return jax.vjp(lambda p: fun(p, *consts), primal, has_aux=has_aux)[1]  # vjp_fn: residuals
 
@@ -70,21 +74,26 @@ def saved_residuals(fun: Callable, primal: Any, *consts: Any, has_aux: bool = Fa
         if isinstance(v, jex.Literal) or v in inputs or v in seen:
             continue
         seen.add(v)
-        out.append(Residual(tuple(v.aval.shape), str(v.aval.dtype),
-                            producers.get(v, 'constant')))
+        out.append(Residual(tuple(v.aval.shape), str(v.aval.dtype), producers.get(v, 'constant')))
     return out
 
 
 def tree_bytes(tree: Any) -> int:
-    return sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(tree))
+    return sum(
+        int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+    )
 
 
 def largest(residuals: list[Residual], n: int = 5) -> list[dict]:
     """The `n` (shape, dtype, producer) groups holding the most bytes, with their counts."""
     groups = collections.Counter(residuals)
-    rows = [dict(shape=list(r.shape), dtype=r.dtype, producer=r.producer, count=k,
-                 gib=k * r.nbytes / GIB) for r, k in groups.items()]
+    rows = [
+        dict(
+            shape=list(r.shape), dtype=r.dtype, producer=r.producer, count=k, gib=k * r.nbytes / GIB
+        )
+        for r, k in groups.items()
+    ]
     return sorted(rows, key=lambda row: -row['gib'])[:n]
 
 
@@ -96,19 +105,33 @@ def xla_memory(compiled) -> dict | None:
         return None
     if m is None:
         return None
-    fields = ('argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
-              'temp_size_in_bytes', 'generated_code_size_in_bytes')
+    fields = (
+        'argument_size_in_bytes',
+        'output_size_in_bytes',
+        'alias_size_in_bytes',
+        'temp_size_in_bytes',
+        'generated_code_size_in_bytes',
+    )
     out = {f: int(getattr(m, f)) for f in fields}
     # Donated state aliases the outputs: live at once are the arguments, the temporaries and the
     # outputs that are not the donated arguments' buffers.
-    out['peak_estimate_bytes'] = (out['argument_size_in_bytes'] + out['output_size_in_bytes']
-                                  - out['alias_size_in_bytes'] + out['temp_size_in_bytes'])
+    out['peak_estimate_bytes'] = (
+        out['argument_size_in_bytes']
+        + out['output_size_in_bytes']
+        - out['alias_size_in_bytes']
+        + out['temp_size_in_bytes']
+    )
     return out
 
 
-def memory_report(config: ml_collections.ConfigDict, per_device_batch: int, *,
-                  platform: str | None = None, compile_step: bool = True,
-                  config_name: str | None = None) -> dict:
+def memory_report(
+    config: ml_collections.ConfigDict,
+    per_device_batch: int,
+    *,
+    platform: str | None = None,
+    compile_step: bool = True,
+    config_name: str | None = None,
+) -> dict:
     """Per-device memory of `config`'s train step at `per_device_batch` source images.
 
     The step is data parallel (replicated state), so one device at that batch is each device of a
@@ -122,8 +145,10 @@ def memory_report(config: ml_collections.ConfigDict, per_device_batch: int, *,
     platform = platform or here
     trainer = Trainer.create(config, optim.Schedule(1, 1), platform=platform)
     state = trainer.abstract_state
-    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                         synthetic_batch(0, per_device_batch, config.data.image_size))
+    batch = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+        synthetic_batch(0, per_device_batch, config.data.image_size),
+    )
 
     def loss_of_params(params, state, batch):
         return trainer.objective(state, batch)[0](params)

@@ -20,21 +20,32 @@ from cmid_jax.models.attention import PLATFORMS
 from cmid_jax.perf.benchmark import DATA_SOURCES, run_benchmark
 from cmid_jax.perf.memory import memory_report
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_DATA = flags.DEFINE_enum('data', 'synthetic', DATA_SOURCES,
-                          'synthetic: one device-resident batch reused; pipeline: the grain '
-                          'pipeline.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file.', lock_config=True
+)
+_DATA = flags.DEFINE_enum(
+    'data',
+    'synthetic',
+    DATA_SOURCES,
+    'synthetic: one device-resident batch reused; pipeline: the grain pipeline.',
+)
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps.', lower_bound=1)
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.', lower_bound=0)
 _MEMORY = flags.DEFINE_bool('memory', False, 'Report per-device memory instead of timing steps.')
 _PER_DEVICE_BATCH = flags.DEFINE_integer(
-    'per_device_batch', None, '--memory: source images per device (default: config.batch_size '
-    'over the devices).', lower_bound=1)
+    'per_device_batch',
+    None,
+    '--memory: source images per device (default: config.batch_size over the devices).',
+    lower_bound=1,
+)
 _PLATFORM = flags.DEFINE_enum(
-    'platform', None, PLATFORMS, '--memory: the platform to trace for (default: this machine); '
-    'XLA buffer sizes need this machine\'s.')
-_COMPILE = flags.DEFINE_bool('compile', True, '--memory: also compile for XLA\'s buffer sizes.')
+    'platform',
+    None,
+    PLATFORMS,
+    '--memory: the platform to trace for (default: this machine); '
+    "XLA buffer sizes need this machine's.",
+)
+_COMPILE = flags.DEFINE_bool('compile', True, "--memory: also compile for XLA's buffer sizes.")
 flags.mark_flags_as_required(['config'])
 
 
@@ -43,16 +54,29 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     parallel.maybe_initialize_distributed()
     overrides = config_flags.get_override_values(flags.FLAGS['config'])
-    config_name = ' '.join([config_flags.get_config_filename(flags.FLAGS['config'])]
-                           + [f'--config.{k}={v}' for k, v in overrides.items()])
+    config_name = ' '.join(
+        [config_flags.get_config_filename(flags.FLAGS['config'])]
+        + [f'--config.{k}={v}' for k, v in overrides.items()]
+    )
     if _MEMORY.value:
-        per_device = _PER_DEVICE_BATCH.value or max(_CONFIG.value.batch_size // jax.device_count(),
-                                                    1)
-        result = memory_report(_CONFIG.value, per_device, platform=_PLATFORM.value,
-                               compile_step=_COMPILE.value, config_name=config_name)
+        per_device = _PER_DEVICE_BATCH.value or max(
+            _CONFIG.value.batch_size // jax.device_count(), 1
+        )
+        result = memory_report(
+            _CONFIG.value,
+            per_device,
+            platform=_PLATFORM.value,
+            compile_step=_COMPILE.value,
+            config_name=config_name,
+        )
     else:
-        result = run_benchmark(_CONFIG.value, data=_DATA.value, steps=_STEPS.value,
-                               warmup=_WARMUP.value, config_name=config_name)
+        result = run_benchmark(
+            _CONFIG.value,
+            data=_DATA.value,
+            steps=_STEPS.value,
+            warmup=_WARMUP.value,
+            config_name=config_name,
+        )
     if jax.process_index() == 0:  # One line per run, also on several hosts.
         print(json.dumps(result), flush=True)
 

@@ -21,7 +21,9 @@ from cmid_jax import config_base, errors
 _WRITE = flags.DEFINE_bool('write', False, 'Rewrite the README section in place.')
 
 START, END = '<!-- config-reference:start -->', '<!-- config-reference:end -->'
-_FIELD = re.compile(r'^\s*c\.([\w.]+)\s*=\s*(?!ml_collections\.ConfigDict\(\))(.*?)(?:\s+#\s*(.*))?$')
+_FIELD = re.compile(
+    r'^\s*c\.([\w.]+)\s*=\s*(?!ml_collections\.ConfigDict\(\))(.*?)(?:\s+#\s*(.*))?$'
+)
 
 
 def _descriptions() -> dict[str, str]:

@@ -22,8 +22,9 @@ from ml_collections import config_flags
 from cmid_jax import errors
 from cmid_jax.data.stats import source_stats, write_stats
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file.', lock_config=True
+)
 _OUT = flags.DEFINE_string('out', None, 'JSON file to write.')
 _SAMPLES = flags.DEFINE_integer('samples', 2000, 'Elements (images / tiles / records) to read.')
 flags.mark_flags_as_required(['config', 'out'])
@@ -36,9 +37,11 @@ def main(argv):
         stats = source_stats(_CONFIG.value, _SAMPLES.value)
         write_stats(stats, _OUT.value)
     print(json.dumps({k: stats[k] for k in ('mean', 'std', 'value_range', 'dtype', 'bands')}))
-    print(f'{stats["elements_used"]} of {stats["elements_sampled"]} sampled elements used '
-          f'({stats["rejected_nodata"]} rejected as nodata, {stats["unreadable"]} unreadable); '
-          f'wrote {_OUT.value}. Train with --config.data.stats={_OUT.value}')
+    print(
+        f'{stats["elements_used"]} of {stats["elements_sampled"]} sampled elements used '
+        f'({stats["rejected_nodata"]} rejected as nodata, {stats["unreadable"]} unreadable); '
+        f'wrote {_OUT.value}. Train with --config.data.stats={_OUT.value}'
+    )
 
 
 def run() -> None:

@@ -13,9 +13,9 @@ from ml_collections import config_flags
 from cmid_jax import errors
 from cmid_jax.convert.import_torch import import_checkpoint
 
-_CONFIG = config_flags.DEFINE_config_file('config', None,
-                                          'cmid_jax config describing the checkpoint.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'cmid_jax config describing the checkpoint.', lock_config=True
+)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Official CMID .pth/.pt/.safetensors file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir to create (resume it with cmid-pretrain).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace checkpoints already in the workdir.')
@@ -26,8 +26,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     with errors.expected(errors.UserError, 'the config must describe the checkpoint'):
-        import_checkpoint(_CHECKPOINT.value, _CONFIG.value, _WORKDIR.value,
-                          overwrite=_OVERWRITE.value)
+        import_checkpoint(
+            _CHECKPOINT.value, _CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value
+        )
 
 
 def run() -> None:

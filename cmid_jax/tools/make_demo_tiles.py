@@ -37,27 +37,27 @@ def cut_tiles(image: np.ndarray, tile: int, checkerboard: bool):
 def make_demo_tiles(src: str, out: str, tile: int = 256, keep_all: bool = False) -> list[str]:
     import tifffile
 
-    sources = sorted(glob.glob(os.path.join(src, "landsat8_*.tif")))
+    sources = sorted(glob.glob(os.path.join(src, 'landsat8_*.tif')))
     if not sources:
-        raise FileNotFoundError(f"no landsat8_*.tif files in {src!r}")
+        raise FileNotFoundError(f'no landsat8_*.tif files in {src!r}')
     os.makedirs(out, exist_ok=True)
     written = []
     for path in sources:
         image = tifffile.imread(path)
         if image.ndim != 3 or image.shape[2] < 3:
-            raise ValueError(f"{path}: expected (H, W, >=3) bands, got {image.shape}")
+            raise ValueError(f'{path}: expected (H, W, >=3) bands, got {image.shape}')
         image = image[:, :, :3]
         has_nodata = bool(np.all(image == 0, axis=2).any())
         checkerboard = not keep_all and not has_nodata
         stem = os.path.splitext(os.path.basename(path))[0]
         for top, left, t in cut_tiles(image, tile, checkerboard):
-            name = os.path.join(out, f"{stem}_y{top:04d}_x{left:04d}.tif")
+            name = os.path.join(out, f'{stem}_y{top:04d}_x{left:04d}.tif')
             tifffile.imwrite(
                 name,
                 t,
-                photometric="rgb",
-                compression="zlib",
-                compressionargs={"level": 9},
+                photometric='rgb',
+                compression='zlib',
+                compressionargs={'level': 9},
                 predictor=True,
                 metadata=None,
             )
@@ -77,8 +77,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     written = make_demo_tiles(_SRC.value, _OUT.value, _TILE.value, _ALL.value)
     total = sum(os.path.getsize(p) for p in written)
-    print(f"wrote {len(written)} tiles, {total / 1e6:.2f} MB, to {_OUT.value}")
+    print(f'wrote {len(written)} tiles, {total / 1e6:.2f} MB, to {_OUT.value}')
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     errors.run(main)

@@ -30,8 +30,10 @@ def column(row: dict) -> str:
     """The table column of an evaluation: its protocol, and for a dense one its data set and
     head."""
     if row['protocol'] in DENSE_METRIC:
-        return (f"{row['protocol']} {Path(row['data']).name} {row['head']} "
-                f"({DENSE_METRIC[row['protocol']]})")
+        return (
+            f'{row["protocol"]} {Path(row["data"]).name} {row["head"]} '
+            f'({DENSE_METRIC[row["protocol"]]})'
+        )
     return row['protocol']
 
 
@@ -55,8 +57,14 @@ def collect(roots: list[Path]) -> list[dict]:
             config = json.loads((evals.parent / 'config.json').read_text())
             for line in evals.read_text().splitlines():
                 r = json.loads(line)
-                rows.append(dict(r, setting=setting_of(config, r['step']),
-                                 pretrain_seed=config['seed'], workdir=str(evals.parent)))
+                rows.append(
+                    dict(
+                        r,
+                        setting=setting_of(config, r['step']),
+                        pretrain_seed=config['seed'],
+                        workdir=str(evals.parent),
+                    )
+                )
     return rows
 
 
@@ -66,8 +74,10 @@ def table(rows: list[dict]) -> str:
         scores[(r['arch'], r['variant'], r['setting'], column(r))].append(score(r))
     columns = [p for p in PROTOCOLS if any(k[3] == p for k in scores)]
     columns += sorted({k[3] for k in scores} - set(PROTOCOLS))
-    lines = ['| backbone | setting | ' + ' | '.join(columns) + ' |',
-             '|---|---|' + '---|' * len(columns)]
+    lines = [
+        '| backbone | setting | ' + ' | '.join(columns) + ' |',
+        '|---|---|' + '---|' * len(columns),
+    ]
     for arch, variant in sorted({(k[0], k[1]) for k in scores}):
         for setting in SETTINGS:
             cells = []

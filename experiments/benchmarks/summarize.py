@@ -12,17 +12,27 @@ import json
 import sys
 
 NAMES = {('vit', 'B/16'): 'ViT-B/16', ('resnet', '50'): 'ResNet-50', ('swin', 'B'): 'Swin-B'}
-COLUMNS = ('backbone', 'implementation', 'options', 'batch', 'img/s', 'step ms (mean / median)',
-           'MFU', 'peak memory GiB', 'compile s', 'device')
+COLUMNS = (
+    'backbone',
+    'implementation',
+    'options',
+    'batch',
+    'img/s',
+    'step ms (mean / median)',
+    'MFU',
+    'peak memory GiB',
+    'compile s',
+    'device',
+)
 
 
 def options(r: dict) -> str:
     """What distinguishes rows of one backbone: attention, remat, torch.compile, layout, data."""
     parts = [r.get('compute_dtype', '')]
     if r.get('attention_impl'):
-        parts.append(f"{r['attention_impl']} attention")
+        parts.append(f'{r["attention_impl"]} attention')
     if r['implementation'] == 'jax':
-        parts.append(f"remat {r.get('remat')}")
+        parts.append(f'remat {r.get("remat")}')
     else:
         command = r.get('config') or ''
         parts.append('compile' if '--compile' in command else 'eager')
@@ -39,13 +49,18 @@ def fmt(value, spec: str) -> str:
 
 def row(r: dict) -> list[str]:
     memory = r.get('peak_memory_bytes')
-    return [NAMES.get((r['arch'], r['variant']), f"{r['arch']} {r['variant']}"),
-            'cmid_jax' if r['implementation'] == 'jax' else 'PyTorch', options(r),
-            str(r['global_batch']), fmt(r['images_per_sec'], ',.0f'),
-            f"{r['step_time_ms_mean']:.1f} / {r['step_time_ms_median']:.1f}",
-            fmt(r.get('mfu') and 100 * r['mfu'], '.1f') + ('%' if r.get('mfu') else ''),
-            fmt(memory and memory / 2 ** 30, '.1f'), fmt(r.get('compile_time_s'), '.0f'),
-            r.get('device_kind', '')]
+    return [
+        NAMES.get((r['arch'], r['variant']), f'{r["arch"]} {r["variant"]}'),
+        'cmid_jax' if r['implementation'] == 'jax' else 'PyTorch',
+        options(r),
+        str(r['global_batch']),
+        fmt(r['images_per_sec'], ',.0f'),
+        f'{r["step_time_ms_mean"]:.1f} / {r["step_time_ms_median"]:.1f}',
+        fmt(r.get('mfu') and 100 * r['mfu'], '.1f') + ('%' if r.get('mfu') else ''),
+        fmt(memory and memory / 2**30, '.1f'),
+        fmt(r.get('compile_time_s'), '.0f'),
+        r.get('device_kind', ''),
+    ]
 
 
 def table(records: list[dict]) -> str:

@@ -71,6 +71,7 @@ def upsample(mask: torch.Tensor, size: int) -> torch.Tensor:
 
 # --- networks -------------------------------------------------------------------------------------
 
+
 def attention_impl(attn: nn.Module) -> str:
     """The path a timm attention module takes: PyTorch SDPA (fused kernels) or its own softmax."""
     return 'sdpa' if attn.fused_attn else 'eager'
@@ -81,8 +82,9 @@ class MaskedViT(nn.Module):
 
     def __init__(self, name: str, image_size: int):
         super().__init__()
-        self.net = timm.create_model(name, pretrained=False, num_classes=0, global_pool='',
-                                     img_size=image_size)
+        self.net = timm.create_model(
+            name, pretrained=False, num_classes=0, global_pool='', img_size=image_size
+        )
         self.stride = self.net.patch_embed.patch_size[0]
         self.num_features = self.net.embed_dim
         self.token_width = self.net.embed_dim
@@ -94,15 +96,21 @@ class MaskedViT(nn.Module):
         if mask is not None:  # D2: the token is added to masked patch embeddings before pos-embed.
             x = x + token.to(x.dtype) * upsample(mask, g).flatten(1)[..., None].to(x.dtype)
         x = v.norm(v.blocks(v.norm_pre(v.patch_drop(v._pos_embed(x)))))
-        return x[:, v.num_prefix_tokens:].transpose(1, 2).reshape(b, -1, g, g)
+        return x[:, v.num_prefix_tokens :].transpose(1, 2).reshape(b, -1, g, g)
 
     def flops(self, image_size: int) -> flops.Backbone:
         v = self.net
         return flops.Backbone(
-            flops.vit_forward(image_size=image_size, patch_size=self.stride, embed_dim=v.embed_dim,
-                              depth=len(v.blocks),
-                              mlp_ratio=v.blocks[0].mlp.fc1.out_features / v.embed_dim),
-            self.num_features, self.stride)
+            flops.vit_forward(
+                image_size=image_size,
+                patch_size=self.stride,
+                embed_dim=v.embed_dim,
+                depth=len(v.blocks),
+                mlp_ratio=v.blocks[0].mlp.fc1.out_features / v.embed_dim,
+            ),
+            self.num_features,
+            self.stride,
+        )
 
 
 class MaskedResNet(nn.Module):
@@ -128,9 +136,13 @@ class MaskedResNet(nn.Module):
     def flops(self, image_size: int) -> flops.Backbone:
         n = self.net
         stages = [len(getattr(n, f'layer{i}')) for i in range(1, 5)]
-        return flops.Backbone(flops.resnet_forward(image_size=image_size, stage_sizes=stages,
-                                                   width=n.conv1.out_channels),
-                              self.num_features, self.stride)
+        return flops.Backbone(
+            flops.resnet_forward(
+                image_size=image_size, stage_sizes=stages, width=n.conv1.out_channels
+            ),
+            self.num_features,
+            self.stride,
+        )
 
 
 class MaskedSwin(nn.Module):
@@ -142,8 +154,14 @@ class MaskedSwin(nn.Module):
     def __init__(self, name: str, image_size: int):
         super().__init__()
         # timm's Swin defaults to drop path 0.1; CMID pretrains without.
-        self.net = timm.create_model(name, pretrained=False, num_classes=0, global_pool='',
-                                     img_size=image_size, drop_path_rate=0.0)
+        self.net = timm.create_model(
+            name,
+            pretrained=False,
+            num_classes=0,
+            global_pool='',
+            img_size=image_size,
+            drop_path_rate=0.0,
+        )
         n = self.net
         self.patch_size = n.patch_embed.patch_size[0]
         self.window_size = n.layers[0].blocks[0].window_size[0]
@@ -151,8 +169,10 @@ class MaskedSwin(nn.Module):
         # Below this timm shrinks the last stages' windows to the map, where cmid_jax (mmcls
         # pad_small_map=False) refuses: the step and its FLOPs would differ.
         if image_size < self.stride * self.window_size:
-            raise ValueError(f'Swin needs --image-size >= {self.stride * self.window_size} '
-                             f'(window {self.window_size} on the last stage)')
+            raise ValueError(
+                f'Swin needs --image-size >= {self.stride * self.window_size} '
+                f'(window {self.window_size} on the last stage)'
+            )
         self.num_features = n.num_features
         self.token_width = n.embed_dim
         self.attention_impl = attention_impl(n.layers[0].blocks[0].attn)
@@ -167,11 +187,17 @@ class MaskedSwin(nn.Module):
     def flops(self, image_size: int) -> flops.Backbone:
         n = self.net
         return flops.Backbone(
-            flops.swin_forward(image_size=image_size, patch_size=self.patch_size,
-                               embed_dim=n.embed_dim, depths=[len(s.blocks) for s in n.layers],
-                               window_size=self.window_size,
-                               mlp_ratio=n.layers[0].blocks[0].mlp.fc1.out_features / n.embed_dim),
-            self.num_features, self.stride)
+            flops.swin_forward(
+                image_size=image_size,
+                patch_size=self.patch_size,
+                embed_dim=n.embed_dim,
+                depths=[len(s.blocks) for s in n.layers],
+                window_size=self.window_size,
+                mlp_ratio=n.layers[0].blocks[0].mlp.fc1.out_features / n.embed_dim,
+            ),
+            self.num_features,
+            self.stride,
+        )
 
 
 BACKBONES = {'vit': MaskedViT, 'resnet': MaskedResNet, 'swin': MaskedSwin}
@@ -182,8 +208,9 @@ class Projector(nn.Module):
 
     def __init__(self, c: int, hidden: int, out: int):
         super().__init__()
-        self.layer = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(inplace=True),
-                                   nn.Linear(hidden, out))
+        self.layer = nn.Sequential(
+            nn.Linear(c, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)
+        )
 
     def forward(self, x):
         return F.normalize(self.layer(x).float(), dim=-1)
@@ -215,10 +242,16 @@ class Student(nn.Module):
         m, c = config.model, backbone.num_features
         self.backbone = backbone
         self.projector = Projector(c, m.proj_hidden_dim, m.proj_dim)
-        self.local_head = LocalHead(c, m.local_hidden_dim, m.local_bottleneck_dim,
-                                    m.local_prototypes, use_bn=m.arch == 'resnet')
-        self.decoder = nn.Sequential(nn.Conv2d(c, backbone.stride ** 2 * 3, 1),
-                                     nn.PixelShuffle(backbone.stride))
+        self.local_head = LocalHead(
+            c,
+            m.local_hidden_dim,
+            m.local_bottleneck_dim,
+            m.local_prototypes,
+            use_bn=m.arch == 'resnet',
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(c, backbone.stride**2 * 3, 1), nn.PixelShuffle(backbone.stride)
+        )
         self.mask_token = nn.Parameter(torch.zeros(backbone.token_width))
 
 
@@ -235,6 +268,7 @@ class Teacher(nn.Module):
 
 # --- losses (float32, ports of cmid_jax.losses) ---------------------------------------------------
 
+
 def mim_loss(pred, target, pixel_mask):
     """Focal L1 on masked pixels + focal frequency loss ('mixed' replacement of visible pixels)."""
     m = pixel_mask[:, None]
@@ -246,7 +280,7 @@ def mim_loss(pred, target, pixel_mask):
     # ave_spectrum: the batch-mean spectrum is the spectrum of the batch mean (one FFT, as in
     # cmid_jax).
     spec = torch.fft.fft2((x_tilde - target).mean(0), norm='ortho')
-    dist = spec.real ** 2 + spec.imag ** 2
+    dist = spec.real**2 + spec.imag**2
     w = torch.log(dist.detach().sqrt() + 1)
     w = torch.nan_to_num(w / w.max(), nan=0.0).clamp(0, 1)
     return spatial + (w * dist).mean()
@@ -280,22 +314,28 @@ def cmid_loss(student, teacher, queue, center, views, config, teacher_temp, devi
     """(total, keys to enqueue, new centre); autocast for the networks, float32 for the losses."""
     loss_cfg, grid = config.loss, config.data.image_size // MASK_PATCH
     fp32 = lambda: torch.autocast(device_type, enabled=False)
-    s_map = {v: student.backbone(views[v]['masked'], views[v]['block_mask'], student.mask_token)
-             for v in 'ab'}
+    s_map = {
+        v: student.backbone(views[v]['masked'], views[v]['block_mask'], student.mask_token)
+        for v in 'ab'
+    }
     with torch.no_grad():
         t_map = {v: teacher.backbone(views[v]['target']) for v in 'ab'}
 
     rec = {v: student.decoder(s_map[v]) for v in 'ab'}
     with fp32():
-        mim = sum(mim_loss(rec[v].float(), views[v]['target'], views[v]['pixel_mask'])
-                  for v in 'ab') / 2
+        mim = (
+            sum(mim_loss(rec[v].float(), views[v]['target'], views[v]['pixel_mask']) for v in 'ab')
+            / 2
+        )
 
     q = {v: student.projector(s_map[v].float().mean((2, 3))) for v in 'ab'}
     with torch.no_grad():
         k = {v: teacher.projector(t_map[v].float().mean((2, 3))) for v in 'ab'}
     with fp32():
-        glob = (infonce_loss(q['a'], k['b'], queue, loss_cfg.temperature)
-                + infonce_loss(q['b'], k['a'], queue, loss_cfg.temperature)) / 2
+        glob = (
+            infonce_loss(q['a'], k['b'], queue, loss_cfg.temperature)
+            + infonce_loss(q['b'], k['a'], queue, loss_cfg.temperature)
+        ) / 2
 
     local = 0.0
     for s, t in (('a', 'b'), ('b', 'a')):
@@ -304,8 +344,9 @@ def cmid_loss(student, teacher, queue, center, views, config, teacher_temp, devi
         with torch.no_grad():
             t_out = teacher.local_head(gather_positions(t_map[t], grid, idx_t))
         with fp32():
-            local = local + dino_local_loss(s_out, t_out, center, loss_cfg.student_temp,
-                                            teacher_temp)
+            local = local + dino_local_loss(
+                s_out, t_out, center, loss_cfg.student_temp, teacher_temp
+            )
             # Official LocalLoss updates its centre after each of its two calls (Q6).
             mom = loss_cfg.center_momentum
             center = center * mom + (1 - mom) * t_out.mean((0, 2))
@@ -313,6 +354,7 @@ def cmid_loss(student, teacher, queue, center, views, config, teacher_temp, devi
 
 
 # --- step -----------------------------------------------------------------------------------------
+
 
 def host_masks(seed: int, batch: int, size: int, ratio: float) -> dict:
     """Block masks as the official data loader makes them: `ceil(g*g*ratio)` random blocks."""
@@ -333,24 +375,32 @@ def prepare_views(batch, mean, std, channels_last: bool):
         masked = x * (1 - pm[:, None]) + x.mean((2, 3), keepdim=True) * pm[:, None]
         if channels_last:
             x, masked = (t.contiguous(memory_format=torch.channels_last) for t in (x, masked))
-        views[v] = dict(target=x, masked=masked, pixel_mask=pm, block_mask=batch[f'mask_{v}'],
-                        loc=batch[f'loc_{v}'])
+        views[v] = dict(
+            target=x,
+            masked=masked,
+            pixel_mask=pm,
+            block_mask=batch[f'mask_{v}'],
+            loc=batch[f'loc_{v}'],
+        )
     return views
 
 
 def decay_groups(module: nn.Module, weight_decay: float):
     """No weight decay on tensors with ndim <= 1 (biases, norms, mask token), as cmid_jax (D5)."""
     params = [p for p in module.parameters() if p.requires_grad]
-    return [{'params': [p for p in params if p.ndim > 1], 'weight_decay': weight_decay},
-            {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0}]
+    return [
+        {'params': [p for p in params if p.ndim > 1], 'weight_decay': weight_decay},
+        {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0},
+    ]
 
 
 def make_optimizer(student: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """timm's Adan with the official betas (prox-style decay); AdamW where timm has no Adan."""
     groups = decay_groups(student, weight_decay)
     if hasattr(timm.optim, 'Adan'):
-        return timm.optim.Adan(groups, lr=lr, betas=(0.98, 0.92, 0.99), eps=1e-8,
-                               weight_decay=weight_decay)
+        return timm.optim.Adan(
+            groups, lr=lr, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=weight_decay
+        )
     print('timm has no Adan: timing with AdamW instead (one fewer moment buffer).', file=sys.stderr)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
@@ -380,9 +430,11 @@ def run(args) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     o = config.optim
     optimizer = make_optimizer(student, o.base_lr * args.batch_size / 256, o.weight_decay)
-    ema_pairs = [(t, s) for name in ('backbone', 'projector', 'local_head')
-                 for t, s in zip(getattr(teacher, name).parameters(),
-                                 getattr(student, name).parameters())]
+    ema_pairs = [
+        (t, s)
+        for name in ('backbone', 'projector', 'local_head')
+        for t, s in zip(getattr(teacher, name).parameters(), getattr(student, name).parameters())
+    ]
     t_params, s_params = [t for t, _ in ema_pairs], [s for _, s in ema_pairs]
 
     loss_fn = torch.compile(cmid_loss) if args.compile else cmid_loss
@@ -396,8 +448,9 @@ def run(args) -> dict:
     np_batch.update(host_masks(config.seed, args.batch_size, args.image_size, config.mask.ratio))
     batch = {k: torch.from_numpy(v).to(device) for k, v in np_batch.items()}
     for v in 'ab':  # NHWC uint8 -> NCHW.
-        batch[f'img_{v}'] = batch[f'img_{v}'].permute(0, 3, 1, 2).contiguous(
-            memory_format=memory_format)
+        batch[f'img_{v}'] = (
+            batch[f'img_{v}'].permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+        )
     # The schedules change values, not the cost: the first step's teacher temperature and momentum.
     teacher_temp, momentum = config.loss.teacher_temp_warmup, o.ema_momentum
 
@@ -405,8 +458,9 @@ def run(args) -> dict:
         nonlocal center, ptr
         views = prepare_views(batch, mean, std, args.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss, keys, center = loss_fn(student, teacher, queue, center, views, config,
-                                         teacher_temp, device.type)
+            loss, keys, center = loss_fn(
+                student, teacher, queue, center, views, config, teacher_temp, device.type
+            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -446,8 +500,11 @@ def run(args) -> dict:
     total_s = time.perf_counter() - start
     if not math.isfinite(float(loss)):
         raise FloatingPointError(f'non-finite loss {float(loss)}')
-    step_s = ([stamps[i].elapsed_time(stamps[i + 1]) / 1e3 for i in range(args.steps)] if cuda
-              else list(np.diff([start] + host)))
+    step_s = (
+        [stamps[i].elapsed_time(stamps[i + 1]) / 1e3 for i in range(args.steps)]
+        if cuda
+        else list(np.diff([start] + host))
+    )
 
     mean_s = total_s / args.steps
     shape = flops.StepShape.from_config(config, student.backbone.flops(args.image_size))
@@ -484,9 +541,13 @@ def run(args) -> dict:
         'peak_memory_bytes': torch.cuda.max_memory_allocated(device) if cuda else None,
         # The first warm-up step includes torch.compile's tracing and code generation.
         'compile_time_s': first_step_s if args.compile else None,
-        'versions': {'python': platform.python_version(), 'torch': torch.__version__,
-                     'timm': timm.__version__, 'cuda': torch.version.cuda,
-                     'cudnn': torch.backends.cudnn.version() if cuda else None},
+        'versions': {
+            'python': platform.python_version(),
+            'torch': torch.__version__,
+            'timm': timm.__version__,
+            'cuda': torch.version.cuda,
+            'cudnn': torch.backends.cudnn.version() if cuda else None,
+        },
     }
 
 
