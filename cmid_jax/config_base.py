@@ -26,9 +26,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     # Sources, bands and value scale: cmid_jax/data/sources.py and cmid_jax/data/bands.py.
     c.data = ml_collections.ConfigDict()
-    c.data.path = ml_collections.config_dict.placeholder(
-        str
-    )  # None = the demo tiles in the package.
+    # None = the demo tiles in the package.
+    c.data.path = ml_collections.config_dict.placeholder(str)
     # None = data.path: a folder of images / scenes, or ArrayRecord shards from cmid-prepare
     # (found by their manifest.json). 'tfds:NAME[/CONFIG]:SPLIT' = a TFDS dataset prepared in the
     # array_record format, with data.path as its data_dir (None = TFDS's default).
@@ -69,9 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
     # What each backbone block keeps for the backward pass: 'none' (all), 'dots' (matmul and conv
     # outputs; recomputes norms, activations and attention) or 'full' (block inputs only).
     c.model.remat = 'dots'
-    c.model.compute_dtype = (
-        'bfloat16'  # Activations; params, optimizer, teacher and losses stay float32.
-    )
+    # Activations; params, optimizer, teacher and losses stay float32.
+    c.model.compute_dtype = 'bfloat16'
     c.model.proj_hidden_dim = 2048  # Global projector C-2048-256 (no BN).
     c.model.proj_dim = 256  # Width of the InfoNCE embeddings and queue keys.
     c.model.local_hidden_dim = 2048  # Local head C-2048-2048-256, then the prototypes.
