@@ -1,8 +1,9 @@
 """CMID ablation at equal budget: which of the three losses carry the representation?
 
 Settings (`get_config('ARCH,SETTING')`): `full` (MIM + global + local), `no_mim` (contrastive
-global + local, no MIM), `mim_only`, and `random` (no pretraining: 0 steps, the initial weights
-are saved for evaluation). ARCH is `resnet` (ResNet-50) or `vit` (ViT-S/16).
+global + local, no MIM), `mim_only`, `no_local` (MIM + global, without the local branch), and
+`random` (no pretraining: 0 steps, the initial weights are saved for evaluation). ARCH is
+`resnet` (ResNet-50) or `vit` (ViT-S/16).
 
 GPU recipe (full AID, 10,000 images at 224 px, labels ignored; 100 epochs of batch 256):
 
@@ -24,6 +25,7 @@ SETTINGS = {
     'full': dict(use_mim=True, use_global=True, use_local=True),
     'no_mim': dict(use_mim=False, use_global=True, use_local=True),
     'mim_only': dict(use_mim=True, use_global=False, use_local=False),
+    'no_local': dict(use_mim=True, use_global=True, use_local=False),
     'random': dict(use_mim=True, use_global=True, use_local=True),
 }
 VARIANTS = {'resnet': ('50', 'nano'), 'vit': ('S/16', 'mu/16')}

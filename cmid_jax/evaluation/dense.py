@@ -162,6 +162,8 @@ def train_probe(
     batch_size: int,
     scale: float = 1.0,
 ) -> Probe:
+    """The recipe's head (`dense_head`) trained on the cached feature maps of the windows of
+    `train`'s images resized by `scale`."""
     size = int(config.data.image_size)
     windows, labels = train_windows(train, size, scale)
     # No larger batches than there are windows: padding would only burn compute.
@@ -241,8 +243,10 @@ def evaluate_probe(
     total = sum(
         tiling.num_windows(scaled_shape(im.shape, scale), size, stride) for im in test.images
     )
+    # A batch of pairs holds two images each: half as many keep the memory of one batch.
+    batch = max(1, min(batch_size // (1 + change), total))
     outputs = tiling.tiled_predict(
-        predict, (rescale(im, scale) for im in test.images), size, stride, min(batch_size, total)
+        predict, (rescale(im, scale) for im in test.images), size, stride, batch
     )
     for i, logits in enumerate(outputs):
         logits = upsample_logits(logits, test.labels[i].shape)
@@ -255,13 +259,12 @@ def evaluate_probe(
                 test.images[i], test.labels[i], prediction, side, change
             ).items():
                 crops.setdefault(name, []).append(crop)
-    rows = {name: np.stack(c) for name, c in crops.items()}
-    for name in rows:
-        rows[name] = (
-            visualize.class_colors(rows[name], num_classes)
-            if name in ('label', 'prediction')
-            else visualize.display_images(rows[name])
-        )
+    rows = {
+        name: visualize.class_colors(np.stack(c), num_classes)
+        if name in ('label', 'prediction')
+        else visualize.display_images(np.stack(c))
+        for name, c in crops.items()
+    }
     return confusion, rows
 
 

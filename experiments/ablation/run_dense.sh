@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Dense probes of ablation workdirs (written by run_cpu.sh or the GPU commands): semantic segmentation on
-# dubai-seg (split by area) and change detection on SZTAKI AirChange and the LEVIR-CD samples
-# (the crops of one LEVIR image kept together), linear head on the last feature map, windows of
-# the workdirs' 64 px over the images resized by SCALE (default 0.5). SEED (default 0) seeds the
-# split and the head. Appends to each workdir's eval.jsonl (collect.py reads them).
+# Dense probes of ablation workdirs (written by run_cpu.sh or the GPU commands): semantic
+# segmentation on dubai-seg (split by area) and change detection on SZTAKI AirChange and the
+# LEVIR-CD samples (the crops of one LEVIR image kept together), linear head on the last feature
+# map, windows of the workdir's image size over the images resized by SCALE (default 1: native
+# resolution). SEED (default 0) seeds the split and the head. Appends to each workdir's
+# eval.jsonl (collect.py reads them).
 # Usage (from the repository root):
 #   [DATA=DIR] [SCALE=S] [SEED=N] bash experiments/ablation/run_dense.sh WORKDIR...
 set -euo pipefail
 data=${DATA:-../shared/data}
-common=(--scale="${SCALE:-0.5}" --seed="${SEED:-0}")
+common=(--scale="${SCALE:-1}" --seed="${SEED:-0}")
 for wd in "$@"; do
+  wd=${wd%/}
   python -m cmid_jax.tools.evaluate --workdir="$wd" --data="$data/dubai-seg" "${common[@]}" \
     --protocol=segmentation --split_group='^(tile\d+)_' 2>> "$wd.dense.log"
   python -m cmid_jax.tools.evaluate --workdir="$wd" --data="$data/sztaki-cd" "${common[@]}" \
