@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -144,6 +145,7 @@ def train_and_evaluate(
             config.batch_size,
             steps_per_epoch,
         )
+        logging.info('%s', healthy_start(config))
 
         # --- Model, optimizer and state ------------------------------------------------------
         trainer = Trainer.create(config, optim.Schedule(total_steps, steps_per_epoch))
@@ -165,8 +167,7 @@ def train_and_evaluate(
         )
         evals = PeriodicEvals(config, mesh, wd, writer, total_steps)
         first_step = int(jax.device_get(state['step']))
-        if evals.knn is not None and first_step == 0:
-            evals.run_knn(0, state)  # The untrained baseline: the first point of the kNN curve.
+        evals.first_knn(first_step, state)  # The kNN curve's first point, on a resume too.
 
         # --- Loop ----------------------------------------------------------------------------
         progress = metrics_lib.Progress(total_steps)
@@ -317,4 +318,34 @@ def _check_finite(step: int, step_metrics: dict, allowed: int) -> None:
         f'grad_norm={terms["grad_norm"]}); {int(terms["nonfinite_steps"])} such steps so far, '
         f'max_nonfinite_steps={allowed}. The update was not applied and not saved; the last '
         f'checkpoint is untouched. All metrics: {json.dumps(terms)}'
+    )
+
+
+def healthy_start(config: ml_collections.ConfigDict) -> str:
+    """One log line on how the loss terms of this config behave in their first steps.
+
+    The total loss of a healthy run rises at first: InfoNCE against a queue of random keys is low
+    and climbs towards ln(1 + queue) as real (still alike) keys replace them, and the teacher's
+    centred, warming-up outputs put the local cross-entropy near ln(prototypes).
+    """
+    c, parts = config.loss, []
+    if c.use_global:
+        fill = math.ceil(c.queue_size / (2 * config.batch_size))
+        parts.append(
+            f'loss_global climbs towards ln(1 + queue_size) = '
+            f'{math.log1p(c.queue_size):.2f} while the queue fills with real keys '
+            f'({fill} steps), then falls as crops become distinguishable'
+        )
+    if c.use_local:
+        warmup = c.teacher_temp_warmup_epochs * config.steps_per_epoch
+        parts.append(
+            f'loss_local stays near ln(local_prototypes) = '
+            f'{math.log(config.model.local_prototypes):.2f} while the teacher '
+            f'temperature warms up ({warmup} steps)'
+        )
+    if c.use_mim:
+        parts.append('loss_mim falls and recon_psnr rises from the first steps')
+    return (
+        'Healthy training: ' + '; '.join(parts) + '; embedding_std near 0 would mean '
+        'collapse. See "What healthy training looks like" in the README.'
     )

@@ -1,11 +1,17 @@
-"""Pictures of a run: MIM reconstruction grids and the kNN accuracy curve (numpy + PIL only).
+"""Pictures of a run: MIM reconstruction grids, training curves and kNN accuracy (numpy + PIL).
 
-* `reconstruction_grid` lays out, one column per image, four rows: the input crop, the masked
-  input as the student sees it (masked 32-px blocks filled with the crop's per-channel mean), the
-  prediction (masked pixels from the decoder, visible pixels from the input) and the MIM target
-  (the unmasked crop; in CMID it equals the input, so rows 1 and 4 differ only by rounding).
+* `reconstruction_grid` lays out, one column per image, four named rows: the input crop, the
+  masked input as the student sees it (masked 32-px blocks filled with the crop's per-channel
+  mean), the prediction (masked pixels from the decoder, visible pixels from the input) and the
+  MIM target (the unmasked crop; in CMID it equals the input, so rows 1 and 4 differ only by
+  rounding).
+* `plot_training_curves` draws logged scalars (loss terms, embedding_std, recon_psnr, ...)
+  against step from `metrics.jsonl`, one panel each.
 * `plot_knn_curve` draws top-1 accuracy against step from `metrics.jsonl` (the online
   `knn_top1_*` scalars) or `eval.jsonl` (one series per protocol and backbone).
+
+Both JSONL readers take every line of the file: a resumed run appends to the same file, and for a
+step logged twice (steps redone after a crash) the later line wins.
 """
 
 from __future__ import annotations
@@ -13,13 +19,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 GAP_VALUE = 255  # White separators between the cells of a grid.
+ROW_LABELS = ('input', 'masked input', 'prediction', 'target')
 _COLORS = (
     (31, 119, 180),
     (255, 127, 14),
@@ -30,6 +37,9 @@ _COLORS = (
     (227, 119, 194),
     (127, 127, 127),
 )
+# Panels of `plot_training_curves`: what the README's "What healthy training looks like" shows.
+TRAINING_CURVES = ('loss', 'loss_mim', 'loss_global', 'loss_local', 'recon_psnr', 'embedding_std')
+Series = dict[str, list[tuple[int, float]]]
 
 
 def _tile(rows: Sequence[np.ndarray], gap: int) -> np.ndarray:
@@ -70,7 +80,8 @@ def reconstruction_grid(
     max_images: int = 8,
     gap: int = 2,
 ) -> np.ndarray:
-    """uint8 (4*S + 3*gap, n*S + (n-1)*gap, 3) grid: input, masked input, prediction, target.
+    """uint8 (4*S + 3*gap, M + n*S + (n-1)*gap, 3) grid: input, masked input, prediction and
+    target rows, named in a left margin M pixels wide (`ROW_LABELS`).
 
     `batch_views` holds `img_<view>` (B, S, S, bands) uint8 or uint16 and `mask_<view>` (B, g, g)
     bool (as the data pipeline or `make_reconstruction_fn` give them); `reconstruction` is the
@@ -93,7 +104,7 @@ def reconstruction_grid(
     channel_mean = np.rint(shown.astype(np.float32).mean(axis=(1, 2), keepdims=True))
     masked = np.where(pixel_mask, channel_mean, shown).astype(np.uint8)
     composite = np.where(pixel_mask, _to_uint8(prediction, lo, hi), shown)
-    return _tile([shown, masked, composite, shown], gap)
+    return labelled_grid(dict(zip(ROW_LABELS, (shown, masked, composite, shown))), gap)
 
 
 def _to_uint8(fraction: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -124,23 +135,25 @@ def class_colors(labels: np.ndarray, num_classes: int) -> np.ndarray:
 def labelled_grid(
     rows: Mapping[str, np.ndarray],
     gap: int = 2,
-    margin: int = 80,
     legend: Mapping[str, Sequence[int]] | None = None,
+    pad: int = 6,
 ) -> np.ndarray:
     """`{row name: (n, S, S, 3) uint8}` -> one image of the rows laid out as `_tile` does, each
-    row's name written in a white `margin` on its left, and an optional `legend` line below
-    (`{name: RGB colour}`, e.g. the classes of a label row)."""
+    row's name right-aligned in a white left margin as wide as the longest name, and an optional
+    `legend` line below (`{name: RGB colour}`, e.g. the classes of a label row)."""
     grid = _tile(list(rows.values()), gap)
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    margin = math.ceil(max(measure.textlength(name, font=font) for name in rows)) + 2 * pad
     line = 20 if legend else 0
     out = np.full((grid.shape[0] + line, margin + grid.shape[1], 3), GAP_VALUE, np.uint8)
     out[: grid.shape[0], margin:] = grid
     img = Image.fromarray(out)
     draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
     size = next(iter(rows.values())).shape[1]
     for r, name in enumerate(rows):
         draw.text(
-            (margin - 6, r * (size + gap) + size / 2), name, fill='black', font=font, anchor='rm'
+            (margin - pad, r * (size + gap) + size / 2), name, fill='black', font=font, anchor='rm'
         )
     x, y = margin, grid.shape[0] + line / 2
     for name, color in (legend or {}).items():
@@ -160,11 +173,14 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open('wb') as f:
-        Image.fromarray(np.asarray(image, np.uint8)).save(f, format='PNG')
+        Image.fromarray(np.asarray(image, np.uint8)).save(f, format='PNG', optimize=True)
 
 
-def read_accuracy_series(jsonl_path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """{series name: [(step, top-1), ...]} from metrics.jsonl or eval.jsonl, sorted by step."""
+def _read_jsonl_series(
+    jsonl_path: str | os.PathLike, points: Callable[[dict], Mapping[str, float]]
+) -> Series:
+    """{name: [(step, value), ...]} sorted by step, from the `points(record)` of every line that
+    has a step; for a step logged twice the later line wins; non-finite values are left out."""
     series: dict[str, dict[int, float]] = {}
     with epath.Path(jsonl_path).open() as f:
         for line in f:
@@ -175,23 +191,153 @@ def read_accuracy_series(jsonl_path: str | os.PathLike) -> dict[str, list[tuple[
             step = record.get('step')
             if step is None:
                 continue
-            if 'protocol' in record and 'top1' in record:  # eval.jsonl
-                points = {f'{record["protocol"]}_{record.get("which", "student")}': record['top1']}
-            else:  # metrics.jsonl: the online kNN scalars
-                points = {k: v for k, v in record.items() if k.startswith('knn_top1')}
-            for name, value in points.items():
-                if value is not None and math.isfinite(value):
-                    series.setdefault(name, {})[int(step)] = float(value)  # Last write wins.
-    return {name: sorted(points.items()) for name, points in sorted(series.items())}
+            for name, value in points(record).items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    series.setdefault(name, {})[int(step)] = float(value)
+    return {name: sorted(values.items()) for name, values in sorted(series.items())}
 
 
-def _nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
-    span = max(hi - lo, 1e-9)
-    raw = span / target
+def read_accuracy_series(jsonl_path: str | os.PathLike) -> Series:
+    """{series name: [(step, top-1), ...]} from metrics.jsonl or eval.jsonl, sorted by step."""
+
+    def points(record):
+        if 'protocol' in record and 'top1' in record:  # eval.jsonl
+            return {f'{record["protocol"]}_{record.get("which", "student")}': record['top1']}
+        return {k: v for k, v in record.items() if k.startswith('knn_top1')}  # metrics.jsonl
+
+    return _read_jsonl_series(jsonl_path, points)
+
+
+def read_scalar_series(jsonl_path: str | os.PathLike, names: Iterable[str]) -> Series:
+    """{name: [(step, value), ...]} of the scalars `names` in a metrics.jsonl."""
+    wanted = tuple(names)
+    return _read_jsonl_series(jsonl_path, lambda r: {k: r[k] for k in wanted if k in r})
+
+
+def _nice_ticks(lo: float, hi: float, target: int = 5, whole: bool = False) -> list[float]:
+    """Round tick values (1, 2, 2.5 or 5 times a power of ten apart) covering [lo, hi];
+    `whole`: whole-number spacing only (steps)."""
+    raw = max(hi - lo, 1e-9) / target
+    if whole:
+        raw = max(raw, 1.0)
     mag = 10 ** math.floor(math.log10(raw))
-    step = max(next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), 1)  # Whole steps.
-    first = math.ceil(lo / step) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+    spacing = next(
+        m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw and not (whole and m * mag % 1)
+    )
+    first = math.ceil(lo / spacing - 1e-9) * spacing
+    return [first + i * spacing for i in range(int((hi - first) / spacing + 1e-9) + 1)]
+
+
+def _draw_panel(
+    draw: ImageDraw.ImageDraw,
+    box: tuple[int, int, int, int],
+    series: Series,
+    *,
+    title: str,
+    y_range: tuple[float, float] | None = None,
+    y_label: Callable[[float], str] = lambda v: f'{v:g}',
+    references: Mapping[str, float] | None = None,
+    legend: bool = True,
+) -> None:
+    """Line plot of `series` against step inside `box` (left, top, right, bottom), with axes,
+    grid, title and a legend giving each series' last value. `references`: labelled dashed
+    horizontal lines."""
+    font = ImageFont.load_default()
+    x0, y0, x1, y1 = box
+    left, right, top, bottom = x0 + 52, x1 - 12, y0 + 22, y1 - 30
+    steps = [s for points in series.values() for s, _ in points]
+    s_lo, s_hi = min(steps), max(steps)
+    if s_hi == s_lo:
+        s_lo, s_hi = s_lo - 1, s_hi + 1
+    if y_range is None:
+        values = [v for points in series.values() for _, v in points]
+        values += list((references or {}).values())
+        v_lo, v_hi = min(values), max(values)
+        margin = 0.08 * (v_hi - v_lo) or 0.5 * max(abs(v_hi), 1e-3)
+        y_range = (v_lo - margin, v_hi + margin)
+    v_lo, v_hi = y_range
+    x_of = lambda s: left + (s - s_lo) / (s_hi - s_lo) * (right - left)
+    y_of = lambda v: bottom - (min(max(v, v_lo), v_hi) - v_lo) / (v_hi - v_lo) * (bottom - top)
+
+    for v in _nice_ticks(v_lo, v_hi, target=4):
+        draw.line([(left, y_of(v)), (right, y_of(v))], fill=(225, 225, 225))
+        draw.text((left - 6, y_of(v)), y_label(v), fill='black', font=font, anchor='rm')
+    for s in _nice_ticks(s_lo, s_hi, whole=True):
+        draw.line([(x_of(s), bottom), (x_of(s), bottom + 4)], fill='black')
+        draw.text((x_of(s), bottom + 6), f'{s:g}', fill='black', font=font, anchor='ma')
+    draw.rectangle([left, top, right, bottom], outline='black')
+    draw.text(((left + right) / 2, y1 - 4), 'step', fill='black', font=font, anchor='md')
+    draw.text(((left + right) / 2, y0 + 6), title, fill='black', font=font, anchor='ma')
+    for name, value in (references or {}).items():
+        y = y_of(value)
+        for x in range(int(left), int(right), 8):  # Dashed.
+            draw.line([(x, y), (min(x + 4, right), y)], fill=(120, 120, 120))
+        above = y - top > 14  # The label goes below a line drawn near the top.
+        draw.text(
+            (right - 4, y - 2 if above else y + 3),
+            name,
+            fill=(90, 90, 90),
+            font=font,
+            anchor='rd' if above else 'ra',
+        )
+    for i, (name, points) in enumerate(series.items()):
+        color = _COLORS[i % len(_COLORS)]
+        xy = [(x_of(s), y_of(v)) for s, v in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=color, width=2)
+        if len(xy) <= 30:  # Markers where they stay readable.
+            for x, y in xy:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        if legend:
+            legend_y = top + 10 + 14 * i
+            draw.line([(left + 8, legend_y), (left + 24, legend_y)], fill=color, width=3)
+            draw.text(
+                (left + 30, legend_y),
+                f'{name} ({y_label(points[-1][1])})',
+                fill='black',
+                font=font,
+                anchor='lm',
+            )
+
+
+def _percent(fraction: float) -> str:
+    return f'{100 * fraction:.1f}%'.replace('.0%', '%')
+
+
+def plot_training_curves(
+    metrics_jsonl: str | os.PathLike,
+    out_png: str | os.PathLike,
+    *,
+    names: Sequence[str] = TRAINING_CURVES,
+    references: Mapping[str, Mapping[str, float]] | None = None,
+    columns: int = 3,
+    panel_size: tuple[int, int] = (320, 210),
+) -> Series:
+    """One panel per logged scalar in `names` (those the file has) against step; returns the
+    series plotted. `references` maps a scalar to labelled dashed lines for its panel, e.g.
+    `{'loss_global': {'ln(1 + queue)': 5.55}}`."""
+    series = read_scalar_series(metrics_jsonl, names)
+    if not series:
+        raise ValueError(f'none of {list(names)} in {metrics_jsonl}')
+    shown = [n for n in names if n in series]
+    rows = -(-len(shown) // columns)
+    width, height = panel_size
+    img = Image.new('RGB', (columns * width, rows * height), 'white')
+    draw = ImageDraw.Draw(img)
+    for i, name in enumerate(shown):
+        x, y = (i % columns) * width, (i // columns) * height
+        label = _percent if name.startswith('knn_top1') else (lambda v: f'{v:.3g}')
+        _draw_panel(
+            draw,
+            (x, y, x + width, y + height),
+            {name: series[name]},
+            title=name,
+            y_label=label,
+            references=(references or {}).get(name),
+            legend=False,
+        )
+    save_png(out_png, np.asarray(img))
+    return {n: series[n] for n in shown}
 
 
 def plot_knn_curve(
@@ -200,7 +346,7 @@ def plot_knn_curve(
     *,
     size: tuple[int, int] = (720, 420),
     title: str | None = None,
-) -> dict[str, list[tuple[int, float]]]:
+) -> Series:
     """Plots top-1 (%) against step for every series in the file; returns the series plotted."""
     series = read_accuracy_series(eval_jsonl_or_metrics_jsonl)
     if not series:
@@ -210,47 +356,14 @@ def plot_knn_curve(
     if title is None:
         only_knn = all(name.startswith('knn') for name in series)
         title = 'kNN top-1 accuracy' if only_knn else 'top-1 accuracy'
-    width, height = size
-    left, right, top, bottom = 60, 20, 36, 44
     img = Image.new('RGB', size, 'white')
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-
-    steps = [s for points in series.values() for s, _ in points]
-    x_lo, x_hi = min(steps), max(steps)
-    if x_hi == x_lo:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    x_of = lambda s: left + (s - x_lo) / (x_hi - x_lo) * (width - left - right)
-    y_of = lambda acc: height - bottom - acc * (height - top - bottom)  # acc in [0, 1]
-
-    for pct in range(0, 101, 20):  # Horizontal grid and y labels.
-        y = y_of(pct / 100)
-        draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
-        draw.text((left - 8, y), f'{pct}%', fill='black', font=font, anchor='rm')
-    for s in _nice_ticks(x_lo, x_hi):
-        x = x_of(s)
-        draw.line([(x, height - bottom), (x, height - bottom + 4)], fill='black')
-        draw.text((x, height - bottom + 6), f'{s:g}', fill='black', font=font, anchor='ma')
-    draw.rectangle([left, top, width - right, height - bottom], outline='black')
-    draw.text((width / 2, height - 6), 'step', fill='black', font=font, anchor='md')
-    draw.text((width / 2, 8), title, fill='black', font=font, anchor='ma')
-
-    for i, (name, points) in enumerate(series.items()):
-        color = _COLORS[i % len(_COLORS)]
-        xy = [(x_of(s), y_of(min(max(a, 0.0), 1.0))) for s, a in points]
-        if len(xy) > 1:
-            draw.line(xy, fill=color, width=2)
-        for x, y in xy:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        last = points[-1][1]
-        legend_y = top + 8 + 14 * i
-        draw.line([(left + 10, legend_y), (left + 28, legend_y)], fill=color, width=3)
-        draw.text(
-            (left + 34, legend_y),
-            f'{name} ({100 * last:.1f}%)',
-            fill='black',
-            font=font,
-            anchor='lm',
-        )
+    _draw_panel(
+        ImageDraw.Draw(img),
+        (0, 0, *size),
+        series,
+        title=title,
+        y_range=(0.0, 1.0),
+        y_label=_percent,
+    )
     save_png(out_png, np.asarray(img))
     return series

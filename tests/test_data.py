@@ -105,6 +105,62 @@ def test_uint16_tif_stretch_keeps_nodata():
     assert np.all(tile[np.all(raw[:256, :256] == 0, axis=2)] == 0)
 
 
+EDGE_TILES = sorted(Path(demo_data_path()).glob('*edge512*.tif'))
+
+
+@pytest.mark.parametrize('bands', [None, (0, 1, 2)], ids=['rgb8', 'raw_bands'])
+def test_whole_images_with_nodata_are_rejected_and_replaced(bands):
+    """Whole-image mode applies data.max_nodata like tiles: the two bundled edge tiles with 48% /
+    72% nodata are rejected (TileRejected), replaced and not counted as bad."""
+    import tifffile
+
+    from cmid_jax.data import TileRejected
+
+    if bands is not None:
+        pytest.importorskip('rasterio')
+    raw = [tifffile.imread(f) for f in EDGE_TILES]  # read independently of cmid_jax
+    expected = [float(np.all(r == 0, axis=2).mean()) for r in raw]
+    assert [round(e, 2) for e in expected] == [0.48, 0.72, 0.0, 0.0]
+    source = P.FileSource([str(f) for f in EDGE_TILES], bands, max_nodata=0.25)
+    for i, fraction in enumerate(expected):
+        if fraction > 0.25:
+            with pytest.raises(
+                TileRejected,
+                match=rf'{EDGE_TILES[i].name}: .*nodata pixels, '
+                r'more than data.max_nodata=0.25',
+            ) as e:
+                source.read(i)
+            # 8-bit RGB counts black pixels of the stretched image: nodata plus ~1% clipped.
+            assert fraction <= e.value.fraction <= fraction + (0.02 if bands is None else 0)
+        else:
+            image = source.read(i)
+            assert image.dtype == (np.uint8 if bands is None else np.uint16)
+            if bands is not None:
+                assert np.array_equal(image, raw[i])
+    assert P.FileSource([str(EDGE_TILES[1])], bands).read(0).shape == (256, 256, 3)  # default 1.0
+    # In the pipeline the 48% tile (index 0) is replaced by files drawn at random with the
+    # element's generator until one passes (index 2 or 3): the same views as decoding that file
+    # with the generator after those draws, and nothing counted as bad.
+    decode = P.DecodeProcessSlice(source, image_size=64, seed=0)
+    got = decode.decode(0, np.random.default_rng(7))
+    rng, index = np.random.default_rng(7), 0
+    while expected[index] > 0.25:
+        index = int(rng.integers(len(EDGE_TILES)))
+    want = decode.decode(index, rng)
+    assert not got['bad_images'].any() and all(np.array_equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match=r'data.max_nodata=1.5 must be a fraction'):
+        P.FileSource([str(EDGE_TILES[0])], bands, max_nodata=1.5)
+
+
+def test_open_source_passes_max_nodata_to_whole_images():
+    from cmid_jax.data.sources import open_source
+    from configs import vitb
+
+    data = vitb.get_config('demo').data
+    source = open_source(data)  # the bundled demo tiles, whole-image mode
+    assert isinstance(source, P.FileSource) and source.max_nodata == data.max_nodata == 0.25
+
+
 def test_tif_band_layouts(tmp_path):
     import tifffile
 
@@ -351,3 +407,30 @@ def test_worker_process_matches_in_process(demo_ds, iters):
     it2 = iters(demo_ds, num_workers=1)
     it2.set_state(state)
     assert _equal(next(it2), ref[2])
+
+
+def test_worker_batches_on_a_jax_device_leave_no_shared_memory_behind():
+    """grain's workers hand batches over in shared memory. JAX on CPU wraps host arrays without
+    copying and frees them through the cycle collector only, so the last batch used to outlive the
+    process: 'leaked shared_memory objects' at the end of every run with data.num_workers > 0."""
+    from conftest import run_tool
+
+    code = (
+        'from absl import flags\n'
+        'from cmid_jax import parallel\n'
+        'from cmid_jax.data import build_dataset, demo_data_path, list_images, make_iterator\n'
+        'flags.FLAGS.mark_as_parsed()\n'
+        '_, sharding = parallel.shardings(parallel.make_mesh())\n'
+        'ds = build_dataset(list_images(demo_data_path()), image_size=64, global_batch_size=8,\n'
+        '                   seed=0)\n'
+        'it = make_iterator(ds, num_workers=1)\n'
+        'for _ in range(3):\n'
+        '    batch = next(it)\n'
+        "    batch.pop('bad_images')\n"
+        '    batch = parallel.global_batch(batch, sharding)\n'
+        'it.close()\n'
+        "print('read', batch['img_a'].shape)\n"
+    )
+    proc = run_tool('', python_code=code, timeout=300)
+    assert proc.returncode == 0 and 'read (8, 64, 64, 3)' in proc.stdout, proc.stderr[-3000:]
+    assert 'leaked shared_memory' not in proc.stderr, proc.stderr[-3000:]

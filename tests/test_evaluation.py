@@ -26,6 +26,7 @@ from cmid_jax.evaluation import (
 )
 from cmid_jax.evaluation import run as evaluate
 from cmid_jax.restore import restore_train_state
+from cmid_jax.workdir import Workdir
 from configs import vitb
 
 from conftest import run_tool
@@ -145,8 +146,12 @@ def test_reconstruction_grid_takes_masked_cells_from_the_prediction():
     }
     rec = rng.normal(size=(n, size, size, 3)).astype(np.float32) * 0.5
     grid = visualize.reconstruction_grid(views, rec, mean, std, gap=2)
-    assert grid.shape == (4 * size + 3 * 2, n * size + (n - 1) * 2, 3) and grid.dtype == np.uint8
-    cell = lambda r, c: grid[r * 66 : r * 66 + size, c * 66 : c * 66 + size]
+    margin = grid.shape[1] - (n * size + (n - 1) * 2)  # The row names on the left.
+    assert grid.shape[0] == 4 * size + 3 * 2 and 40 < margin < 120 and grid.dtype == np.uint8
+    for r in range(4):  # Each row's name: dark text on white, inside its own row.
+        label = grid[r * 66 : r * 66 + size, :margin]
+        assert np.any(label < 100) and np.all(label[:8] == 255) and np.all(label[-8:] == 255)
+    cell = lambda r, c: grid[r * 66 : r * 66 + size, margin + c * 66 : margin + c * 66 + size]
     pred = np.clip(np.rint((rec * np.array(std) + np.array(mean)) * 255), 0, 255)
     for c in range(n):
         m = np.kron(views['mask_a'][c], np.ones((32, 32), bool))
@@ -163,7 +168,7 @@ def test_reconstruction_grid_takes_masked_cells_from_the_prediction():
                 cell(1, c)[m], np.broadcast_to(channel_mean, (m.sum(), 3))
             )
     two = visualize.reconstruction_grid(views, rec, mean, std, max_images=2)
-    assert two.shape[1] == 2 * size + 2
+    assert two.shape[1] == margin + 2 * size + 2
 
 
 def test_plot_knn_curve_reads_metrics_and_eval_files(tmp_path):
@@ -191,6 +196,117 @@ def test_plot_knn_curve_reads_metrics_and_eval_files(tmp_path):
     assert visualize.plot_knn_curve(str(evals), str(tmp_path / 'e.png')) == {
         'linear_teacher': [(5, 0.7)]
     }
+
+
+def test_plot_training_curves_one_panel_per_logged_scalar(tmp_path):
+    metrics = tmp_path / 'metrics.jsonl'
+    metrics.write_text(
+        ''.join(
+            json.dumps(r) + '\n'
+            for r in (
+                {'step': 1, 'loss': 9.0, 'loss_mim': 0.6, 'recon_psnr': 10.5},
+                {'step': 10, 'loss': 11.0, 'loss_mim': 0.4, 'recon_psnr': float('nan')},
+                {'step': 20, 'loss': 10.0, 'loss_mim': 0.3, 'recon_psnr': 13.0},
+            )
+        )
+    )
+    out = tmp_path / 'curves.png'
+    series = visualize.plot_training_curves(
+        str(metrics),
+        str(out),
+        columns=2,
+        panel_size=(200, 150),
+        references={'loss': {'ln(1 + queue)': 5.5}},
+    )
+    assert series == {
+        'loss': [(1, 9.0), (10, 11.0), (20, 10.0)],
+        'loss_mim': [(1, 0.6), (10, 0.4), (20, 0.3)],
+        'recon_psnr': [(1, 10.5), (20, 13.0)],
+    }  # NaN left out; no other scalars
+    from PIL import Image
+
+    assert Image.open(out).size == (400, 300)  # 3 panels on a 2 x 2 grid
+    with pytest.raises(ValueError, match='none of'):
+        visualize.plot_training_curves(str(metrics), str(out), names=('knn_top1_student',))
+
+
+def _jsonl(path, records):
+    with open(path, 'a', encoding='utf-8') as f:
+        f.write(''.join(json.dumps(r) + '\n' for r in records))
+
+
+def test_knn_curve_keeps_every_run_of_a_resumed_workdir(tmp_path):
+    """A crashed run and its resumption append to one metrics.jsonl; the curve has every point,
+    and a step evaluated by both runs takes the resumed run's value."""
+    metrics = tmp_path / 'metrics.jsonl'
+    _jsonl(
+        metrics,
+        [
+            {'step': 0, 'knn_top1_student': 0.1},
+            {'step': 10, 'loss': 9.0},
+            {'step': 20, 'loss': 8.0, 'knn_top1_student': 0.2},
+            {'step': 40, 'knn_top1_student': 0.35},
+        ],
+    )  # Run 1 dies after step 40.
+    _jsonl(
+        metrics,
+        [
+            {'step': 30, 'loss': 7.0},  # Run 2 resumes from the checkpoint of step 20.
+            {'step': 40, 'knn_top1_student': 0.4},
+            {'step': 60, 'knn_top1_student': 0.5},
+        ],
+    )
+    series = visualize.plot_knn_curve(str(metrics), str(tmp_path / 'knn.png'))
+    assert series == {'knn_top1_student': [(0, 0.1), (20, 0.2), (40, 0.4), (60, 0.5)]}
+    assert visualize.read_scalar_series(str(metrics), ['loss']) == {
+        'loss': [(10, 9.0), (20, 8.0), (30, 7.0)]
+    }
+
+
+def test_resumed_run_starts_its_knn_curve_at_the_restored_step(tmp_path, monkeypatch):
+    """First kNN point: at step 0; on a resume at the restored step unless metrics.jsonl has it
+    (before the fix a resume evaluated only at its next due step: one point after the demo)."""
+    from cmid_jax import metrics as metrics_lib
+    from cmid_jax.evaluation import periodic
+
+    calls = []
+
+    def fake_knn(state):
+        calls.append(state)
+        return {'knn_top1_student': 0.25 + 0.01 * len(calls)}
+
+    monkeypatch.setattr(periodic, 'make_online_knn', lambda config, mesh: fake_knn)
+    config = vitb.get_config('smoke')
+    config.eval.path = str(tmp_path)  # Only checked for being set; the kNN is faked.
+    config.images_every_steps = 0
+
+    def evals_in(path):
+        wd = Workdir(str(path))
+        writer = metrics_lib.MetricWriter(wd)
+        return periodic.PeriodicEvals(config, None, wd, writer, 100), writer
+
+    resumed = tmp_path / 'resumed'  # The first part of the run had no eval.path.
+    resumed.mkdir()
+    _jsonl(resumed / 'metrics.jsonl', [{'step': 10, 'loss': 9.0}, {'step': 60, 'loss': 8.0}])
+    evals, writer = evals_in(resumed)
+    evals.first_knn(60, 'state at 60')
+    evals.run_knn(100, 'state at 100')
+    writer.close()
+    assert calls == ['state at 60', 'state at 100']
+    assert visualize.read_accuracy_series(str(resumed / 'metrics.jsonl')) == {
+        'knn_top1_student': [(60, 0.26), (100, 0.27)]
+    }
+    assert os.path.exists(resumed / 'images' / 'knn.png')
+
+    evals, writer = evals_in(resumed)  # Resumed again at 60: that point is already there.
+    assert evals.first_knn(60, 'again') == {} and len(calls) == 2
+    writer.close()
+    fresh = tmp_path / 'fresh'
+    fresh.mkdir()
+    evals, writer = evals_in(fresh)
+    evals.first_knn(0, 'initial state')
+    writer.close()
+    assert calls[-1] == 'initial state'
 
 
 # --- end to end ---------------------------------------------------------------------------------
@@ -291,7 +407,7 @@ def test_online_hooks_on_the_training_mesh(pretrained, offline):
     grid = visualize.reconstruction_grid(
         out, out['reconstruction'], config.data.mean, config.data.std
     )
-    assert grid.shape == (4 * 64 + 6, 8 * 64 + 14, 3)
+    assert grid.shape[0] == 4 * 64 + 6 and grid.shape[1] > 8 * 64 + 14  # + the row names
     np.testing.assert_array_equal(out['img_a'], batch['img_a'][:8])
     assert out['mask_a'].shape == (8, 2, 2) and np.all(out['mask_a'].sum(axis=(1, 2)) == 3)
     visualize.save_png(os.path.join(workdir, 'images', 'reconstruction.png'), grid)

@@ -179,6 +179,19 @@ def test_cli_writes_safetensors_without_torch(vit_run, tmp_path):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
+@pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
+def test_exported_files_are_readable_by_others(vit_run, tmp_path, suffix):
+    """Weights and metadata get the umask's usual mode (0644 under 022), not owner-only."""
+    previous = os.umask(0o022)
+    try:
+        out = str(tmp_path / f'shared{suffix}')
+        export.export_backbone(vit_run.workdir, out)
+    finally:
+        os.umask(previous)
+    for path in (out, out + '.json'):
+        assert oct(os.stat(path).st_mode & 0o777) == oct(0o644), path
+
+
 def test_pth_without_torch_is_a_clear_error(vit_run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'torch', None)
     with pytest.raises(ImportError, match='needs PyTorch'):

@@ -1,6 +1,7 @@
 """End to end: the CLI, config checks, preemption and exact resume, real-data training."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -54,6 +55,21 @@ def test_cli_rejects_a_misspelt_field(tmp_path):
     )
     assert 'Traceback' not in out.stderr and len(out.stderr.splitlines()) == 2
     assert not os.path.exists(tmp_path / 'ckpt')
+
+
+def test_demo_presets_pass_the_config_checks_and_say_what_healthy_looks_like():
+    from configs import swinb
+
+    for module in (vitb, resnet50, swinb):
+        config = module.get_config('demo')
+        train.check_config(config, num_devices=1, num_processes=1)
+    line = train.healthy_start(vitb.get_config('demo'))
+    # queue 256 filled by 2 x 16 keys a step; 256 prototypes; teacher warm-up 2 epochs of 10 steps.
+    assert f'ln(1 + queue_size) = {math.log(257):.2f}' in line and '(8 steps)' in line
+    assert f'ln(local_prototypes) = {math.log(256):.2f}' in line and '(20 steps)' in line
+    config = vitb.get_config('demo')
+    config.loss.use_global = False
+    assert 'loss_global' not in train.healthy_start(config)
 
 
 @pytest.mark.parametrize(

@@ -50,22 +50,24 @@ def weights_format(path: str) -> str:
 def save_weights(
     state_dict: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Writes a numpy state_dict as `.pth` (torch.save) or `.safetensors` (no torch needed)."""
+    """Writes a numpy state_dict as `.pth` (torch.save) or `.safetensors` (no torch needed).
+
+    Both go through Python's `open`, so the file gets the usual mode (0644 under umask 022):
+    safetensors' own `save_file` creates it readable by its owner only.
+    """
     fmt = weights_format(path)
+    arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
     if fmt == 'safetensors':
-        from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+        from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
 
         # 'format': 'pt' lets safetensors.torch / transformers treat it as a torch state_dict.
-        save_file(
-            {k: np.ascontiguousarray(v) for k, v in state_dict.items()},
-            path,
-            metadata={'format': 'pt', **(metadata or {})},
-        )
+        payload = save(arrays, metadata={'format': 'pt', **(metadata or {})})
+        with open(path, 'wb') as f:
+            f.write(payload)
     else:
         torch = require_torch('writing or reading a .pth file')
-        torch.save(
-            {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}, path
-        )
+        with open(path, 'wb') as f:
+            torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, f)
 
 
 def backbone_state_dict(

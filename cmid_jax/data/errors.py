@@ -16,7 +16,8 @@ class ImageError(ValueError):
 
 
 class TileRejected(Exception):
-    """A readable tile with more nodata than ``data.max_nodata``: replaced, not counted as bad."""
+    """A readable tile or image with more nodata than ``data.max_nodata``: replaced, not counted as
+    bad."""
 
     def __init__(self, where: str, fraction: float, limit: float):
         self.where = str(where)

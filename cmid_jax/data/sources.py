@@ -78,7 +78,7 @@ def open_source(data) -> Source:
         return TileSource(
             TileIndex.build(files, tile, bands), rgb8=bands is None, max_nodata=data.max_nodata
         )
-    return FileSource(files, bands)
+    return FileSource(files, bands, max_nodata=data.max_nodata)
 
 
 def describe_source(data, source: Source) -> str:

@@ -5,7 +5,7 @@ The statistics are exact over a seeded sample of elements (images, tiles or reco
 augmentation): per band, a histogram of every valid pixel (uint8: 256 bins, uint16: 65,536 bins)
 is accumulated, and mean, standard deviation and percentiles come from it, so the result does not
 depend on the order of the elements and streams in constant memory. Pixels whose bands are all 0
-(nodata) are left out, and so are tiles rejected by ``data.max_nodata``.
+(nodata) are left out, and so are tiles and images rejected by ``data.max_nodata``.
 
 ``mean`` and ``std`` are in the units the device normalises with: value / type maximum (255 for
 uint8, 65535 for uint16; :func:`cmid_jax.data.bands.type_max`). ``value_range`` is the (black,

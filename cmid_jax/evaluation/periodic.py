@@ -50,6 +50,23 @@ class PeriodicEvals:
             visualize.plot_knn_curve(self.metrics_path, self.images_dir / 'knn.png')
         return scores
 
+    def first_knn(self, step: int, state: dict) -> dict[str, float]:
+        """The kNN curve's first point: at step 0 the untrained baseline; on a resume the restored
+        state, unless metrics.jsonl already holds a kNN point for that step. Without it, a run
+        resumed with eval.path after an earlier part without it (the demo, say) drew its curve
+        from its next due evaluation only: a single point when that is the last step."""
+        if self.knn is None or step in self._knn_steps():
+            return {}
+        return self.run_knn(step, state)
+
+    def _knn_steps(self) -> set[int]:
+        if not self.metrics_path.exists():
+            return set()
+        series = visualize.read_accuracy_series(self.metrics_path)
+        return {
+            s for name, points in series.items() if name.startswith('knn_top1') for s, _ in points
+        }
+
     def __call__(self, step: int, state: dict, batch: dict) -> dict[str, float]:
         """Runs whatever is due after `step`; returns the scalars it logged."""
         scores = {}
