@@ -3,7 +3,7 @@
 Every command (`cmid_jax.main`, `cmid_jax/tools/*.py`) starts through `run(main)`:
 
 * an expected error (a `UserError`: config, paths, data, workdir, incompatible resume, lock,
-  failed save; or a flag that does not parse, a misspelt `--config.FIELD`, a missing config
+  failed save, a diverged run; or a flag that does not parse, a misspelt `--config.FIELD`, a missing config
   file) prints one line and a hint, without a traceback, and exits with status 2;
 * a preempted run (`Preempted`: SIGTERM, state saved) exits with status 75 (EX_TEMPFAIL), so
   schedulers and retry loops run the same command again;
@@ -50,6 +50,10 @@ class WorkdirError(UserError):
 
 class SaveError(UserError):
     """A checkpoint (or another workdir file) could not be written."""
+
+
+class Diverged(UserError, FloatingPointError):
+    """Training stopped on non-finite losses or gradients (`max_nonfinite_steps`)."""
 
 
 class Preempted(Exception):

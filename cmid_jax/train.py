@@ -22,7 +22,7 @@ from cmid_jax.config_checks import check_config, resume_changes
 from cmid_jax.data import describe_source, open_source, resolve_data_config
 from cmid_jax.data.bad_files import BadFiles
 from cmid_jax.data.pipeline import Source, build_dataset, make_iterator
-from cmid_jax.errors import DataError, Preempted, WorkdirError, expected, one_line
+from cmid_jax.errors import DataError, Diverged, Preempted, WorkdirError, expected, one_line
 from cmid_jax.evaluation.periodic import PeriodicEvals
 from cmid_jax.step import Trainer
 from cmid_jax.workdir import (
@@ -312,12 +312,15 @@ def _check_finite(step: int, step_metrics: dict, allowed: int) -> None:
     if int(step_metrics['nonfinite_steps']) <= allowed:
         return
     terms = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-    raise FloatingPointError(
+    raise Diverged(
         f'Non-finite loss or gradient at step {step} (loss={terms["loss"]}, '
         f'mim={terms["loss_mim"]}, global={terms["loss_global"]}, local={terms["loss_local"]}, '
         f'grad_norm={terms["grad_norm"]}); {int(terms["nonfinite_steps"])} such steps so far, '
         f'max_nonfinite_steps={allowed}. The update was not applied and not saved; the last '
-        f'checkpoint is untouched. All metrics: {json.dumps(terms)}'
+        f'checkpoint is untouched. All metrics: {json.dumps(terms)}',
+        'to resume from the last checkpoint, run the command again with a lower '
+        '--config.optim.base_lr (or --config.model.compute_dtype=float32) and '
+        '--allow_config_change',
     )
 
 

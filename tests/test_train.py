@@ -225,8 +225,10 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     config.optim.base_lr = 1e30  # The first update blows the weights up; step 2 is non-finite.
     with pytest.raises(
         FloatingPointError, match=r'Non-finite loss or gradient at step 2 \(loss=nan'
-    ):
+    ) as e:
         train.train_and_evaluate(config, str(tmp_path))
+    # A UserError: the command prints it as one line with this hint, no traceback (exit 2).
+    assert isinstance(e.value, errors.UserError) and 'base_lr' in e.value.hint
     assert checkpoint_steps(tmp_path) == [1]
     _, state, _ = restore_train_state(str(tmp_path))
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
