@@ -106,6 +106,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.temperature = 0.07  # Votes weighted by exp(cosine / temperature).
     c.eval.train_fraction = 0.5  # Seeded per-class split of eval.path.
     c.eval.batch_size = 128  # Feature-extraction batch.
+    # None = no online dense probe. A segmentation folder (images/, masks/) or a change folder
+    # (A/, B/, label/): the linear probe of cmid-evaluate on the student, every eval.every_steps.
+    c.eval.dense_path = ml_collections.config_dict.placeholder(str)
+    # Regex whose first group names an image's split unit (e.g. '^(tile\d+)_'); None = its name.
+    c.eval.dense_split_group = ml_collections.config_dict.placeholder(str)
 
     # Steps with a non-finite loss or gradient are never applied; more than this many stop the run.
     c.max_nonfinite_steps = 0

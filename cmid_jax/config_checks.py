@@ -132,7 +132,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int, num_proces
     need(c.keep_checkpoints >= 1, 'keep_checkpoints', c.keep_checkpoints, '>= 1')
     need(c.max_nonfinite_steps >= 0, 'max_nonfinite_steps', c.max_nonfinite_steps, '>= 0')
     need(c.data.num_workers >= 0, 'data.num_workers', c.data.num_workers, '>= 0')
-    if c.eval.path:
+    if c.eval.path or c.eval.dense_path:
         e = c.eval
         need(e.every_steps > 0, 'eval.every_steps', e.every_steps, '> 0')
         need(e.k >= 1, 'eval.k', e.k, '>= 1')

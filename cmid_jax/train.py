@@ -165,9 +165,10 @@ def train_and_evaluate(
         writer = cleanup.enter_context(
             contextlib.closing(metrics_lib.MetricWriter(wd, is_main_process=process == 0))
         )
-        evals = PeriodicEvals(config, mesh, wd, writer, total_steps)
+        with expected(DataError, 'check eval.path and eval.dense_path'):
+            evals = PeriodicEvals(config, mesh, wd, writer, total_steps)
         first_step = int(jax.device_get(state['step']))
-        evals.first_knn(first_step, state)  # The kNN curve's first point, on a resume too.
+        evals.first_points(first_step, state)  # The curves' first points, on a resume too.
 
         # --- Loop ----------------------------------------------------------------------------
         progress = metrics_lib.Progress(total_steps)

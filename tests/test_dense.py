@@ -407,6 +407,30 @@ def test_change_end_to_end_and_a_bad_file_in_the_cli(workdir, tmp_path):
     )
 
 
+@needs_data
+@pytest.mark.slow
+def test_online_dense_probe_scores_what_the_offline_protocol_scores(tmp_path):
+    """eval.dense_path: a dense_miou_student point at step 0 and at each evaluation, equal to
+    `cmid-evaluate --protocol=segmentation` on the checkpoint of that step with the run's seed."""
+    data = copy_dubai(tmp_path / 'dubai')
+    config = vitb.get_config('smoke')
+    config.data.path = str(data / 'images')
+    config.total_steps, config.checkpoint_every_steps = 2, 2
+    config.eval.every_steps, config.seed = 2, 3
+    config.eval.dense_path, config.eval.dense_split_group = str(data), AREA
+    workdir = tmp_path / 'run'
+    train.train_and_evaluate(config, str(workdir))
+    rows = [json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    online = {r['step']: r['dense_miou_student'] for r in rows if 'dense_miou_student' in r}
+    assert sorted(online) == [0, 2]
+    offline = evaluate.evaluate(str(workdir), str(data), 'segmentation', seed=3, split_group=AREA)
+    assert offline['step'] == 2
+    assert online[2] == pytest.approx(offline['miou'], abs=1e-6)
+    assert online[0] != pytest.approx(online[2], abs=1e-9)  # The weights changed in between.
+    assert (workdir / 'images' / 'dense.png').is_file()
+    assert (workdir / 'images' / 'dense_00000002.png').is_file()
+
+
 def test_dense_images_follow_the_model_bands(tmp_path):
     """A 4-band uint8 GeoTIFF segmentation set read with the workdir's band order, and an image
     without those bands named."""

@@ -289,7 +289,7 @@ def test_resumed_run_starts_its_knn_curve_at_the_restored_step(tmp_path, monkeyp
     resumed.mkdir()
     _jsonl(resumed / 'metrics.jsonl', [{'step': 10, 'loss': 9.0}, {'step': 60, 'loss': 8.0}])
     evals, writer = evals_in(resumed)
-    evals.first_knn(60, 'state at 60')
+    evals.first_points(60, 'state at 60')
     evals.run_knn(100, 'state at 100')
     writer.close()
     assert calls == ['state at 60', 'state at 100']
@@ -299,12 +299,12 @@ def test_resumed_run_starts_its_knn_curve_at_the_restored_step(tmp_path, monkeyp
     assert os.path.exists(resumed / 'images' / 'knn.png')
 
     evals, writer = evals_in(resumed)  # Resumed again at 60: that point is already there.
-    assert evals.first_knn(60, 'again') == {} and len(calls) == 2
+    assert evals.first_points(60, 'again') == {} and len(calls) == 2
     writer.close()
     fresh = tmp_path / 'fresh'
     fresh.mkdir()
     evals, writer = evals_in(fresh)
-    evals.first_knn(0, 'initial state')
+    evals.first_points(0, 'initial state')
     writer.close()
     assert calls[-1] == 'initial state'
 

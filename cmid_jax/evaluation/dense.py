@@ -298,27 +298,61 @@ def run_probe(
     """Reads `dataset`, trains the probe on `split.train`, scores it on `split.test` and saves the
     preview picture at `preview`; returns the result's fields (metrics and settings)."""
     labelled, class_names = read_dense_set(dataset, config.data, change)
-    train, test = labelled.subset(split.train), labelled.subset(split.test)
-    num_classes, size = len(class_names), int(config.data.image_size)
     logging.info(
         '%s on %s: %d classes, %d train / %d test images, %d-px windows.',
         'change' if change else 'segmentation',
         dataset.root,
-        num_classes,
-        len(train.names),
-        len(test.names),
-        size,
+        len(class_names),
+        len(split.train),
+        len(split.test),
+        int(config.data.image_size),
     )
+    return score_probe(
+        config,
+        variables,
+        labelled,
+        class_names,
+        dataset.ignore_index,
+        split,
+        change=change,
+        head=head,
+        seed=seed,
+        scale=scale,
+        batch_size=batch_size,
+        preview=preview,
+    )
+
+
+def score_probe(
+    config: ml_collections.ConfigDict,
+    variables: dict,
+    labelled: Labelled,
+    class_names: tuple[str, ...],
+    ignore_index: int | None,
+    split: dense_data.NameSplit,
+    *,
+    change: bool,
+    head: str,
+    seed: int,
+    scale: float,
+    batch_size: int,
+    preview: str | None,
+) -> dict:
+    """`run_probe` on images already read (`read_dense_set`): the online probe reads them once
+    and scores every so many steps. `preview=None` saves no picture."""
+    train, test = labelled.subset(split.train), labelled.subset(split.test)
+    num_classes, size = len(class_names), int(config.data.image_size)
     probe = train_probe(
         config, variables, train, num_classes, head, change, seed, batch_size, scale
     )
     confusion, rows = evaluate_probe(
-        config, variables, probe, test, num_classes, dataset.ignore_index, change, batch_size, scale
+        config, variables, probe, test, num_classes, ignore_index, change, batch_size, scale
     )
-    colors = visualize.class_colors(np.arange(num_classes), num_classes)
-    visualize.save_png(
-        preview, visualize.labelled_grid(rows, legend=dict(zip(class_names, colors)))
-    )
+    if preview is not None:
+        colors = visualize.class_colors(np.arange(num_classes), num_classes)
+        visualize.save_png(
+            preview, visualize.labelled_grid(rows, legend=dict(zip(class_names, colors)))
+        )
     if change:
         metrics = dense_metrics.change_metrics(confusion)
         # Predicting "changed" everywhere scores F1 = 2p / (1 + p) for a changed fraction p.

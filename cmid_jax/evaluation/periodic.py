@@ -1,10 +1,14 @@
-"""The evaluations the train loop runs every so many steps: online kNN and reconstruction grids.
+"""The evaluations the train loop runs every so many steps: online kNN, the online dense probe
+and reconstruction grids.
 
 Every process runs the jitted computations (they are collective on a multi-host mesh); only
-process 0 writes files.
+process 0 writes files. Each curve gets its first point where the session starts
+(`first_points`).
 """
 
 from __future__ import annotations
+
+import json
 
 import jax
 import ml_collections
@@ -14,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from cmid_jax import visualize
 from cmid_jax.evaluation.online import make_online_knn
+from cmid_jax.evaluation.online_dense import make_online_dense
 from cmid_jax.evaluation.reconstruction import make_reconstruction_fn
 from cmid_jax.workdir import METRICS, Workdir
 
@@ -34,6 +39,7 @@ class PeriodicEvals:
         self.images_dir = workdir.images_dir()
         self.metrics_path = workdir / METRICS
         self.knn = make_online_knn(config, mesh=mesh) if config.eval.path else None
+        self.dense = make_online_dense(config) if config.eval.dense_path else None
         self.reconstruct = None
         if config.loss.use_mim and config.images_every_steps:
             self.reconstruct = make_reconstruction_fn(config, out_sharding=NamedSharding(mesh, P()))
@@ -50,28 +56,51 @@ class PeriodicEvals:
             visualize.plot_knn_curve(self.metrics_path, self.images_dir / 'knn.png')
         return scores
 
-    def first_knn(self, step: int, state: dict) -> dict[str, float]:
-        """The kNN curve's first point: at step 0 the untrained baseline; on a resume the restored
-        state, unless metrics.jsonl already holds a kNN point for that step. Without it, a run
-        resumed with eval.path after an earlier part without it (the demo, say) drew its curve
-        from its next due evaluation only: a single point when that is the last step."""
-        if self.knn is None or step in self._knn_steps():
-            return {}
-        return self.run_knn(step, state)
+    def run_dense(self, step: int, state: dict) -> dict[str, float]:
+        preview = self.images_dir / f'dense_{step:08d}.png' if self.is_main else None
+        scores = self.dense(state, preview)
+        self.writer.write_scalars(step, scores)
+        logging.info('step %d: %s', step, ' '.join(f'{k}={v:.4f}' for k, v in scores.items()))
+        if self.is_main:
+            self.writer.flush()
+            visualize.plot_training_curves(
+                self.metrics_path, self.images_dir / 'dense.png', names=tuple(scores), columns=1
+            )
+        return scores
 
-    def _knn_steps(self) -> set[int]:
-        if not self.metrics_path.exists():
-            return set()
-        series = visualize.read_accuracy_series(self.metrics_path)
-        return {
-            s for name, points in series.items() if name.startswith('knn_top1') for s, _ in points
-        }
+    def first_points(self, step: int, state: dict) -> dict[str, float]:
+        """The curves' first points: at step 0 the untrained baseline; on a resume the restored
+        state, unless metrics.jsonl already holds that curve's point for the step. Without it, a
+        run resumed with eval.path after an earlier part without it (the demo, say) drew its
+        curve from its next due evaluation only: a single point when that is the last step."""
+        logged = self._logged_steps()
+        scores = {}
+        if self.knn is not None and step not in logged['knn_top1']:
+            scores.update(self.run_knn(step, state))
+        if self.dense is not None and step not in logged['dense_']:
+            scores.update(self.run_dense(step, state))
+        return scores
+
+    def _logged_steps(self) -> dict[str, set[int]]:
+        """{'knn_top1': steps, 'dense_': steps} that metrics.jsonl has a value of those curves at."""
+        prefixes = ('knn_top1', 'dense_')
+        steps = {p: set() for p in prefixes}
+        if self.metrics_path.exists():
+            with self.metrics_path.open() as f:
+                for line in f:
+                    record = json.loads(line) if line.strip() else {}
+                    for p in prefixes:
+                        if 'step' in record and any(k.startswith(p) for k in record):
+                            steps[p].add(int(record['step']))
+        return steps
 
     def __call__(self, step: int, state: dict, batch: dict) -> dict[str, float]:
         """Runs whatever is due after `step`; returns the scalars it logged."""
         scores = {}
         if self.knn is not None and self._due(step, self.config.eval.every_steps):
-            scores = self.run_knn(step, state)
+            scores.update(self.run_knn(step, state))
+        if self.dense is not None and self._due(step, self.config.eval.every_steps):
+            scores.update(self.run_dense(step, state))
         if self.reconstruct is not None and self._due(step, self.config.images_every_steps):
             views = jax.device_get(self.reconstruct(state, batch))
             if self.is_main:
