@@ -251,10 +251,12 @@ def _exclusive(wd: Workdir) -> Iterator[None]:
 
 
 def closing_summary(wd: Workdir, config: ml_collections.ConfigDict, step: int) -> str:
-    """Steps, wall time, final losses, last kNN, the checkpoint and the commands to run next."""
+    """Steps, wall time, final losses, last kNN and dense probe, the checkpoint and the commands
+    to run next."""
     records = wd.read_jsonl(METRICS)
     last = next((r for r in reversed(records) if 'loss' in r), {})
     knn = next((r for r in reversed(records) if 'knn_top1_student' in r), None)
+    dense = next((r for r in reversed(records) if any(k.startswith('dense_') for k in r)), None)
     sessions = [r for r in wd.read_jsonl(HISTORY) if r.get('event') == 'end']
     seconds = sum(r.get('seconds', 0) for r in sessions)
     losses = ' '.join(
@@ -270,6 +272,9 @@ def closing_summary(wd: Workdir, config: ml_collections.ConfigDict, step: int) -
             f'kNN top-1 at step {knn["step"]}: student {knn["knn_top1_student"]:.4f}, '
             f'teacher {knn["knn_top1_teacher"]:.4f}.'
         )
+    if dense is not None:
+        name, value = next((k, v) for k, v in dense.items() if k.startswith('dense_'))
+        lines.append(f'Dense probe at step {dense["step"]}: {name} {value:.4f}.')
     eval_data = config.eval.path or 'LABELLED_DIR (one sub-folder per class)'
     lines += [
         f'Checkpoint: {wd / CKPT / str(step)}',

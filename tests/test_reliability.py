@@ -400,6 +400,7 @@ def test_closing_summary_names_steps_time_losses_knn_checkpoint_and_next_command
     for record in (
         {'step': 10, 'loss': 5.0, 'loss_mim': 0.5, 'loss_global': 2.0, 'loss_local': 2.5},
         {'step': 10, 'knn_top1_student': 0.25, 'knn_top1_teacher': 0.5},
+        {'step': 10, 'dense_miou_student': 0.125},
     ):
         wd.append_jsonl('metrics.jsonl', record)
     for seconds, status in ((60.0, 'preempted'), (3600.5, 'finished')):
@@ -409,6 +410,7 @@ def test_closing_summary_names_steps_time_losses_knn_checkpoint_and_next_command
         'Run complete: step 10 of 10, 1:01:00 of wall time in 2 session(s); at step 10: '
         'loss=5.0000 loss_mim=0.5000 loss_global=2.0000 loss_local=2.5000.',
         'kNN top-1 at step 10: student 0.2500, teacher 0.5000.',
+        'Dense probe at step 10: dense_miou_student 0.1250.',
         f'Checkpoint: {tmp_path}/ckpt/10',
         'Next:',
         f'  cmid-export --workdir={tmp_path} --out={tmp_path}/export/backbone.safetensors',
