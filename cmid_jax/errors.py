@@ -106,6 +106,12 @@ def _show_tracebacks() -> bool:
 
 
 def _fail(message: str, hint: str, status: int = EXIT_USER_ERROR) -> None:
+    import logging  # pylint: disable=import-outside-toplevel
+
+    # After a failed save, TensorStore futures that hold the same write error are collected at
+    # exit and asyncio logs each as "Task exception was never retrieved": the error is the
+    # line below, once.
+    logging.getLogger('asyncio').disabled = not _show_tracebacks()
     hints = '; '.join(h for h in (hint, _HINT_TRACEBACK) if h)
     sys.stderr.write(f'Error: {message}\n  ({hints})\n')
     sys.stderr.flush()

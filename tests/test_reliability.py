@@ -395,6 +395,41 @@ def test_a_failed_save_stops_the_run_at_once_in_one_line(tmp_path):
     assert history[-1]['status'].startswith(f'failed: Saving the checkpoint of step {failed}')
 
 
+ORPHANED_WRITE = """
+import asyncio, sys
+from cmid_jax import errors
+
+async def write():
+    raise ValueError('OUT_OF_RANGE: Failed writing: File too large')
+
+def main(argv):
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(write())  # Its error is never retrieved, as orbax's are after a
+    loop.run_until_complete(asyncio.sleep(0.01))  # failed save; asyncio logs it when collected.
+    sys.modules[__name__].orphan = task
+    raise errors.SaveError('Saving the checkpoint of step 2 failed: File too large', 'free space')
+
+errors.run(main)
+"""
+
+
+def test_orphaned_write_errors_do_not_follow_the_one_line(tmp_path):
+    """After a failed save, TensorStore writes that failed with it are collected at exit; asyncio
+    logged each ("Task exception was never retrieved" and a traceback) after the error line."""
+    proc = subprocess.run(
+        [sys.executable, '-c', ORPHANED_WRITE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == errors.EXIT_USER_ERROR
+    assert proc.stderr.splitlines() == [
+        'Error: Saving the checkpoint of step 2 failed: File too large',
+        f'  (free space; {errors.TRACEBACK_ENV}=1 shows the traceback)',
+    ], proc.stderr
+
+
 def test_closing_summary_names_steps_time_losses_knn_checkpoint_and_next_commands(tmp_path):
     wd = Workdir(tmp_path)
     for record in (
