@@ -36,6 +36,22 @@ def torch_default_bias_init(fan_in: int) -> Callable[..., Array]:
     return init
 
 
+def torch_dense(
+    features: int, fan_in: int, *, dtype: Any, name: str, use_bias: bool = True
+) -> nn.Dense:
+    """nn.Dense with torch.nn.Linear's default init (kaiming-uniform kernel, uniform bias with
+    bound 1/sqrt(fan_in)) and float32 parameters."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=torch_default_kernel_init,
+        bias_init=torch_default_bias_init(fan_in),
+        name=name,
+    )
+
+
 def patch_conv(x: Array, patch_size: int, embed_dim: int, dtype: Any, name: str) -> Array:
     """A p x p stride-p conv with bias at torch's default init (timm and mmcv patch embeddings).
 

@@ -14,19 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmid_jax.models.common import torch_default_bias_init, torch_default_kernel_init
-
-
-def _torch_dense(features: int, fan_in: int, dtype: Any, name: str, use_bias: bool = True):
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=torch_default_kernel_init,
-        bias_init=torch_default_bias_init(fan_in),
-        name=name,
-    )
+from cmid_jax.models.common import torch_default_kernel_init, torch_dense
 
 
 def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:
@@ -47,8 +35,11 @@ class MIMDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, fmap: jax.Array) -> jax.Array:
-        x = _torch_dense(
-            self.stride * self.stride * self.out_chans, fmap.shape[-1], self.dtype, 'decoder_pred'
+        x = torch_dense(
+            self.stride * self.stride * self.out_chans,
+            fmap.shape[-1],
+            dtype=self.dtype,
+            name='decoder_pred',
         )(fmap)
         return pixel_shuffle(x.astype(jnp.float32), self.stride)
 
@@ -62,9 +53,9 @@ class Projector(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _torch_dense(self.hidden_dim, x.shape[-1], self.dtype, 'fc1')(x)
+        x = torch_dense(self.hidden_dim, x.shape[-1], dtype=self.dtype, name='fc1')(x)
         x = nn.relu(x)
-        x = _torch_dense(self.out_dim, self.hidden_dim, self.dtype, 'fc2')(x)
+        x = torch_dense(self.out_dim, self.hidden_dim, dtype=self.dtype, name='fc2')(x)
         return l2_normalize(x.astype(jnp.float32))
 
 
@@ -85,7 +76,7 @@ class LocalHead(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         fan_in = x.shape[-1]
         for i in range(2):
-            x = _torch_dense(self.hidden_dim, fan_in, self.dtype, f'fc{i + 1}')(x)
+            x = torch_dense(self.hidden_dim, fan_in, dtype=self.dtype, name=f'fc{i + 1}')(x)
             if self.use_bn:
                 x = nn.BatchNorm(
                     use_running_average=not train,
@@ -97,7 +88,7 @@ class LocalHead(nn.Module):
                 )(x)
             x = nn.gelu(x, approximate=False)
             fan_in = self.hidden_dim
-        x = _torch_dense(self.bottleneck_dim, fan_in, self.dtype, 'fc3')(x)
+        x = torch_dense(self.bottleneck_dim, fan_in, dtype=self.dtype, name='fc3')(x)
         x = l2_normalize(x.astype(jnp.float32))
         # weight_norm with g fixed to 1: each prototype is the unit-norm direction of its weight vector.
         v = self.param(

@@ -45,8 +45,7 @@ from cmid_jax.models.common import (
     match_state_dict,
     patch_conv,
     resolve_layout,
-    torch_default_bias_init,
-    torch_default_kernel_init,
+    torch_dense,
     torch_model_spec,
     unflatten,
 )
@@ -78,18 +77,6 @@ HAS_BATCH_NORM = False
 # Logit offset between tokens of different regions in a shifted window, as mmcls / timm (not -inf:
 # exp(-100) already underflows to 0, and a row can never be fully masked).
 _MASK_VALUE = -100.0
-
-
-def _dense(features: int, fan_in: int, *, use_bias: bool = True, dtype: Any, name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=torch_default_kernel_init,
-        bias_init=torch_default_bias_init(fan_in),
-        name=name,
-    )
 
 
 def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
@@ -172,7 +159,7 @@ class WindowMSA(nn.Module):
             jnp.float32,
         )
         # qkv laid out q|k|v, each head-major, as torch's reshape(B_, N, 3, heads, Dh).
-        qkv = _dense(3 * c, c, dtype=self.dtype, name='qkv')(x).reshape(b, nw, t, 3, heads, dh)
+        qkv = torch_dense(3 * c, c, dtype=self.dtype, name='qkv')(x).reshape(b, nw, t, 3, heads, dh)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         q = q * dh**-0.5  # scaled before the product, like the reference
         # Logits, bias, mask and softmax in float32 whatever the compute dtype.
@@ -183,7 +170,7 @@ class WindowMSA(nn.Module):
             logits = logits + mask[:, None]  # (nW, 1, T, T): same mask for every image and head
         attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum('bwhqk,bwkhd->bwqhd', attn, v).reshape(b, nw, t, c)
-        return _dense(c, c, dtype=self.dtype, name='proj')(out)
+        return torch_dense(c, c, dtype=self.dtype, name='proj')(out)
 
 
 class ShiftWindowMSA(nn.Module):
@@ -223,10 +210,10 @@ class FFN(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = x.shape[-1]
-        x = _dense(self.hidden_dim, c, dtype=self.dtype, name='layers_0_0')(x)
+        x = torch_dense(self.hidden_dim, c, dtype=self.dtype, name='layers_0_0')(x)
         # torch nn.GELU() is exact; jax's default tanh approximation is not (pitfall §11.4).
         x = nn.gelu(x, approximate=False)
-        return _dense(c, self.hidden_dim, dtype=self.dtype, name='layers_1')(x)
+        return torch_dense(c, self.hidden_dim, dtype=self.dtype, name='layers_1')(x)
 
 
 class SwinBlock(nn.Module):
@@ -258,7 +245,7 @@ class PatchMerging(nn.Module):
         b, h, w, c = x.shape  # H, W even: inputs are multiples of 32
         x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)  # (.., c, dy, dx)
         x = _layer_norm(self.dtype, 'norm')(x.reshape(b, h // 2, w // 2, 4 * c))
-        return _dense(2 * c, 4 * c, use_bias=False, dtype=self.dtype, name='reduction')(x)
+        return torch_dense(2 * c, 4 * c, use_bias=False, dtype=self.dtype, name='reduction')(x)
 
 
 class SwinStage(nn.Module):
