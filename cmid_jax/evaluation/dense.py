@@ -282,22 +282,25 @@ def _preview_crops(
     return {**images, 'label': crop(label), 'prediction': crop(prediction)}
 
 
-def run_probe(
-    config: ml_collections.ConfigDict,
-    variables: dict,
+@dataclasses.dataclass(frozen=True)
+class ProbeData:
+    """A dense set read, checked and split once: everything `score_probe` needs but weights."""
+
+    labelled: Labelled
+    class_names: tuple[str, ...]
+    ignore_index: int | None
+    split: dense_data.NameSplit
+    change: bool
+
+
+def read_probe_data(
     dataset: dense_data.DenseSet,
     split: dense_data.NameSplit,
-    *,
+    data: ml_collections.ConfigDict,
     change: bool,
-    head: str,
-    seed: int,
-    scale: float,
-    batch_size: int,
-    preview: str,
-) -> dict:
-    """Reads `dataset`, trains the probe on `split.train`, scores it on `split.test` and saves the
-    preview picture at `preview`; returns the result's fields (metrics and settings)."""
-    labelled, class_names = read_dense_set(dataset, config.data, change)
+) -> ProbeData:
+    """Reads every image and label of `dataset` with the workdir's bands (`read_dense_set`)."""
+    labelled, class_names = read_dense_set(dataset, data, change)
     logging.info(
         '%s on %s: %d classes, %d train / %d test images, %d-px windows.',
         'change' if change else 'segmentation',
@@ -305,48 +308,33 @@ def run_probe(
         len(class_names),
         len(split.train),
         len(split.test),
-        int(config.data.image_size),
+        int(data.image_size),
     )
-    return score_probe(
-        config,
-        variables,
-        labelled,
-        class_names,
-        dataset.ignore_index,
-        split,
-        change=change,
-        head=head,
-        seed=seed,
-        scale=scale,
-        batch_size=batch_size,
-        preview=preview,
-    )
+    return ProbeData(labelled, class_names, dataset.ignore_index, split, change)
 
 
 def score_probe(
     config: ml_collections.ConfigDict,
     variables: dict,
-    labelled: Labelled,
-    class_names: tuple[str, ...],
-    ignore_index: int | None,
-    split: dense_data.NameSplit,
+    data: ProbeData,
     *,
-    change: bool,
     head: str,
     seed: int,
     scale: float,
     batch_size: int,
     preview: str | None,
 ) -> dict:
-    """`run_probe` on images already read (`read_dense_set`): the online probe reads them once
-    and scores every so many steps. `preview=None` saves no picture."""
+    """Trains the probe on `data.split.train`, scores it on `data.split.test` and saves the
+    preview picture at `preview` (None: no picture); returns the result's fields (metrics and
+    settings). `cmid-evaluate` calls it once, the online probe every so many steps."""
+    labelled, class_names, split, change = data.labelled, data.class_names, data.split, data.change
     train, test = labelled.subset(split.train), labelled.subset(split.test)
     num_classes, size = len(class_names), int(config.data.image_size)
     probe = train_probe(
         config, variables, train, num_classes, head, change, seed, batch_size, scale
     )
     confusion, rows = evaluate_probe(
-        config, variables, probe, test, num_classes, ignore_index, change, batch_size, scale
+        config, variables, probe, test, num_classes, data.ignore_index, change, batch_size, scale
     )
     if preview is not None:
         colors = visualize.class_colors(np.arange(num_classes), num_classes)

@@ -46,17 +46,11 @@ def make_online_dense(
     split = dense_data.split_names(
         dataset.names, e.train_fraction, config.seed, e.dense_split_group
     )
-    labelled, class_names = dense.read_dense_set(dataset, config.data, change)
+    data = dense.read_probe_data(dataset, split, config.data, change)
     name = 'dense_f1_student' if change else 'dense_miou_student'
     logging.info(
-        'Online dense probe (%s, %s head) on %s: %d classes, %d train / %d test images '
-        '(split %s), read in %.1f s; logged as %s.',
-        'change' if change else 'segmentation',
+        'Online dense probe: %s head, split %s, read in %.1f s; logged as %s.',
         HEAD,
-        e.dense_path,
-        len(class_names),
-        len(split.train),
-        len(split.test),
         split.digest(),
         time.monotonic() - t0,
         name,
@@ -70,11 +64,7 @@ def make_online_dense(
         fields = dense.score_probe(
             config,
             variables,
-            labelled,
-            class_names,
-            dataset.ignore_index,
-            split,
-            change=change,
+            data,
             head=HEAD,
             seed=config.seed,
             scale=1.0,

@@ -8,8 +8,6 @@ process 0 writes files. Each curve gets its first point where the session starts
 
 from __future__ import annotations
 
-import json
-
 import jax
 import ml_collections
 from absl import logging
@@ -37,6 +35,7 @@ class PeriodicEvals:
         self.config, self.writer, self.total_steps = config, writer, total_steps
         self.is_main = jax.process_index() == 0
         self.images_dir = workdir.images_dir()
+        self.workdir = workdir
         self.metrics_path = workdir / METRICS
         self.knn = make_online_knn(config, mesh=mesh) if config.eval.path else None
         self.dense = make_online_dense(config) if config.eval.dense_path else None
@@ -83,16 +82,11 @@ class PeriodicEvals:
 
     def _logged_steps(self) -> dict[str, set[int]]:
         """{'knn_top1': steps, 'dense_': steps} that metrics.jsonl has a value of those curves at."""
-        prefixes = ('knn_top1', 'dense_')
-        steps = {p: set() for p in prefixes}
-        if self.metrics_path.exists():
-            with self.metrics_path.open() as f:
-                for line in f:
-                    record = json.loads(line) if line.strip() else {}
-                    for p in prefixes:
-                        if 'step' in record and any(k.startswith(p) for k in record):
-                            steps[p].add(int(record['step']))
-        return steps
+        records = self.workdir.read_jsonl(METRICS)
+        return {
+            p: {int(r['step']) for r in records if 'step' in r and any(k.startswith(p) for k in r)}
+            for p in ('knn_top1', 'dense_')
+        }
 
     def __call__(self, step: int, state: dict, batch: dict) -> dict[str, float]:
         """Runs whatever is due after `step`; returns the scalars it logged."""

@@ -93,12 +93,10 @@ def evaluate(
     variables = backbone_variables(state, which)
     eval_batch = int((config.get('eval') or {}).get('batch_size', 128))
     if protocol in DENSE:
-        fields = dense.run_probe(
+        fields = dense.score_probe(
             config,
             variables,
-            dataset,
-            split,
-            change=protocol == 'change',
+            dense.read_probe_data(dataset, split, config.data, protocol == 'change'),
             head=head,
             seed=seed,
             scale=scale,
