@@ -6,11 +6,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from cmid_jax.models import build_backbone
-from cmid_jax.perf import benchmark, flops
+from cmid_jax.perf import benchmark, crosscheck, flops
 from configs import vitb
 
 from conftest import REPO, run_tool
@@ -116,6 +117,52 @@ def test_cli_prints_one_json_line_with_the_overrides():
     )
     bad = run_tool('tools.benchmark', f'--config={config}', '--steps=0')
     assert bad.returncode != 0 and 'steps' in bad.stderr
+
+
+# --- crosscheck: the step here against the CPU in float32 ----------------------------------------
+
+
+def test_crosscheck_compare_names_what_differs_beyond_the_tolerances():
+    """Hand-made curves: which differences fail the check, and which are tolerated or not compared."""
+    reference = [
+        {'loss': 10.0 + i, 'loss_mim': 1.0, 'loss_global': 4.0, 'grad_norm': 2.0, 'lr': 0.1}
+        for i in range(8)
+    ]
+    candidate = [dict(m, lr=0.5) for m in reference]  # lr is not a computed result: not compared.
+    candidate[0] = dict(candidate[0], loss_mim=1.019, grad_norm=2.05, loss_global=float('nan'))
+    for m in candidate[3:]:  # The last five steps: loss_global 4.3 (7.5% off), loss 2% off.
+        m.update(loss_global=4.3, loss=m['loss'] * 1.02)
+    fields, failures = crosscheck.compare(candidate, reference, rtol=0.02, curve_rtol=0.05)
+    assert failures == [
+        'first-step grad_norm 2.05 vs 2 on the CPU',
+        'first-step loss_global nan vs 4 on the CPU',
+        'loss_global over the last 5 of 8 steps 4.3 vs 4 on the CPU',
+    ]
+    assert fields['first_step']['loss_mim']['relative_difference'] == pytest.approx(0.019)
+    assert set(fields['first_step']) == {'grad_norm', 'loss', 'loss_global', 'loss_mim'}
+    assert fields['terms']['loss']['last_reference'] == pytest.approx(np.mean(range(13, 18)))
+    assert fields['loss_candidate'][-1] == pytest.approx(17 * 1.02)
+    # Up to TAIL steps there is no curve to compare: the first step only.
+    fields, failures = crosscheck.compare(candidate[:5], reference[:5], rtol=0.03)
+    assert 'terms' not in fields and len(failures) == 1 and 'loss_global nan' in failures[0]
+
+
+@pytest.mark.slow
+def test_crosscheck_of_bf16_against_float32_passes_on_the_same_batches():
+    config = vitb.get_config('smoke')
+    config.model.compute_dtype = 'bfloat16'
+    r = crosscheck.crosscheck(config, steps=6, config_name='smoke')
+    assert r['passed'] and r['failures'] == [], r['failures']
+    assert (r['candidate']['compute_dtype'], r['reference']['compute_dtype']) == (
+        'bfloat16',
+        'float32',
+    )
+    assert r['reference']['attention_impl'] == 'xla' and r['reference']['platform'] == 'cpu'
+    assert len(r['loss_candidate']) == len(r['loss_reference']) == 6
+    assert set(r['terms']) == {'loss', 'loss_mim', 'loss_global', 'loss_local'}
+    for name, d in r['first_step'].items():
+        # Different arithmetic really ran (not one run compared with itself), and stayed close.
+        assert 0 < d['relative_difference'] <= crosscheck.FIRST_STEP_RTOL, name
 
 
 # --- analytic FLOPs ---------------------------------------------------------------------------

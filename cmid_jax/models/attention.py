@@ -23,9 +23,10 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper and later; 128 holds on every supported GPU.
 
 
-def current_platform() -> str:
-    """This machine's default backend as a lowering platform: 'cuda', 'rocm', 'tpu' or 'cpu'."""
-    device = jax.devices()[0]
+def current_platform(device: jax.Device | None = None) -> str:
+    """`device`'s backend (default: this machine's first device) as a lowering platform: 'cuda',
+    'rocm', 'tpu' or 'cpu'."""
+    device = device or jax.devices()[0]
     if device.platform != 'gpu':
         return device.platform
     version = str(getattr(device.client, 'platform_version', '')).lower()

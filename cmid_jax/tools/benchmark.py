@@ -3,13 +3,17 @@
     cmid-benchmark --config=configs/vitb.py
     cmid-benchmark --config=configs/resnet50.py --data=pipeline --config.data.path=IMAGES
     cmid-benchmark --config=configs/vitb.py --memory --per_device_batch=256 [--platform=cuda]
+    cmid-benchmark --config=configs/vitb.py --crosscheck --steps=1 --config.batch_size=8
 
 `--memory` runs nothing: it traces the step (and compiles it for this machine's platform) and
 reports state, saved activations and XLA's buffer sizes per device (`cmid_jax.perf.memory`).
+`--crosscheck` runs `--steps` steps here as configured and on the CPU in float32, on the same
+batches, and compares their losses (`cmid_jax.perf.crosscheck`); exit status 1 if they differ.
 See `cmid_jax.perf.benchmark` and experiments/benchmarks/README.md for the fields.
 """
 
 import json
+import sys
 
 import jax
 from absl import app, flags
@@ -18,6 +22,7 @@ from ml_collections import config_flags
 from cmid_jax import errors, parallel
 from cmid_jax.models.attention import PLATFORMS
 from cmid_jax.perf.benchmark import DATA_SOURCES, run_benchmark
+from cmid_jax.perf.crosscheck import crosscheck
 from cmid_jax.perf.memory import memory_report
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,6 +37,12 @@ _DATA = flags.DEFINE_enum(
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps.', lower_bound=1)
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.', lower_bound=0)
 _MEMORY = flags.DEFINE_bool('memory', False, 'Report per-device memory instead of timing steps.')
+_CROSSCHECK = flags.DEFINE_bool(
+    'crosscheck',
+    False,
+    'Run --steps steps here and on the CPU in float32 from the same state on the same batches, '
+    'and compare their losses instead of timing steps.',
+)
 _PER_DEVICE_BATCH = flags.DEFINE_integer(
     'per_device_batch',
     None,
@@ -69,6 +80,8 @@ def main(argv: list[str]) -> None:
             compile_step=_COMPILE.value,
             config_name=config_name,
         )
+    elif _CROSSCHECK.value:
+        result = crosscheck(_CONFIG.value, _STEPS.value, config_name=config_name)
     else:
         result = run_benchmark(
             _CONFIG.value,
@@ -79,6 +92,9 @@ def main(argv: list[str]) -> None:
         )
     if jax.process_index() == 0:  # One line per run, also on several hosts.
         print(json.dumps(result), flush=True)
+    if not result.get('passed', True):
+        sys.stderr.write(f'crosscheck failed: {"; ".join(result["failures"])}\n')
+        sys.exit(1)
 
 
 def run() -> None:

@@ -4,8 +4,9 @@
 #   bash experiments/benchmarks/run_gpu.sh [OUT]    # from the repository root
 #
 # The headline rows come first and take about 4 minutes on one H100 / H200, compiles included:
-# cmid_jax and PyTorch ViT-B/16 at batch 256, then ResNet-50, each with its peak memory. The rest
-# (remat and attention variants, Swin-B, torch.compile) follows while the time budget lasts:
+# cmid_jax and PyTorch ViT-B/16 at batch 256, then ResNet-50, each with its peak memory. Then the
+# correctness checks against the CPU in float32 (about 2 minutes). The rest (remat and attention
+# variants, Swin-B, torch.compile) follows while the time budget lasts:
 # BUDGET seconds for the whole script (default 540, so one call fits in 9 minutes); a command is
 # not started with less than 60 s left, and none runs past the budget. FULL=1 runs every row
 # (600 s each at most). At the end a Markdown table of this call's rows is printed
@@ -67,6 +68,13 @@ run 'PyTorch ViT-B/16, eager' "${torch[@]}" --arch vit_base "${torch_opts[@]}"
 run 'cmid_jax ResNet-50' "${jax[@]}" --config=configs/resnet50.py "${jax_opts[@]}"
 run 'PyTorch ResNet-50, channels-last, eager' \
     "${torch[@]}" --arch resnet50 "${torch_opts[@]}" --channels-last
+
+# --- Correctness: the step here against the CPU in float32 (cmid_jax/perf/crosscheck.py) ----------
+# The recipe's first step (bf16, cuDNN attention) on 8 images, then 50 steps of the smoke preset.
+run 'crosscheck ViT-B/16, first step' \
+    "${jax[@]}" --config=configs/vitb.py --crosscheck --steps=1 --config.batch_size=8
+run 'crosscheck smoke preset, 50 steps' \
+    "${jax[@]}" --config=configs/vitb.py:smoke --crosscheck --steps=50 --config.total_steps=50
 
 # --- While the budget lasts ------------------------------------------------------------------------
 # Without remat ViT-B/16 keeps about 79 GiB of activations (README: memory): fits an H200 only.
