@@ -431,6 +431,28 @@ def test_online_dense_probe_scores_what_the_offline_protocol_scores(tmp_path):
     assert (workdir / 'images' / 'dense_00000002.png').is_file()
 
 
+def test_online_dense_probe_compiles_once_and_scores_new_weights(tmp_path, caplog):
+    """The online probe keeps its jitted functions between evaluations: the second evaluation
+    compiles nothing, and still scores the weights it is given (not the first ones)."""
+    from cmid_jax import optim
+    from cmid_jax.evaluation.online_dense import make_online_dense
+    from cmid_jax.step import Trainer
+
+    data = copy_dubai(tmp_path / 'dubai')
+    config = vitb.get_config('smoke')
+    config.eval.dense_path, config.eval.dense_split_group = str(data), AREA
+    trainer = Trainer.create(config, optim.Schedule(10, 4))
+    evaluate_dense = make_online_dense(config)
+    state_a = jax.jit(trainer.init_state)(jax.random.key(0))
+    state_b = jax.jit(trainer.init_state)(jax.random.key(1))
+    first = evaluate_dense(state_a)
+    with jax.log_compiles(True), caplog.at_level('WARNING'):
+        again, other = evaluate_dense(state_a), evaluate_dense(state_b)
+    compiles = [r.getMessage()[:80] for r in caplog.records if 'Compiling' in r.getMessage()]
+    assert compiles == []
+    assert again == first and other != first
+
+
 def test_dense_images_follow_the_model_bands(tmp_path):
     """A 4-band uint8 GeoTIFF segmentation set read with the workdir's band order, and an image
     without those bands named."""

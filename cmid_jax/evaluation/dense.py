@@ -19,6 +19,7 @@ concatenation of |f_A - f_B| and f_A * f_B (2C channels) and predicts unchanged 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 
@@ -199,6 +200,17 @@ def make_predict(
     config: ml_collections.ConfigDict, variables: dict, probe: Probe, change: bool
 ) -> Callable[[np.ndarray], np.ndarray]:
     """(B, S, S, bands) windows (A and B stacked for change) -> (B, S, S, classes) logits."""
+    logits = _jitted_logits(ml_collections.FrozenConfigDict(config), probe.head, change)
+    args = (variables, probe.params, jax.tree.map(jnp.asarray, probe.stats))
+    return lambda windows: np.asarray(logits(args, windows))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_logits(
+    config: ml_collections.FrozenConfigDict, head: nn.Module, change: bool
+) -> Callable:
+    """Backbone, head and upsampling in one jitted function, one per (config, head): the online
+    probe scores a new head on new weights every evaluation, of the same shapes."""
     size = int(config.data.image_size)
     feature_map = make_feature_map_fn(config)
 
@@ -213,10 +225,9 @@ def make_predict(
             )
         else:
             x = feature_map(variables, windows)
-        return dense_head.head_logits(probe.head, params, stats, x, size)
+        return dense_head.head_logits(head, params, stats, x, size)
 
-    args = (variables, probe.params, jax.tree.map(jnp.asarray, probe.stats))
-    return lambda windows: np.asarray(logits(args, windows))
+    return logits
 
 
 def evaluate_probe(

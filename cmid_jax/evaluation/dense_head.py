@@ -28,6 +28,8 @@ on the cached features.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -123,33 +125,46 @@ def train_head(
 
     One jitted step per Python iteration rather than a `fori_loop`: XLA:CPU runs convolutions
     inside a loop body about 90x slower than at top level (measured with jax 0.10.2), which made
-    the `fpn` head take minutes."""
+    the `fpn` head take minutes. The step and the init are module-level jitted functions of the
+    head, so a probe trained again on same-shaped features (the online probe) compiles nothing."""
     inputs, targets = jnp.asarray(inputs), jnp.asarray(targets, jnp.int32)
     stats = jax.tree.map(jnp.asarray, stats)
-    tx = optax.adamw(optax.cosine_decay_schedule(LR, steps), weight_decay=WEIGHT_DECAY)
     init_key, data_key = jax.random.split(jax.random.key(seed))
-    params = jax.jit(head.init)(init_key, inputs[:1])['params']
-    label_size = targets.shape[1]
+    params = _init_head(head, init_key, inputs[:1])
     num_classes = jax.eval_shape(head.apply, {'params': params}, inputs[:1]).shape[-1]
     weights = jnp.ones(num_classes) if class_weights is None else jnp.asarray(class_weights)
+    opt_state, losses = _optimizer(steps).init(params), []
+    for i in range(steps):  # Dispatched asynchronously; the losses are fetched once at the end.
+        params, opt_state, loss = _train_step(
+            params, opt_state, inputs, targets, stats, weights, data_key, i, head=head, steps=steps
+        )
+        losses.append(loss)
+    return params, np.asarray(jax.device_get(losses))
+
+
+def _optimizer(steps: int) -> optax.GradientTransformation:
+    return optax.adamw(optax.cosine_decay_schedule(LR, steps), weight_decay=WEIGHT_DECAY)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_head(head: nn.Module, key: jax.Array, example: jax.Array) -> dict:
+    return head.init(key, example)['params']
+
+
+@functools.partial(jax.jit, static_argnames=('head', 'steps'))
+def _train_step(params, opt_state, inputs, targets, stats, weights, data_key, i, *, head, steps):
+    """One AdamW step on a random batch of the cached features (the arrays are arguments, not
+    constants baked into the program)."""
 
     def loss_fn(params, x, y):
-        logits = head_logits(head, params, stats, x, label_size)
+        logits = head_logits(head, params, stats, x, targets.shape[1])
         valid = y != IGNORE
         y = jnp.where(valid, y, 0)
         w = weights[y] * valid
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1e-12)
 
-    @jax.jit
-    def step(params, opt_state, inputs, targets, i):  # The arrays as arguments, not constants.
-        idx = jax.random.randint(jax.random.fold_in(data_key, i), (BATCH_SIZE,), 0, inputs.shape[0])
-        loss, grads = jax.value_and_grad(loss_fn)(params, inputs[idx], targets[idx])
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state, losses = tx.init(params), []
-    for i in range(steps):  # Dispatched asynchronously; the losses are fetched once at the end.
-        params, opt_state, loss = step(params, opt_state, inputs, targets, i)
-        losses.append(loss)
-    return params, np.asarray(jax.device_get(losses))
+    idx = jax.random.randint(jax.random.fold_in(data_key, i), (BATCH_SIZE,), 0, inputs.shape[0])
+    loss, grads = jax.value_and_grad(loss_fn)(params, inputs[idx], targets[idx])
+    updates, opt_state = _optimizer(steps).update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss

@@ -15,6 +15,7 @@ normalisation `config.data.mean` / `config.data.std`.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -137,6 +138,23 @@ def pad_batch(batch: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([batch, np.zeros((size - len(batch),) + batch.shape[1:], batch.dtype)])
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_features(
+    config: ml_collections.FrozenConfigDict, feature_map: bool, out_sharding: NamedSharding | None
+) -> Callable:
+    """The jitted feature function, one per config: evaluations during pretraining build new
+    extractors of the same model every time, and would otherwise compile it again each time."""
+    fmap_fn = make_feature_map_fn(config)
+
+    def features(variables, images):
+        fmap = fmap_fn(variables, images)
+        return fmap if feature_map else jnp.mean(fmap, axis=(1, 2))
+
+    return (
+        jax.jit(features) if out_sharding is None else jax.jit(features, out_shardings=out_sharding)
+    )
+
+
 class FeatureExtractor:
     """Batched, jitted (once) frozen-backbone features: `extractor(variables, images) -> (N, C)`,
     the global average pool of the last feature map, or with `feature_map=True` the map itself,
@@ -156,20 +174,17 @@ class FeatureExtractor:
         mesh: Mesh | None = None,
         feature_map: bool = False,
     ):
-        fmap_fn = make_feature_map_fn(config)
-
-        def features(variables, images):
-            fmap = fmap_fn(variables, images)
-            return fmap if feature_map else jnp.mean(fmap, axis=(1, 2))
-
         if mesh is None:
             self._images_sharding = None
-            self._fn = jax.jit(features)
+            out_sharding = None
         else:
             n_dev = mesh.devices.size
             batch_size = -(-batch_size // n_dev) * n_dev
             self._images_sharding = NamedSharding(mesh, P('data'))
-            self._fn = jax.jit(features, out_shardings=NamedSharding(mesh, P()))
+            out_sharding = NamedSharding(mesh, P())
+        self._fn = _jitted_features(
+            ml_collections.FrozenConfigDict(config), feature_map, out_sharding
+        )
         self.batch_size = batch_size
 
     def _put(self, batch: np.ndarray):
