@@ -76,6 +76,7 @@ def compilation_cache_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.multidevice
 @pytest.mark.parametrize('data', ['synthetic', 'pipeline'])
 def test_benchmark_returns_one_sane_record(data, compilation_cache_dir):
     config = vitb.get_config('smoke')

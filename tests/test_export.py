@@ -23,7 +23,7 @@ pytest.importorskip('timm')
 pytest.importorskip('torchvision')
 pytest.importorskip('safetensors')
 
-from cmid_jax import parallel, train  # noqa: E402
+from cmid_jax import train  # noqa: E402
 from cmid_jax.convert import export  # noqa: E402
 from cmid_jax.models import backbone_module, build_backbone  # noqa: E402
 from cmid_jax.models.cmid import backbone_variables  # noqa: E402
@@ -41,12 +41,7 @@ def _smoke_run(tmp_path_factory, config_module, name: str, **model) -> types.Sim
     for k, v in model.items():
         config.model[k] = v
     workdir = str(tmp_path_factory.mktemp(name))
-    # On one of the session's eight CPU devices: the export does not depend on the sharding, and
-    # the eight-way program takes twice as long to compile.
-    make_mesh = parallel.make_mesh
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(parallel, 'make_mesh', lambda devices=None: make_mesh(jax.devices()[:1]))
-        train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir)
     config, state, step = restore_train_state(workdir)
     return types.SimpleNamespace(workdir=workdir, config=config, state=state, step=step)
 

@@ -1,4 +1,4 @@
-"""Two JAX processes x 4 CPU devices run the same computation as one process with 8 devices."""
+"""Two JAX processes x 2 CPU devices run the same computation as one process on one device."""
 
 import json
 import os
@@ -41,7 +41,7 @@ def launch_two_processes(workdir) -> None:
             JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
             JAX_NUM_PROCESSES='2',
             JAX_PROCESS_ID=str(pid),
-            XLA_FLAGS='--xla_force_host_platform_device_count=4',
+            XLA_FLAGS='--xla_force_host_platform_device_count=2',
             JAX_ENABLE_COMPILATION_CACHE='false',
         )
         procs.append(

@@ -99,11 +99,13 @@ RUN_FLAGS = ['--config.total_steps=40', '--config.log_every_steps=1']
 
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
-    """The reference: the 40-step smoke run in one go (in-process)."""
-    config = vitb.get_config('smoke')
-    config.total_steps, config.log_every_steps, config.checkpoint_every_steps = 40, 1, 1000
+    """The reference: the 40-step smoke run in one go, by the command the interrupted runs use (a
+    process of its own: the same devices, so the same arithmetic to the last bit)."""
     workdir = tmp_path_factory.mktemp('uninterrupted')
-    train.train_and_evaluate(config, str(workdir))
+    proc = subprocess.run(
+        cli(workdir, *RUN_FLAGS), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
     _, state, _ = restore_train_state(str(workdir))
     return state, {r['step']: r for r in metrics(workdir)}
 
