@@ -13,6 +13,7 @@ Field meanings and the GPU commands: experiments/benchmarks/README.md.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import queue
 import threading
@@ -48,10 +49,9 @@ def synthetic_batches(config: ml_collections.ConfigDict, batch_sharding) -> Iter
         yield batch
 
 
-def pipeline_batches(
-    config: ml_collections.ConfigDict, source: Source, batch_sharding
-) -> Iterator[dict]:
-    """Batches of the training input pipeline, decoded, cropped and transferred per step.
+def host_batches(config: ml_collections.ConfigDict, source: Source) -> Iterator[dict]:
+    """Host batches of the training input pipeline, decoded and cropped, without the bad-image
+    counts (also the crosscheck's batches).
 
     `config.data` must already be resolved against `source` (`resolve_data_config`), as in training.
     """
@@ -60,9 +60,18 @@ def pipeline_batches(
         while True:
             batch = next(data_iter)
             batch.pop('bad_images')
-            yield parallel.global_batch(batch, batch_sharding)
+            yield batch
     finally:
         data_iter.close()
+
+
+def pipeline_batches(
+    config: ml_collections.ConfigDict, source: Source, batch_sharding
+) -> Iterator[dict]:
+    """Batches of the training input pipeline, decoded, cropped and transferred per step."""
+    with contextlib.closing(host_batches(config, source)) as batches:
+        for batch in batches:
+            yield parallel.global_batch(batch, batch_sharding)
 
 
 def time_steps(

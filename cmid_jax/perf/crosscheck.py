@@ -1,7 +1,7 @@
 """Does the train step compute on an accelerator what it computes on the CPU in float32?
 
     cmid-benchmark --config=configs/vitb.py --crosscheck --steps=1 --config.batch_size=8
-    cmid-benchmark --config=configs/vitb.py:smoke --crosscheck --steps=50
+    cmid-benchmark --config=configs/vitb.py:smoke --crosscheck --steps=50 --config.total_steps=50
 
 Two runs start from the same initial state (`config.seed`) and take the same batches of real images
 (the training input pipeline on `config.data.path`, by default the bundled Landsat tiles). The
@@ -21,6 +21,9 @@ On a machine without an accelerator both runs are on the CPU, which checks the c
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+
 import jax
 import ml_collections
 import numpy as np
@@ -28,7 +31,7 @@ import numpy as np
 from cmid_jax import optim, parallel, train
 from cmid_jax.data import open_source, resolve_data_config
 from cmid_jax.models import attention
-from cmid_jax.perf.benchmark import versions
+from cmid_jax.perf.benchmark import host_batches, versions
 from cmid_jax.step import Trainer
 
 # bf16 keeps 8 significant bits (0.4% per rounding). Measured on the CPU, bf16 against float32:
@@ -46,22 +49,14 @@ def reference_config(config: ml_collections.ConfigDict) -> ml_collections.Config
     return reference
 
 
-def host_batches(config: ml_collections.ConfigDict, count: int) -> list[dict]:
-    """The first `count` batches of the training pipeline, as host arrays (read once, fed to both)."""
+def first_batches(config: ml_collections.ConfigDict, count: int) -> list[dict]:
+    """The first `count` host batches of the training pipeline (read once, fed to both runs)."""
     config = config.copy_and_resolve_references()
     config.data.num_workers = 0  # A few batches: starting workers would cost more than decoding.
     source = open_source(config.data)
     resolve_data_config(config.data, source)
-    batches = train.input_pipeline(config, source)
-    try:
-        out = []
-        for _ in range(count):
-            batch = next(batches)
-            batch.pop('bad_images')
-            out.append(batch)
-        return out
-    finally:
-        batches.close()
+    with contextlib.closing(host_batches(config, source)) as batches:
+        return list(itertools.islice(batches, count))
 
 
 def run_steps(
@@ -150,7 +145,7 @@ def crosscheck(
         raise ValueError(f'steps={steps}; expected at least 1')
     candidate_device = jax.devices()[0]
     reference_device = jax.devices('cpu')[0]
-    batches = host_batches(config, steps)
+    batches = first_batches(config, steps)
     reference = reference_config(config)
     cand_curve, cand_attention = run_steps(config, batches, candidate_device)
     ref_curve, ref_attention = run_steps(reference, batches, reference_device)
