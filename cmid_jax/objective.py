@@ -8,31 +8,13 @@ crops in one call. Everything returned is float32.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from cmid_jax import augment, losses
-from cmid_jax.data.bands import is_rgb, type_max
+from cmid_jax.data.bands import type_max
 from cmid_jax.models.cmid import Networks
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Static (hashable) loss settings, taken from `config.loss`."""
-
-    use_mim: bool = True
-    use_global: bool = True
-    use_local: bool = True
-    temperature: float = 0.2
-    num_matches: int = 20
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-
-    @classmethod
-    def from_config(cls, loss_config) -> LossConfig:
-        return cls(**{f.name: loss_config[f.name] for f in dataclasses.fields(cls)})
 
 
 def upsample_mask(block_mask: jax.Array, factor: int) -> jax.Array:
@@ -64,49 +46,24 @@ def mean_fill(x: jax.Array, pixel_mask: jax.Array) -> jax.Array:
     return x * (1.0 - m) + mean * m
 
 
-@dataclasses.dataclass(frozen=True)
-class ViewConfig:
-    """Static (hashable) settings of the device-side view preparation, from `config`."""
-
-    seed: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    mask_patch: int = 32
-    mask_ratio: float = 0.6
-    value_range: tuple[float, float] | None = None
-    rgb: bool | None = None
-
-    @classmethod
-    def from_config(cls, config) -> ViewConfig:
-        d = config.data
-        return cls(
-            seed=config.seed,
-            mean=tuple(d.mean),
-            std=tuple(d.std),
-            mask_patch=config.mask.patch_size,
-            mask_ratio=config.mask.ratio,
-            value_range=None if d.value_range is None else tuple(d.value_range),
-            rgb=is_rgb(d),
-        )
-
-
-def prepare_views(batch: dict, step: jax.Array, cfg: ViewConfig) -> dict:
+def prepare_views(batch: dict, step: jax.Array, config: ml_collections.FrozenConfigDict) -> dict:
     """Device-side preprocessing of a pipeline batch for train step `step`: crop B's photometric
     augmentation and both block masks (`cmid_jax/augment.py`), normalisation, and the student's
     mean-filled masked inputs."""
+    d, mask = config.data, config.mask
     scale = type_max(batch['img_a'].dtype)
     pixels = augment.augment_batch(
         batch,
-        augment.step_key(cfg.seed, step),
-        mask_ratio=cfg.mask_ratio,
-        mask_patch=cfg.mask_patch,
-        value_range=cfg.value_range,
-        rgb=cfg.rgb,
+        augment.step_key(config.seed, step),
+        mask_ratio=mask.ratio,
+        mask_patch=mask.patch_size,
+        value_range=None if d.value_range is None else tuple(d.value_range),
+        rgb=d.rgb,
     )
     views = {}
     for v in ('a', 'b'):
-        x = standardize(pixels[f'img_{v}'] / scale, cfg.mean, cfg.std)
-        pm = upsample_mask(pixels[f'mask_{v}'], cfg.mask_patch)
+        x = standardize(pixels[f'img_{v}'] / scale, d.mean, d.std)
+        pm = upsample_mask(pixels[f'mask_{v}'], mask.patch_size)
         views[v] = dict(
             target=x,
             masked=mean_fill(x, pm),
@@ -144,14 +101,14 @@ def cmid_loss(
     views: dict,
     *,
     nets: Networks,
-    cfg: LossConfig,
+    loss: ml_collections.FrozenConfigDict,
     teacher_temp: jax.Array,
     per_crop: bool | None = None,
 ):
     """Returns (total loss, aux) for one batch.
 
     `student` = {'params', 'batch_stats'} (differentiated through 'params'); `teacher` likewise
-    (constant). aux holds every loss term, the updated batch statistics, queue keys and centre,
+    (constant); `loss` is the resolved `config.loss`. aux holds every loss term, the updated batch statistics, queue keys and centre,
     and health signals; the caller applies them. `per_crop` runs the backbones once per crop;
     None = only for a backbone with batch statistics (tests compare both paths).
     """
@@ -188,7 +145,7 @@ def cmid_loss(
     zero = jnp.zeros((), jnp.float32)
 
     # MIM: rebuild the normalised unmasked crop from the student's masked-crop features.
-    if cfg.use_mim:
+    if loss.use_mim:
         rec = {v: run('decoder', sp, sbs, s_map[v]) for v in ('a', 'b')}
         terms['mim'] = (
             sum(
@@ -206,7 +163,7 @@ def cmid_loss(
         v: run('projector', sp, sbs, s_map[v].astype(jnp.float32).mean(axis=(1, 2)))
         for v in ('a', 'b')
     }
-    if cfg.use_global:
+    if loss.use_global:
         k = {
             v: jax.lax.stop_gradient(
                 run('projector', tp, tbs, t_map[v].astype(jnp.float32).mean(axis=(1, 2)))
@@ -214,27 +171,29 @@ def cmid_loss(
             for v in ('a', 'b')
         }
         terms['global'] = (
-            losses.infonce_loss(q['a'], k['b'], queue, cfg.temperature)
-            + losses.infonce_loss(q['b'], k['a'], queue, cfg.temperature)
+            losses.infonce_loss(q['a'], k['b'], queue, loss.temperature)
+            + losses.infonce_loss(q['b'], k['a'], queue, loss.temperature)
         ) / 2
         aux['new_keys'] = jnp.concatenate([k['b'], k['a']])  # Official enqueue order: view, img.
     else:
         terms['global'] = zero
 
     # Local: DINO cross-entropy on the best nearest-neighbour matched grid positions.
-    if cfg.use_local:
+    if loss.use_local:
         loss_local = zero
         for s, t in (('a', 'b'), ('b', 'a')):
-            idx_s, idx_t = losses.match_positions(views[s]['loc'], views[t]['loc'], cfg.num_matches)
+            idx_s, idx_t = losses.match_positions(
+                views[s]['loc'], views[t]['loc'], loss.num_matches
+            )
             s_feat = losses.gather_positions(pool_to_grid(s_map[s], nets.grid), idx_s)
             t_feat = losses.gather_positions(pool_to_grid(t_map[t], nets.grid), idx_t)
             s_out = run('local_head', sp, sbs, s_feat)
             t_out = jax.lax.stop_gradient(run('local_head', tp, tbs, t_feat))
             loss_local += losses.dino_local_loss(
-                s_out, t_out, center, cfg.student_temp, teacher_temp
+                s_out, t_out, center, loss.student_temp, teacher_temp
             )
             # The official LocalLoss updates its centre after each of its two calls (Q6).
-            center = losses.update_center(center, t_out, cfg.center_momentum)
+            center = losses.update_center(center, t_out, loss.center_momentum)
         terms['local'] = loss_local / 2
     else:
         terms['local'] = zero

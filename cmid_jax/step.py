@@ -17,26 +17,32 @@ from cmid_jax.models.heads import l2_normalize
 
 
 @dataclasses.dataclass(frozen=True)
-class Trainer:
-    """Everything static the step needs: networks, optimizer, schedules and loss settings."""
+class TrainStep:
+    """The CMID train step of one resolved config, and what it is built from: the networks, the
+    optimizer and the schedules. `init_state` makes the state it steps; calling it steps."""
 
     nets: cmid.Networks
     tx: optax.GradientTransformation
     lr_fn: object
     schedule: optim.Schedule
-    loss_cfg: objective.LossConfig
-    view_cfg: objective.ViewConfig
     config: ml_collections.FrozenConfigDict
 
     @classmethod
     def create(
         cls,
-        config: ml_collections.ConfigDict,
-        schedule: optim.Schedule,
+        config: ml_collections.FrozenConfigDict,
+        schedule: optim.Schedule | None = None,
         platform: str | None = None,
-    ) -> Trainer:
-        """The trainer of `config`; `platform` ('cuda', 'tpu', 'cpu'; None = this machine's) is
-        the one the step will be lowered for, which picks the attention implementation."""
+    ) -> TrainStep:
+        """The step of `config`, resolved by `cmid_jax.config_resolve.resolve`.
+
+        `schedule` None: `config.total_steps` and `config.steps_per_epoch`. `platform` ('cuda',
+        'tpu', 'cpu'; None = this machine's) is the one the step will be lowered for, which picks
+        the attention implementation.
+        """
+        if not isinstance(config, ml_collections.FrozenConfigDict):
+            raise TypeError('TrainStep.create takes the frozen config of config_resolve.resolve')
+        schedule = schedule or optim.Schedule(config.total_steps, config.steps_per_epoch)
         o = config.optim
         lr_fn = optim.learning_rate_fn(
             schedule,
@@ -50,9 +56,7 @@ class Trainer:
             tx=optim.adan(lr_fn, o.weight_decay),
             lr_fn=lr_fn,
             schedule=schedule,
-            loss_cfg=objective.LossConfig.from_config(config.loss),
-            view_cfg=objective.ViewConfig.from_config(config),
-            config=ml_collections.FrozenConfigDict(config),
+            config=config,
         )
 
     def init_state(self, rng: jax.Array) -> dict:
@@ -84,7 +88,7 @@ class Trainer:
         """
         c = self.config
         step = state['step']
-        views = objective.prepare_views(batch, step, self.view_cfg)
+        views = objective.prepare_views(batch, step, c)
         teacher_temp = losses.teacher_temperature(
             self.schedule.epoch(step),
             c.loss.teacher_temp_warmup,
@@ -102,13 +106,13 @@ class Trainer:
                 state['center'],
                 views,
                 nets=self.nets,
-                cfg=self.loss_cfg,
+                loss=c.loss,
                 teacher_temp=teacher_temp,
             )
 
         return loss_fn, views
 
-    def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+    def __call__(self, state: dict, batch: dict) -> tuple[dict, dict]:
         """One optimizer step followed by the EMA teacher update; returns (state, metrics)."""
         c = self.config
         step = state['step']
@@ -127,7 +131,7 @@ class Trainer:
                 {k: params[k] for k in cmid.TEACHER_KEYS}, state['teacher_params'], 1.0 - momentum
             )
             queue, queue_ptr = state['queue'], state['queue_ptr']
-            if self.loss_cfg.use_global:
+            if c.loss.use_global:
                 queue, queue_ptr = objective.enqueue(queue, queue_ptr, aux['new_keys'])
             return dict(
                 state,
@@ -159,16 +163,16 @@ class Trainer:
             'grad_norm': grad_norm,
             'nonfinite_steps': new_state['nonfinite_steps'],
         }
-        if self.loss_cfg.use_mim:
+        if c.loss.use_mim:
             metrics['recon_psnr'] = objective.masked_psnr(
                 aux['reconstruction'], views['a']['target'], views['a']['pixel_mask'], c.data.std
             )
         return new_state, metrics
 
-    def jit_train_step(self, state_sharding, batch_sharding, replicated):
-        """The train step compiled over the mesh, with the state donated."""
+    def jit(self, state_sharding, batch_sharding, replicated):
+        """The step jitted over the mesh, with the state donated."""
         return jax.jit(
-            self.train_step,
+            self.__call__,
             in_shardings=(state_sharding, batch_sharding),
             out_shardings=(state_sharding, replicated),
             donate_argnums=(0,),

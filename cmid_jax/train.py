@@ -17,14 +17,14 @@ import ml_collections
 from absl import flags
 
 from cmid_jax import metrics as metrics_lib
-from cmid_jax import optim, parallel
-from cmid_jax.config_checks import check_config, resume_changes
-from cmid_jax.data import describe_source, open_source, resolve_data_config
+from cmid_jax import parallel
+from cmid_jax.config_resolve import resolve, resume_changes
+from cmid_jax.data import describe_source, open_source
 from cmid_jax.data.bad_files import BadFiles
 from cmid_jax.data.pipeline import Source, build_dataset, make_iterator
 from cmid_jax.errors import DataError, Diverged, Preempted, WorkdirError, expected, one_line
 from cmid_jax.evaluation.periodic import PeriodicEvals
-from cmid_jax.step import Trainer
+from cmid_jax.step import TrainStep
 from cmid_jax.workdir import (
     BAD_FILES,
     CKPT,
@@ -36,7 +36,7 @@ from cmid_jax.workdir import (
 )
 from cmid_jax.workdir_lock import WorkdirLock
 
-__all__ = ['check_config', 'input_pipeline', 'train_and_evaluate']
+__all__ = ['input_pipeline', 'train_and_evaluate']
 
 _DATA_HINT = 'check data.path, data.bands and data.tile_size'
 
@@ -80,23 +80,18 @@ def train_and_evaluate(
     mesh = parallel.make_mesh()
     replicated, batch_sharding = parallel.shardings(mesh)
     num_processes, process = jax.process_count(), jax.process_index()
-    check_config(config, jax.device_count(), num_processes)
 
     # --- Workdir: lock, then resume checks before anything is written ------------------------
     wd = Workdir(workdir)
     with _exclusive(wd), contextlib.ExitStack() as cleanup:
-        config = config.copy_and_resolve_references()  # The resolved copy goes to config.json.
         # Image files, GeoTIFF tiles, ArrayRecord shards or TFDS (cmid_jax/data/sources.py); the
-        # resolved bands, pixel type, mean/std and value range travel in config.json.
+        # resolved bands, pixel type, mean/std, value range and run length go to config.json.
         with expected(DataError, _DATA_HINT):
-            source = open_source(config.data)
-            resolve_data_config(config.data, source)
-        steps_per_epoch = config.steps_per_epoch = config.steps_per_epoch or max(
-            len(source) // config.batch_size, 1
+            source = open_source(resolve(config).data)
+        config = resolve(
+            config, source, num_devices=jax.device_count(), num_processes=num_processes
         )
-        if config.total_steps is None:
-            config.total_steps = config.epochs * steps_per_epoch
-        total_steps = config.total_steps
+        total_steps, steps_per_epoch = config.total_steps, config.steps_per_epoch
         ckpt = wd.checkpoints(
             every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
         )
@@ -148,18 +143,18 @@ def train_and_evaluate(
         logging.info('%s', healthy_start(config))
 
         # --- Model, optimizer and state ------------------------------------------------------
-        trainer = Trainer.create(config, optim.Schedule(total_steps, steps_per_epoch))
-        abstract_state = parallel.with_sharding(trainer.abstract_state, replicated)
+        step_fn = TrainStep.create(config)
+        abstract_state = parallel.with_sharding(step_fn.abstract_state, replicated)
         state, restored = ckpt.restore_newest(abstract_state, data_iter, move_damaged=True)
         if state is not None:
             logging.info('Resumed from the checkpoint of step %d in %s.', restored, wd)
         else:
-            state = jax.jit(trainer.init_state, out_shardings=replicated)(
+            state = jax.jit(step_fn.init_state, out_shardings=replicated)(
                 jax.random.key(config.seed)
             )
             if total_steps == 0:  # Saves the initial weights: the random-init evaluation baseline.
                 ckpt.save(0, state, data_iter, force=True)
-        train_step = trainer.jit_train_step(replicated, batch_sharding, replicated)
+        train_step = step_fn.jit(replicated, batch_sharding, replicated)
 
         # --- Evals ---------------------------------------------------------------------------
         writer = cleanup.enter_context(

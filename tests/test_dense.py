@@ -435,13 +435,14 @@ def test_online_dense_probe_compiles_once_and_scores_new_weights(tmp_path, caplo
     """The online probe keeps its jitted functions between evaluations: the second evaluation
     compiles nothing, and still scores the weights it is given (not the first ones)."""
     from cmid_jax import optim
+    from cmid_jax.config_resolve import resolve
     from cmid_jax.evaluation.online_dense import make_online_dense
-    from cmid_jax.step import Trainer
+    from cmid_jax.step import TrainStep
 
     data = copy_dubai(tmp_path / 'dubai')
     config = vitb.get_config('smoke')
     config.eval.dense_path, config.eval.dense_split_group = str(data), AREA
-    trainer = Trainer.create(config, optim.Schedule(10, 4))
+    trainer = TrainStep.create(resolve(config), optim.Schedule(10, 4))
     evaluate_dense = make_online_dense(config)
     state_a = jax.jit(trainer.init_state)(jax.random.key(0))
     state_b = jax.jit(trainer.init_state)(jax.random.key(1))

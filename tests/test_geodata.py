@@ -12,12 +12,14 @@ import pytest
 
 rasterio = pytest.importorskip('rasterio')
 
+from cmid_jax import errors  # noqa: E402
+from cmid_jax.config_resolve import resolve  # noqa: E402
 from cmid_jax.data import bands as B  # noqa: E402
 from cmid_jax.data import pipeline as P  # noqa: E402
 from cmid_jax.data import raster  # noqa: E402
 from cmid_jax.data import views as V  # noqa: E402
 from cmid_jax.data.errors import ImageError, TileRejected  # noqa: E402
-from cmid_jax.data.sources import open_source, resolve_data_config  # noqa: E402
+from cmid_jax.data.sources import open_source  # noqa: E402
 from cmid_jax.data.stats import compute_stats, load_stats, write_stats  # noqa: E402
 from cmid_jax.data.tiles import TileIndex, TileSource  # noqa: E402
 
@@ -43,6 +45,15 @@ def _data_config(**overrides):
     for key, value in overrides.items():
         config.data[key] = value
     return config.data
+
+
+def _resolved_data(data, source):
+    """`data` resolved against `source` as a run resolves its config."""
+    from configs import vitb
+
+    config = vitb.get_config('smoke')
+    config.data = data
+    return resolve(config, source).data
 
 
 # ------------------------------------------------------------------------- windowed reads
@@ -228,27 +239,27 @@ def test_data_stats_equal_numpy_on_the_full_arrays(tmp_path):
     write_stats(source_stats(config, 2), str(out))
     assert load_stats(str(out))['bands'] == [0, 1, 2]
     config.data.stats = str(out)
-    source = open_source(config.data)
-    resolve_data_config(config.data, source)
-    assert config.data.mean == pytest.approx(tuple(stats['mean']))
-    assert config.data.value_range == tuple(stats['value_range']) and config.data.dtype == 'uint16'
-    config.data.bands, config.data.value_range, config.data.dtype = (2, 1, 0), None, None
+    resolved = resolve(config, open_source(config.data))
+    assert resolved.data.mean == pytest.approx(tuple(stats['mean']))
+    assert resolved.data.value_range == tuple(stats['value_range'])
+    assert resolved.data.dtype == 'uint16'
+    config.data.bands = (2, 1, 0)
     with pytest.raises(
-        ValueError, match=r'computed for bands \[0, 1, 2\].*reads bands \[2, 1, 0\]'
+        errors.DataError, match=r'computed for bands \[0, 1, 2\].*reads bands \[2, 1, 0\]'
     ):
-        resolve_data_config(config.data, open_source(config.data))
+        resolve(config, open_source(config.data))
 
 
 def test_mean_std_must_match_the_band_count(tmp_path):
     data = _data_config(path=str(GEOTIFF / 'rgbn_4band.tif'), bands=(0, 1, 2, 3))
-    with pytest.raises(ValueError, match=r'data.mean has 3 values for 4 bands.*data_stats'):
-        resolve_data_config(data, open_source(data))
+    with pytest.raises(errors.DataError, match=r'data.mean has 3 values for 4 bands.*data_stats'):
+        _resolved_data(data, open_source(data))
     data.mean, data.std = (0.5,) * 4, (0.2, 0.2, 0.0, 0.2)
-    with pytest.raises(ValueError, match='data.std=.* must be positive'):
-        resolve_data_config(data, open_source(data))
+    with pytest.raises(errors.DataError, match='data.std=.* must be positive'):
+        _resolved_data(data, open_source(data))
     data.std = (0.2,) * 4
-    resolve_data_config(data, open_source(data))
-    assert data.dtype == 'uint8' and data.value_range == (0.0, 255.0)
+    resolved = _resolved_data(data, open_source(data))
+    assert resolved.dtype == 'uint8' and resolved.value_range == (0.0, 255.0)
 
 
 # ------------------------------------------------------------------------- bad inputs
@@ -289,11 +300,10 @@ def test_bad_inputs_are_named_skipped_and_counted(tmp_path, caplog):
     with pytest.raises(ValueError, match=r'no image files found under .*empty'):
         open_source(_data_config(path=str(empty), tile_size=64))
     with pytest.raises(
-        ValueError,
-        match=r'data.tile_size=32 is smaller than the crop '
-        r'data.image_size=64',
+        errors.ConfigError,
+        match=r'data.tile_size=32 must be 0 or at least the crop data.image_size=64',
     ):
-        open_source(_data_config(path=str(scenes), tile_size=32))
+        _resolved_data(_data_config(path=str(scenes), tile_size=32), None)
     with pytest.raises(
         ValueError, match=r'(?s)no usable scene .*c_not_an_image.tif.*not recognized'
     ):

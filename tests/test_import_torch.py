@@ -22,6 +22,7 @@ timm = pytest.importorskip('timm')
 pytest.importorskip('safetensors')
 
 from cmid_jax import optim, train  # noqa: E402
+from cmid_jax.config_resolve import resolve  # noqa: E402
 from cmid_jax.convert import (  # noqa: E402
     export,
     import_torch,
@@ -30,7 +31,7 @@ from cmid_jax.convert import (  # noqa: E402
 from cmid_jax.models import backbone_module  # noqa: E402
 from cmid_jax.models.cmid import backbone_variables  # noqa: E402
 from cmid_jax.restore import restore_train_state  # noqa: E402
-from cmid_jax.step import Trainer  # noqa: E402
+from cmid_jax.step import TrainStep  # noqa: E402
 from configs import resnet50, swinb, vitb  # noqa: E402
 
 from conftest import run_tool  # noqa: E402
@@ -55,8 +56,8 @@ def smoke_config(arch: str, **model):
     return config
 
 
-def trainer_for(config) -> Trainer:
-    return Trainer.create(config, optim.Schedule(10, 4))
+def trainer_for(config) -> TrainStep:
+    return TrainStep.create(resolve(config), optim.Schedule(10, 4))
 
 
 def random_state(config, seed: int = 0) -> dict:

@@ -9,9 +9,10 @@ import jax
 import pytest
 
 from cmid_jax import optim
+from cmid_jax.config_resolve import resolve
 from cmid_jax.models import attention
 from cmid_jax.perf.synthetic import synthetic_batch
-from cmid_jax.step import Trainer
+from cmid_jax.step import TrainStep
 from configs import resnet50, swinb, vitb
 
 CUDNN_CALL = '__cudnn$fmha'
@@ -28,17 +29,17 @@ def cudnn_version_for_lowering(monkeypatch):
     monkeypatch.setattr(fused_attention_stablehlo, 'check_cudnn_version', lambda: 91000)
 
 
-def lowered_step_text(config_module, platform: str, **model) -> tuple[str, Trainer]:
+def lowered_step_text(config_module, platform: str, **model) -> tuple[str, TrainStep]:
     config = config_module.get_config('smoke')
     config.model.compute_dtype = 'bfloat16'  # The recipes' dtype; cuDNN attention needs it.
     config.model.update(model)
-    trainer = Trainer.create(config, optim.Schedule(10, 4), platform=platform)
+    trainer = TrainStep.create(resolve(config), optim.Schedule(10, 4), platform=platform)
     batch = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
         synthetic_batch(0, 8, config.data.image_size),
     )
     lowered = (
-        jax.jit(trainer.train_step, donate_argnums=(0,))
+        jax.jit(trainer, donate_argnums=(0,))
         .trace(trainer.abstract_state, batch)
         .lower(lowering_platforms=(platform,))
     )

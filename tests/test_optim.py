@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cmid_jax import optim, parallel
-from cmid_jax.step import Trainer
+from cmid_jax.config_resolve import resolve
+from cmid_jax.step import TrainStep
 from cmid_jax.workdir import Workdir
 from configs import vitb
 
@@ -162,9 +163,9 @@ def test_adan_state_has_optax_layout():
 
 def test_checkpoint_written_with_optax_adan_restores(tmp_path):
     """A train state saved before issue 14, its opt_state an `optax.adan` state two steps in,
-    restores through the current Trainer / Checkpointer as it was, and the new Adan accepts it."""
+    restores through the current TrainStep / Checkpointer as it was, and the new Adan accepts it."""
     config = vitb.get_config('smoke')
-    trainer = Trainer.create(config, optim.Schedule(10, steps_per_epoch=4))
+    trainer = TrainStep.create(resolve(config), optim.Schedule(10, steps_per_epoch=4))
     abstract = trainer.abstract_state
     rng = np.random.default_rng(0)
     fill = lambda a: (

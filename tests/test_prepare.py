@@ -13,10 +13,12 @@ import pytest
 
 pytest.importorskip('rasterio')
 
+from cmid_jax.config_resolve import resolve  # noqa: E402
 from cmid_jax.data import build_dataset, list_images, load_image, raster  # noqa: E402
 from cmid_jax.data import prepare as prep  # noqa: E402
 from cmid_jax.data.records import MANIFEST, RecordSource, read_manifest  # noqa: E402
-from cmid_jax.data.sources import open_source, resolve_data_config  # noqa: E402
+from cmid_jax.data.sources import open_source  # noqa: E402
+from cmid_jax.errors import ConfigError  # noqa: E402
 
 from conftest import run_tool  # noqa: E402
 
@@ -39,6 +41,15 @@ def _data_config(**overrides):
     for key, value in overrides.items():
         config.data[key] = value
     return config.data
+
+
+def _resolved_data(data, source):
+    """`data` resolved against `source` as a run resolves its config."""
+    from configs import vitb
+
+    config = vitb.get_config('smoke')
+    config.data = data
+    return resolve(config, source).data
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -89,8 +100,8 @@ def test_prepare_tiles_round_trip_and_pipeline(tmp_path):
     assert isinstance(source, RecordSource)
     assert np.array_equal(source.read(3), expected[3][..., [2, 0]])
     data.mean, data.std = (0.1, 0.1), (0.01, 0.01)
-    resolve_data_config(data, source)
-    assert data.dtype == 'uint16' and data.value_range == (0.0, 65535.0)
+    resolved = _resolved_data(data, source)
+    assert resolved.dtype == 'uint16' and resolved.value_range == (0.0, 65535.0)
     ds = build_dataset(source, image_size=64, global_batch_size=6, seed=0)
     batch = ds[0]
     assert batch['img_a'].shape == (6, 64, 64, 2) and batch['img_a'].dtype == np.uint16
@@ -220,8 +231,8 @@ def test_tfds_source_reads_a_locally_built_dataset(tfds_dir):
         name = source._source()[i]['filename']
         name = name.decode() if isinstance(name, bytes) else name
         assert np.array_equal(source.read(i), load_image(name))  # same PIL decode
-    resolve_data_config(data, source)
-    assert data.dtype == 'uint8' and data.path == str(data_dir)
+    resolved = _resolved_data(data, source)
+    assert resolved.dtype == 'uint8' and resolved.path == str(data_dir)
     batch = build_dataset(source, image_size=64, global_batch_size=4, seed=0)[0]
     assert batch['img_a'].shape == (4, 64, 64, 3) and batch['bad_images'].sum() == 0
     half = open_source(_data_config(source='tfds:aid_tiny:train[:50%]', path=str(data_dir)))
@@ -230,7 +241,7 @@ def test_tfds_source_reads_a_locally_built_dataset(tfds_dir):
     assert raw.read(0).shape[2] == 1 and raw.dtype == np.uint8
     with pytest.raises(ValueError, match=r'tfds:missing_set:train.*not found.*array_record'):
         open_source(_data_config(source='tfds:missing_set:train', path=str(data_dir)))
-    with pytest.raises(ValueError, match=r"expected 'tfds:NAME\[/CONFIG\]:SPLIT'"):
-        open_source(_data_config(source='tfds:aid_tiny'))
-    with pytest.raises(ValueError, match='does not apply to data.source'):
-        open_source(_data_config(source='tfds:aid_tiny:train', tile_size=64))
+    with pytest.raises(ConfigError, match=r"data.source='tfds:aid_tiny': expected 'tfds:NAME"):
+        _resolved_data(_data_config(source='tfds:aid_tiny'), None)
+    with pytest.raises(ConfigError, match=r"data.tile_size=64 must be 0 with data.source="):
+        _resolved_data(_data_config(source='tfds:aid_tiny:train', tile_size=64), None)

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from cmid_jax import models, optim
+from cmid_jax.config_resolve import resolve
 from cmid_jax.convert import adapt, export, official
 from cmid_jax.models import BACKBONES, backbone_module
 from cmid_jax.models.cmid import backbone_variables, build_networks
 from cmid_jax.perf import flops
 from cmid_jax.perf.synthetic import synthetic_batch
-from cmid_jax.step import Trainer
+from cmid_jax.step import TrainStep
 from configs import vitb
 
 import toy_backbone
@@ -75,14 +76,15 @@ def test_a_new_backbone_is_one_module_and_one_registry_line(monkeypatch, tmp_pat
     monkeypatch.setitem(BACKBONES, 'toy', toy_backbone)  # The one line.
     config = vitb.get_config('smoke')
     config.model.arch, config.model.variant = 'toy', 'S'
+    config = resolve(config)
 
     # The networks, and a whole train step traced (every code path, no compile).
     nets = build_networks(config)
     assert not nets.local_head.use_bn  # HAS_BATCH_NORM = False
-    trainer = Trainer.create(config, optim.Schedule(10, 4))
+    trainer = TrainStep.create(resolve(config), optim.Schedule(10, 4))
     state = jax.device_get(jax.jit(trainer.init_state)(jax.random.key(0)))
     batch = synthetic_batch(0, config.batch_size, config.data.image_size)
-    new_state, metrics = jax.eval_shape(trainer.train_step, state, batch)
+    new_state, metrics = jax.eval_shape(trainer, state, batch)
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     assert metrics['loss'].shape == ()
 

@@ -14,7 +14,7 @@ import pytest
 
 from cmid_jax import errors, train
 from cmid_jax import metrics as metrics_lib
-from cmid_jax.config_checks import check_config, resume_changes
+from cmid_jax.config_resolve import resolve, resume_changes
 from cmid_jax.data import list_images, pipeline
 from cmid_jax.data.bad_files import BadFiles
 from cmid_jax.restore import restore_train_state
@@ -61,13 +61,13 @@ def smoke(**fields):
 )
 def test_values_that_cannot_work_are_named_in_one_line(field, value, message):
     with pytest.raises(errors.ConfigError) as e:
-        check_config(smoke(**{field: value}), num_devices=8, num_processes=1)
+        resolve(smoke(**{field: value}), num_devices=8, num_processes=1)
     assert message in e.value.message and '\n' not in e.value.message
 
 
 def test_the_smoke_and_default_configs_pass():
-    check_config(vitb.get_config('smoke'), num_devices=8, num_processes=1)
-    check_config(vitb.get_config(), num_devices=8, num_processes=1)
+    resolve(vitb.get_config('smoke'), num_devices=8, num_processes=1)
+    resolve(vitb.get_config(), num_devices=8, num_processes=1)
 
 
 # --------------------------------------------------------------------------- resume checks

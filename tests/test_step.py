@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from cmid_jax import augment, objective, optim, parallel
+from cmid_jax.config_resolve import resolve
 from cmid_jax.models.cmid import Networks
 from cmid_jax.models.heads import LocalHead, Projector, pixel_shuffle
 from cmid_jax.objective import cmid_loss
 from cmid_jax.perf.synthetic import synthetic_batch
-from cmid_jax.step import Trainer
+from cmid_jax.step import TrainStep
 from configs import resnet50, swinb, vitb
 
 
@@ -26,14 +27,15 @@ def make_trainer(config_module, total_steps=10, **overrides):
         for p in path:
             node = node[p]
         node[leaf] = v
-    return Trainer.create(config, optim.Schedule(total_steps, steps_per_epoch=4)), config
+    config = resolve(config)
+    return TrainStep.create(config, optim.Schedule(total_steps, steps_per_epoch=4)), config
 
 
 def run_steps(trainer, devices, batches):
     mesh = parallel.make_mesh(devices)
     replicated, batch_sharding = parallel.shardings(mesh)
     state = jax.jit(trainer.init_state, out_shardings=replicated)(jax.random.key(0))
-    step = trainer.jit_train_step(replicated, batch_sharding, replicated)
+    step = trainer.jit(replicated, batch_sharding, replicated)
     history = []
     for b in batches:
         state, m = step(state, parallel.global_batch(b, batch_sharding))
@@ -105,8 +107,9 @@ def test_local_head_matches_torch_conv1d_head_with_batchnorm():
 def test_prepare_views_normalise_and_mean_fill_match_numpy():
     b = synthetic_batch(0, 2, 64)
     mean, std = np.array([0.3, 0.4, 0.5]), np.array([0.1, 0.2, 0.3])
-    cfg = objective.ViewConfig(seed=4, mean=tuple(mean), std=tuple(std))
-    views = objective.prepare_views(b, jnp.int32(7), cfg)
+    config = vitb.get_config('smoke')
+    config.seed, config.data.mean, config.data.std = 4, tuple(mean), tuple(std)
+    views = objective.prepare_views(b, jnp.int32(7), resolve(config))
     mask = np.asarray(views['a']['block_mask'])
     assert mask.shape == (2, 2, 2) and np.all(mask.sum(axis=(1, 2)) == 3)
     x = (b['img_a'] / 255.0 - mean) / std  # crop A: no photometric change
@@ -275,7 +278,7 @@ def test_nonfinite_step_leaves_every_state_array_unchanged():
     state = trainer.init_state(jax.random.key(0))
     state['params']['mask_token'] = jnp.full_like(state['params']['mask_token'], jnp.inf)
     before = jax.device_get(state)
-    new_state, metrics = jax.jit(trainer.train_step)(state, synthetic_batch(1, 8, 64))
+    new_state, metrics = jax.jit(trainer)(state, synthetic_batch(1, 8, 64))
     after = jax.device_get(new_state)
     assert not np.isfinite(metrics['loss'])
     assert (int(after['step']), int(after['nonfinite_steps'])) == (1, 1)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cmid_jax import errors, train
+from cmid_jax.config_resolve import resolve
 from cmid_jax.restore import restore_train_state
 from cmid_jax.workdir import Workdir
 from configs import resnet50, vitb
@@ -62,7 +63,7 @@ def test_demo_presets_pass_the_config_checks_and_say_what_healthy_looks_like():
 
     for module in (vitb, resnet50, swinb):
         config = module.get_config('demo')
-        train.check_config(config, num_devices=1, num_processes=1)
+        resolve(config, num_devices=1, num_processes=1)
     line = train.healthy_start(vitb.get_config('demo'))
     # queue 256 filled by 2 x 16 keys a step; 256 prototypes; teacher warm-up 2 epochs of 10 steps.
     assert f'ln(1 + queue_size) = {math.log(257):.2f}' in line and '(8 steps)' in line
@@ -90,7 +91,7 @@ def test_config_errors_name_the_field(overrides, message):
         else:
             config[node] = value
     with pytest.raises(ValueError) as e:
-        train.check_config(config, num_devices=8, num_processes=1)
+        resolve(config, num_devices=8, num_processes=1)
     assert message in str(e.value)
 
 
@@ -254,7 +255,7 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
 
 def test_unreadable_data_and_unwritable_workdir_fail_before_compiling(tmp_path, monkeypatch):
     compiled = []
-    monkeypatch.setattr(train.Trainer, 'create', lambda *a, **k: compiled.append(1))
+    monkeypatch.setattr(train.TrainStep, 'create', lambda *a, **k: compiled.append(1))
     bad = tmp_path / 'bad'
     bad.mkdir()
     for i in range(20):

@@ -45,12 +45,13 @@ import numpy as np
 from absl import logging
 
 from cmid_jax import optim
+from cmid_jax.config_resolve import resolve
 from cmid_jax.convert import official, require_torch, safe_unpickle
 from cmid_jax.convert.adapt import adapt_stem
 from cmid_jax.models import BACKBONES, backbone_module
 from cmid_jax.models.cmid import STATE_KEYS
 from cmid_jax.models.common import as_numpy
-from cmid_jax.step import Trainer
+from cmid_jax.step import TrainStep
 from cmid_jax.workdir import IMPORT, Workdir
 
 # A state_dict saved from a DistributedDataParallel wrapper has every key under this prefix.
@@ -166,7 +167,7 @@ def _check_like(state: dict, abstract: dict) -> None:
     if got != want:
         diff = sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))
         raise AssertionError(
-            f'imported state differs from Trainer.abstract_state at {diff[:20]}: '
+            f'imported state differs from TrainStep.abstract_state at {diff[:20]}: '
             f'{[(got.get(k), want.get(k)) for k in diff[:20]]}'
         )
 
@@ -191,9 +192,9 @@ def import_checkpoint(
             f'{workdir} already has checkpoints; pass overwrite=True (--overwrite) to replace them'
         )
     state_dict, info = read_checkpoint(checkpoint)
-    config = config.copy_and_resolve_references()
+    config = resolve(config)
     # Shapes do not depend on the schedule, which `main` sets up again when it resumes.
-    trainer = Trainer.create(
+    trainer = TrainStep.create(
         config, optim.Schedule(config.total_steps or 1, config.steps_per_epoch or 1)
     )
     arch = config.model.arch

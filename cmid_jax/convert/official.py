@@ -202,7 +202,7 @@ def from_official_state_dict(
       state_dict: numpy arrays or torch tensors under the official keys.
       arch: the cmid_jax backbone arch the checkpoint is read as.
       backbone: the backbone module of the target config (its variant and image size).
-      template: a train state or `Trainer.abstract_state` of the target config; gives every head
+      template: a train state or `TrainStep.abstract_state` of the target config; gives every head
         shape, whether the local head has BN, and the dtypes.
 
     Returns `{'params', 'batch_stats', 'teacher_params', 'teacher_batch_stats', 'queue',

@@ -16,7 +16,7 @@ from cmid_jax.data.pipeline import (
     build_dataset,
     make_iterator,
 )
-from cmid_jax.data.sources import describe_source, open_source, resolve_data_config
+from cmid_jax.data.sources import describe_source, open_source
 from cmid_jax.data.views import (
     bicubic_resize,
     location_grid,
@@ -45,7 +45,6 @@ __all__ = [
     'num_bands',
     'open_source',
     'resized_crop',
-    'resolve_data_config',
     'sample_crop_box',
     'type_max',
 ]

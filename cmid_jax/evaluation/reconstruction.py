@@ -27,11 +27,10 @@ def make_reconstruction_fn(
     as `out_sharding` when it is sharded over a mesh, so every process can read the result.
     """
     nets = cmid.build_networks(config)
-    view_cfg = objective.ViewConfig.from_config(config)
 
     def reconstruct(state, batch):
         # The masks of the step that has just run (its augmentation key): what the MIM loss saw.
-        views = objective.prepare_views(batch, state['step'] - 1, view_cfg)
+        views = objective.prepare_views(batch, state['step'] - 1, config)
         params, stats = state['params'], state['batch_stats']
         fmap, _ = nets.apply(
             'backbone',

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cmid_jax.data.bands import num_bands
-from cmid_jax.models import backbone_module, build_backbone
+from cmid_jax.models import build_backbone
 from cmid_jax.models.heads import LocalHead, MIMDecoder, Projector
 
 TEACHER_KEYS = ('backbone', 'projector', 'local_head')
@@ -47,19 +47,16 @@ class Networks:
         return out, mutated.get('batch_stats', {})
 
 
-def compute_dtype(config: ml_collections.ConfigDict) -> Any:
-    try:
-        return {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}[config.model.compute_dtype]
-    except KeyError:
-        raise ValueError(
-            f'config.model.compute_dtype={config.model.compute_dtype!r}; expected '
-            "'bfloat16' or 'float32'."
-        ) from None
+# model.compute_dtype: activations; params, optimizer, teacher and losses stay float32.
+COMPUTE_DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 
 
-def build_networks(config: ml_collections.ConfigDict, platform: str | None = None) -> Networks:
-    """The networks of `config`, for lowering on `platform` (None = this machine's)."""
-    dtype = compute_dtype(config)
+def build_networks(
+    config: ml_collections.FrozenConfigDict, platform: str | None = None
+) -> Networks:
+    """The networks of a resolved `config` (`cmid_jax.config_resolve.resolve`), for lowering on
+    `platform` (None = this machine's)."""
+    dtype = COMPUTE_DTYPES[config.model.compute_dtype]
     m = config.model
     backbone = build_backbone(
         m.arch,
@@ -68,11 +65,7 @@ def build_networks(config: ml_collections.ConfigDict, platform: str | None = Non
         dtype=dtype,
         attention_impl=m.attention_impl,
         platform=platform,
-        remat=m.get('remat', 'none'),
-    )
-    # The official local head has BN exactly for the CNN backbones (use_bn: True for ResNet).
-    use_bn = (
-        m.local_use_bn if m.local_use_bn is not None else backbone_module(m.arch).HAS_BATCH_NORM
+        remat=m.remat,
     )
     in_chans = num_bands(config.data)
     return Networks(
@@ -82,7 +75,7 @@ def build_networks(config: ml_collections.ConfigDict, platform: str | None = Non
             m.local_hidden_dim,
             m.local_bottleneck_dim,
             m.local_prototypes,
-            use_bn=use_bn,
+            use_bn=m.local_use_bn,
             dtype=dtype,
         ),
         decoder=MIMDecoder(stride=backbone.feature_stride, out_chans=in_chans, dtype=dtype),

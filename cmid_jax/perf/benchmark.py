@@ -27,11 +27,12 @@ import ml_collections
 import numpy as np
 
 from cmid_jax import optim, parallel, train
-from cmid_jax.data import open_source, resolve_data_config
+from cmid_jax.config_resolve import resolve
+from cmid_jax.data import open_source
 from cmid_jax.data.pipeline import Source
 from cmid_jax.perf import flops
 from cmid_jax.perf.synthetic import synthetic_batch
-from cmid_jax.step import Trainer
+from cmid_jax.step import TrainStep
 
 DATA_SOURCES = ('synthetic', 'pipeline')
 
@@ -53,7 +54,7 @@ def host_batches(config: ml_collections.ConfigDict, source: Source) -> Iterator[
     """Host batches of the training input pipeline, decoded and cropped, without the bad-image
     counts (also the crosscheck's batches).
 
-    `config.data` must already be resolved against `source` (`resolve_data_config`), as in training.
+    `config` must already be resolved against `source` (`config_resolve.resolve`), as in training.
     """
     data_iter = train.input_pipeline(config, source)
     try:
@@ -168,31 +169,27 @@ def run_benchmark(
     # --- Mesh, as in training -------------------------------------------------------------------
     mesh = parallel.make_mesh()
     replicated, batch_sharding = parallel.shardings(mesh)
-    train.check_config(config, jax.device_count(), jax.process_count())
-    config = config.copy_and_resolve_references()
+    devices = dict(num_devices=jax.device_count(), num_processes=jax.process_count())
 
     # --- Input --------------------------------------------------------------------------------
     if data == 'pipeline':
         # As in training: the source fixes the bands, pixel type and statistics the step sees.
-        source = open_source(config.data)
-        resolve_data_config(config.data, source)
+        source = open_source(resolve(config).data)
+        config = resolve(config, source, **devices)
         batches = pipeline_batches(config, source, batch_sharding)
     else:
+        config = resolve(config, **devices)
         batches = synthetic_batches(config, batch_sharding)
 
     # --- Model, state and step ------------------------------------------------------------------
     # The schedules change values, not the cost of a step; any valid lengths do.
     schedule = optim.Schedule(config.total_steps or warmup + steps, config.steps_per_epoch or 1)
-    trainer = Trainer.create(config, schedule)
-    state = jax.jit(trainer.init_state, out_shardings=replicated)(jax.random.key(config.seed))
+    step_fn = TrainStep.create(config, schedule)
+    state = jax.jit(step_fn.init_state, out_shardings=replicated)(jax.random.key(config.seed))
     try:
         first = next(batches)
         start = time.perf_counter()
-        step = (
-            trainer.jit_train_step(replicated, batch_sharding, replicated)
-            .lower(state, first)
-            .compile()
-        )
+        step = step_fn.jit(replicated, batch_sharding, replicated).lower(state, first).compile()
         compile_s = time.perf_counter() - start
 
         # --- Warm-up, then the timed steps --------------------------------------------------------
@@ -219,7 +216,7 @@ def run_benchmark(
         'image_size': config.data.image_size,
         'compute_dtype': m.compute_dtype,
         # As resolved for this platform ('auto' -> 'cudnn' or 'xla'); null for CNNs and Swin.
-        'attention_impl': getattr(trainer.nets.backbone, 'attention_impl', None),
+        'attention_impl': getattr(step_fn.nets.backbone, 'attention_impl', None),
         'remat': m.remat,
         'data': data,
         'platform': device.platform,

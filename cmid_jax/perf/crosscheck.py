@@ -28,11 +28,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from cmid_jax import optim, parallel, train
-from cmid_jax.data import open_source, resolve_data_config
+from cmid_jax import optim, parallel
+from cmid_jax.config_resolve import resolve
+from cmid_jax.data import open_source
 from cmid_jax.models import attention
 from cmid_jax.perf.benchmark import host_batches, versions
-from cmid_jax.step import Trainer
+from cmid_jax.step import TrainStep
 
 # bf16 keeps 8 significant bits (0.4% per rounding). Measured on the CPU, bf16 against float32:
 # ViT-B/16 first step within 0.2%, the smoke preset's last-5 means within 0.1% after 50 steps.
@@ -53,8 +54,8 @@ def first_batches(config: ml_collections.ConfigDict, count: int) -> list[dict]:
     """The first `count` host batches of the training pipeline (read once, fed to both runs)."""
     config = config.copy_and_resolve_references()
     config.data.num_workers = 0  # A few batches: starting workers would cost more than decoding.
-    source = open_source(config.data)
-    resolve_data_config(config.data, source)
+    source = open_source(resolve(config).data)
+    config = resolve(config, source)
     with contextlib.closing(host_batches(config, source)) as batches:
         return list(itertools.islice(batches, count))
 
@@ -66,20 +67,19 @@ def run_steps(
 
     Returns each step's metrics and the attention implementation used (None for CNNs and Swin).
     """
-    config = config.copy_and_resolve_references()
-    train.check_config(config, 1, 1)
+    config = resolve(config, num_devices=1)
     replicated, batch_sharding = parallel.shardings(parallel.make_mesh([device]))
     schedule = optim.Schedule(config.total_steps or len(batches), config.steps_per_epoch or 1)
-    trainer = Trainer.create(config, schedule, platform=attention.current_platform(device))
+    step_fn = TrainStep.create(config, schedule, platform=attention.current_platform(device))
     key = jax.device_put(jax.random.key(config.seed), device)
-    state = jax.jit(trainer.init_state, out_shardings=replicated)(key)
-    step = trainer.jit_train_step(replicated, batch_sharding, replicated)
+    state = jax.jit(step_fn.init_state, out_shardings=replicated)(key)
+    step = step_fn.jit(replicated, batch_sharding, replicated)
     curve = []
     for batch in batches:
         state, metrics = step(state, parallel.global_batch(batch, batch_sharding))
         curve.append(metrics)
     curve = [{k: float(v) for k, v in m.items()} for m in jax.device_get(curve)]
-    return curve, getattr(trainer.nets.backbone, 'attention_impl', None)
+    return curve, getattr(step_fn.nets.backbone, 'attention_impl', None)
 
 
 def compared_metrics(metrics: dict[str, float]) -> list[str]:

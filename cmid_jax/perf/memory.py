@@ -29,9 +29,10 @@ import ml_collections
 import numpy as np
 
 from cmid_jax import optim
+from cmid_jax.config_resolve import resolve
 from cmid_jax.models import attention
 from cmid_jax.perf.synthetic import synthetic_batch
-from cmid_jax.step import Trainer
+from cmid_jax.step import TrainStep
 
 GIB = 2**30
 
@@ -141,24 +142,25 @@ def memory_report(
     """
     config = config.copy_and_resolve_references()
     config.batch_size = per_device_batch
+    config = resolve(config, num_devices=1)
     here = attention.current_platform()
     platform = platform or here
-    trainer = Trainer.create(config, optim.Schedule(1, 1), platform=platform)
-    state = trainer.abstract_state
+    step_fn = TrainStep.create(config, optim.Schedule(1, 1), platform=platform)
+    state = step_fn.abstract_state
     batch = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
         synthetic_batch(0, per_device_batch, config.data.image_size),
     )
 
     def loss_of_params(params, state, batch):
-        return trainer.objective(state, batch)[0](params)
+        return step_fn.objective(state, batch)[0](params)
 
     residuals = saved_residuals(loss_of_params, state['params'], state, batch, has_aux=True)
     saved = sum(r.nbytes for r in residuals)
     state_bytes = tree_bytes(state)
     xla = None
     if compile_step and platform == here:
-        step = jax.jit(trainer.train_step, donate_argnums=(0,))
+        step = jax.jit(step_fn, donate_argnums=(0,))
         xla = xla_memory(step.lower(state, batch).compile())
     m = config.model
     return {
@@ -168,7 +170,7 @@ def memory_report(
         'image_size': config.data.image_size,
         'compute_dtype': m.compute_dtype,
         'platform': platform,
-        'attention_impl': getattr(trainer.nets.backbone, 'attention_impl', None),
+        'attention_impl': getattr(step_fn.nets.backbone, 'attention_impl', None),
         'remat': m.remat,
         'per_device_batch': per_device_batch,
         'state_gib': state_bytes / GIB,
