@@ -59,9 +59,11 @@ def collect(roots: list[Path]) -> list[dict]:
                 rows.append(
                     dict(
                         r,
+                        # Folder names only: the table is shared, the machine's paths are not.
+                        data=Path(r['data']).name,
                         setting=setting_of(config, r['step']),
                         pretrain_seed=config['seed'],
-                        workdir=str(evals.parent),
+                        workdir=f'{root.name}/{evals.parent.name}',
                     )
                 )
     return rows
