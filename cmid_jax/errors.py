@@ -1,13 +1,17 @@
-"""Errors a user can fix, and the one way every command reports them.
+"""The project's errors, and the one way every command reports them.
 
 Every command (`cmid_jax.main`, `cmid_jax/tools/*.py`) starts through `run(main)`:
 
 * an expected error (a `UserError`: config, paths, data, workdir, incompatible resume, lock,
-  failed save, a diverged run; or a flag that does not parse, a misspelt `--config.FIELD`, a missing config
-  file) prints one line and a hint, without a traceback, and exits with status 2;
+  failed save, a diverged run; or a flag that does not parse, a misspelt `--config.FIELD`, a
+  missing config file) prints one line and a hint, without a traceback, and exits with status 2;
 * a preempted run (`Preempted`: SIGTERM, state saved) exits with status 75 (EX_TEMPFAIL), so
   schedulers and retry loops run the same command again;
 * anything else is a bug: Python's traceback and status 1.
+
+Only the project's own error types are expected. A library's error is translated where it is
+raised, into the type and hint that fit its cause (`from_os_error`: disk full, permissions, a
+missing path, the network); a `ValueError` from a bug stays a traceback.
 
 `CMID_TRACEBACK=1` shows the traceback of expected errors too. Library INFO chatter (orbax's
 per-save lines, JAX's `Unable to initialize backend 'tpu'`) is kept out of every command's log.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import errno
 import functools
 import os
 import sys
@@ -34,6 +39,9 @@ class UserError(Exception):
     def __init__(self, message: str, hint: str = ''):
         super().__init__(message)
         self.message, self.hint = message, hint
+
+    def __reduce__(self):  # Keeps the hint across grain's worker processes.
+        return (type(self), (self.message, self.hint))
 
 
 class ConfigError(UserError, ValueError):
@@ -54,6 +62,33 @@ class SaveError(UserError):
 
 class Diverged(UserError, FloatingPointError):
     """Training stopped on non-finite losses or gradients (`max_nonfinite_steps`)."""
+
+
+class ImageError(DataError):
+    """An image, scene or record that cannot be used; `path` and `reason` are attributes. The
+    pipeline counts and replaces it; it stops a run only where no image can replace it."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = str(path), str(reason)
+        super().__init__(f'cannot read image {self.path!r}: {self.reason}')
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason))
+
+
+class TileRejected(Exception):
+    """A readable tile or image with more nodata than `data.max_nodata`: replaced, not counted as
+    bad (control flow of the pipeline, never reported)."""
+
+    def __init__(self, where: str, fraction: float, limit: float):
+        self.where, self.fraction, self.limit = str(where), float(fraction), float(limit)
+        super().__init__(
+            f'{self.where}: {self.fraction:.1%} nodata pixels, more than '
+            f'data.max_nodata={self.limit:g}'
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.where, self.fraction, self.limit))
 
 
 class Preempted(Exception):
@@ -79,19 +114,40 @@ def one_line(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def expected(kind: type[UserError], hint: str = '') -> Iterator[None]:
-    """Turns a ValueError / OSError / RuntimeError into `kind` (one line, exit status 2).
-
-    Use it around calls whose such errors come from user input: reading config values, files,
-    images and checkpoints (the tools wrap their one library call). A bug inside is then one
-    line too; `CMID_TRACEBACK=1` shows where it came from.
-    """
+def hint(text: str) -> Iterator[None]:
+    """Adds `text` as the hint of a project error raised inside that has none (a tool's advice
+    on which flag to check). Other exceptions pass unchanged."""
     try:
         yield
-    except UserError:
+    except UserError as e:
+        if not e.hint:
+            e.hint = text
         raise
-    except (ValueError, OSError, RuntimeError) as e:
-        raise kind(one_line(e), hint) from e
+
+
+# errno -> (what happened, what to do), for OSErrors of files the user named or a workdir.
+_OS_CAUSES = {
+    errno.ENOSPC: ('no space left', 'free space, or use a --workdir on a larger disk'),
+    errno.EDQUOT: ('disk quota exceeded', 'free space, or use a --workdir on a larger disk'),
+    errno.EFBIG: ('file too large for this file system', 'use a --workdir on another disk'),
+    errno.EACCES: ('permission denied', 'fix the permissions, or use another path'),
+    errno.EPERM: ('operation not permitted', 'fix the permissions, or use another path'),
+    errno.EROFS: ('read-only file system', 'use a writable path'),
+    errno.ENOENT: ('no such file or directory', 'check the path'),
+    errno.ENOTDIR: ('a part of the path is not a folder', 'check the path'),
+    errno.EISDIR: ('is a folder', 'check the path'),
+}
+_NETWORK_HINT = 'check the network and the storage service (gs://: the bucket and credentials)'
+
+
+def from_os_error(error: OSError, what: str, kind: type[UserError] = WorkdirError) -> UserError:
+    """`error` (raised while doing `what`, e.g. "writing runs/x/config.json") as a project error
+    of `kind` whose hint fits its cause: disk full, permissions, a missing path or the network."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return kind(f'{what}: {one_line(error) or type(error).__name__}', _NETWORK_HINT)
+    cause, advice = _OS_CAUSES.get(error.errno, (None, ''))
+    detail = cause if cause and not error.strerror else one_line(error)
+    return kind(f'{what}: {detail}', advice)
 
 
 def run(main: Callable[[list[str]], None]) -> None:

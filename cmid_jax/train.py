@@ -22,7 +22,7 @@ from cmid_jax.config_resolve import resolve, resume_changes
 from cmid_jax.data import describe_source, open_source
 from cmid_jax.data.bad_files import BadFiles
 from cmid_jax.data.pipeline import Source, build_dataset, make_iterator
-from cmid_jax.errors import DataError, Diverged, Preempted, WorkdirError, expected, one_line
+from cmid_jax.errors import Diverged, Preempted, WorkdirError, hint, one_line
 from cmid_jax.evaluation.periodic import PeriodicEvals
 from cmid_jax.step import TrainStep
 from cmid_jax.workdir import (
@@ -86,7 +86,7 @@ def train_and_evaluate(
     with _exclusive(wd), contextlib.ExitStack() as cleanup:
         # Image files, GeoTIFF tiles, ArrayRecord shards or TFDS (cmid_jax/data/sources.py); the
         # resolved bands, pixel type, mean/std, value range and run length go to config.json.
-        with expected(DataError, _DATA_HINT):
+        with hint(_DATA_HINT):
             source = open_source(resolve(config).data)
         config = resolve(
             config, source, num_devices=jax.device_count(), num_processes=num_processes
@@ -129,7 +129,7 @@ def train_and_evaluate(
         bad_log = wd.jsonl(bad_name)
         cleanup.callback(bad_log.close)
         bad_files = BadFiles(source, wd.read_jsonl(bad_name), bad_log.write)
-        with expected(DataError, _DATA_HINT):
+        with hint(_DATA_HINT):
             data_iter = input_pipeline(config, source, bad_files)
         if hasattr(data_iter, 'close'):
             cleanup.callback(data_iter.close)  # Stops grain's worker processes.
@@ -160,7 +160,7 @@ def train_and_evaluate(
         writer = cleanup.enter_context(
             contextlib.closing(metrics_lib.MetricWriter(wd, is_main_process=process == 0))
         )
-        with expected(DataError, 'check eval.path and eval.dense_path'):
+        with hint("check eval.path and eval.dense_path"):
             evals = PeriodicEvals(config, mesh, wd, writer, total_steps)
         first_step = int(jax.device_get(state['step']))
         evals.first_points(first_step, state)  # The curves' first points, on a resume too.
@@ -183,7 +183,7 @@ def train_and_evaluate(
             )
         try:
             for step in range(first_step + 1, total_steps + 1):
-                with expected(DataError, _DATA_HINT):
+                with hint(_DATA_HINT):
                     batch = next(data_iter)
                     bad_files.update(batch.pop('bad_images'), step)
                 batch = parallel.global_batch(batch, batch_sharding)

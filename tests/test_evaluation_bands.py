@@ -13,10 +13,10 @@ import pytest
 rasterio = pytest.importorskip('rasterio')
 
 from cmid_jax import train  # noqa: E402
-from cmid_jax.data.errors import ImageError  # noqa: E402
 from cmid_jax.data.files import load_image  # noqa: E402
 from cmid_jax.data.pipeline import FileSource  # noqa: E402
 from cmid_jax.data.views import pre_resize  # noqa: E402
+from cmid_jax.errors import ImageError  # noqa: E402
 from cmid_jax.evaluation import FinetuneRecipe, load_images  # noqa: E402
 from cmid_jax.evaluation import run as evaluate  # noqa: E402
 from cmid_jax.evaluation.finetune import augment  # noqa: E402

@@ -18,10 +18,10 @@ from cmid_jax.data import bands as B  # noqa: E402
 from cmid_jax.data import pipeline as P  # noqa: E402
 from cmid_jax.data import raster  # noqa: E402
 from cmid_jax.data import views as V  # noqa: E402
-from cmid_jax.data.errors import ImageError, TileRejected  # noqa: E402
 from cmid_jax.data.sources import open_source  # noqa: E402
 from cmid_jax.data.stats import compute_stats, load_stats, write_stats  # noqa: E402
 from cmid_jax.data.tiles import TileIndex, TileSource  # noqa: E402
+from cmid_jax.errors import ImageError, TileRejected  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 GEOTIFF = DATA / 'geotiff'

@@ -243,5 +243,5 @@ def test_tfds_source_reads_a_locally_built_dataset(tfds_dir):
         open_source(_data_config(source='tfds:missing_set:train', path=str(data_dir)))
     with pytest.raises(ConfigError, match=r"data.source='tfds:aid_tiny': expected 'tfds:NAME"):
         _resolved_data(_data_config(source='tfds:aid_tiny'), None)
-    with pytest.raises(ConfigError, match=r"data.tile_size=64 must be 0 with data.source="):
+    with pytest.raises(ConfigError, match=r'data.tile_size=64 must be 0 with data.source='):
         _resolved_data(_data_config(source='tfds:aid_tiny:train', tile_size=64), None)

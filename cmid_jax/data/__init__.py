@@ -7,7 +7,6 @@ images and resamples them as pretraining does); the modules behind them are inte
 from __future__ import annotations
 
 from cmid_jax.data.bands import is_rgb, num_bands, type_max
-from cmid_jax.data.errors import ImageError, TileRejected
 from cmid_jax.data.files import IMAGE_EXTENSIONS, demo_data_path, list_images, load_image
 from cmid_jax.data.pipeline import (
     DecodeProcessSlice,
@@ -24,6 +23,7 @@ from cmid_jax.data.views import (
     resized_crop,
     sample_crop_box,
 )
+from cmid_jax.errors import ImageError, TileRejected
 
 __all__ = [
     'IMAGE_EXTENSIONS',

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cmid_jax.data.errors import ImageError
+from cmid_jax.errors import ImageError
 
 # Pixel types that travel to the device; anything else is converted by ``compact`` or refused.
 PIXEL_DTYPES = ('uint8', 'uint16')

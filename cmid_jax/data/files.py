@@ -37,7 +37,7 @@ import os
 import numpy as np
 
 from cmid_jax.data.bands import valid_mask
-from cmid_jax.data.errors import ImageError
+from cmid_jax.errors import ImageError
 
 log = logging.getLogger(__name__)
 

@@ -56,9 +56,9 @@ from cmid_jax.data.bands import (
     nodata_fraction,
     resolve_bands,
 )
-from cmid_jax.data.errors import ImageError, TileRejected
 from cmid_jax.data.files import load_image
 from cmid_jax.data.views import check_image_size, make_views
+from cmid_jax.errors import ImageError, TileRejected
 
 log = logging.getLogger(__name__)
 

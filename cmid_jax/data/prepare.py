@@ -34,10 +34,10 @@ from typing import Any
 
 from cmid_jax.data import raster, records
 from cmid_jax.data.bands import ALL_BANDS, check_bands_setting, resolve_bands
-from cmid_jax.data.errors import ImageError, TileRejected
 from cmid_jax.data.files import list_images
 from cmid_jax.data.pipeline import FileSource
 from cmid_jax.data.tiles import TileIndex, TileSource
+from cmid_jax.errors import ImageError, TileRejected
 
 log = logging.getLogger(__name__)
 

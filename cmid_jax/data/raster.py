@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cmid_jax.data.errors import ImageError
+from cmid_jax.errors import ImageError
 
 TIFF_EXTENSIONS = ('.tif', '.tiff')
 _MAX_OPEN = 32

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from cmid_jax.data.bands import check_bands_setting, resolve_bands, select
-from cmid_jax.data.errors import ImageError
 from cmid_jax.data.files import to_rgb_uint8
 from cmid_jax.data.tagged_json import read_tagged_json
+from cmid_jax.errors import ImageError
 
 MANIFEST = 'manifest.json'
 FORMAT = 'cmid_jax.prepare/1'

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from cmid_jax.data.bands import type_max, valid_mask
-from cmid_jax.data.errors import ImageError, TileRejected
 from cmid_jax.data.tagged_json import read_tagged_json
+from cmid_jax.errors import ImageError, TileRejected
 
 log = logging.getLogger(__name__)
 

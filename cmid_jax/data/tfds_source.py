@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from cmid_jax.data.bands import check_bands_setting, compact, compact_dtype, resolve_bands, select
-from cmid_jax.data.errors import ImageError
 from cmid_jax.data.files import to_rgb_uint8
+from cmid_jax.errors import ImageError
 
 PREFIX = 'tfds:'
 

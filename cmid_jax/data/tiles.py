@@ -35,8 +35,8 @@ from cmid_jax.data.bands import (
     nodata_fraction,
     resolve_bands,
 )
-from cmid_jax.data.errors import ImageError, TileRejected
 from cmid_jax.data.files import to_rgb_uint8
+from cmid_jax.errors import ImageError, TileRejected
 
 log = logging.getLogger(__name__)
 

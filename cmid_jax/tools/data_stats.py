@@ -33,7 +33,7 @@ flags.mark_flags_as_required(['config', 'out'])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    with errors.expected(errors.DataError, 'check data.path and data.bands'):
+    with errors.hint('check data.path and data.bands'):
         stats = source_stats(_CONFIG.value, _SAMPLES.value)
         write_stats(stats, _OUT.value)
     print(json.dumps({k: stats[k] for k in ('mean', 'std', 'value_range', 'dtype', 'bands')}))

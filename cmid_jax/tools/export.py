@@ -32,10 +32,9 @@ flags.mark_flags_as_required(['workdir', 'out'])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    with errors.expected(errors.UserError):
-        export.export_backbone(
-            _WORKDIR.value, _OUT.value, step=_STEP.value, which=_WHICH.value, layout=_LAYOUT.value
-        )
+    export.export_backbone(
+        _WORKDIR.value, _OUT.value, step=_STEP.value, which=_WHICH.value, layout=_LAYOUT.value
+    )
 
 
 def run() -> None:

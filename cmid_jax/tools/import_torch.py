@@ -25,7 +25,7 @@ flags.mark_flags_as_required(['config', 'checkpoint', 'workdir'])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    with errors.expected(errors.UserError, 'the config must describe the checkpoint'):
+    with errors.hint('the config must describe the checkpoint'):
         import_checkpoint(
             _CHECKPOINT.value, _CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value
         )

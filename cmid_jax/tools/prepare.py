@@ -38,7 +38,7 @@ def parse_bands(values: list[str] | None) -> tuple[int | str, ...] | None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    with errors.expected(errors.DataError):
+    with errors.hint('check --src, --bands and --tile'):
         m = prepare(
             _SRC.value,
             _OUT.value,
