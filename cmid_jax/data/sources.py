@@ -16,17 +16,21 @@ What the config leaves to the data (``resolve_data_config``, run on the copy tha
 records): ``data.path``, ``data.dtype`` (the pixel type, which fixes the device scale),
 ``data.mean`` / ``data.std`` from ``data.stats`` when given, and ``data.value_range`` (from the
 stats, else 0 to the type maximum). Band counts of mean/std are checked against the data.
+
+``source_stats`` opens the source and computes the statistics ``data.stats`` reads back
+(:mod:`cmid_jax.data.stats`, which knows nothing of the sources).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from cmid_jax.data import records
 from cmid_jax.data.bands import check_bands_setting, num_bands, type_max
 from cmid_jax.data.files import demo_data_path, list_images
 from cmid_jax.data.pipeline import FileSource, Source
-from cmid_jax.data.stats import load_stats
+from cmid_jax.data.stats import compute_stats, load_stats
 from cmid_jax.data.tfds_source import PREFIX as TFDS_PREFIX
 from cmid_jax.data.tfds_source import TfdsSource
 from cmid_jax.data.tiles import TileIndex, TileSource
@@ -142,3 +146,19 @@ def resolve_data_config(data, source: Source) -> None:
     data.value_range = (black, white)
     if not 0.0 <= data.max_nodata <= 1.0:
         raise ValueError(f'data.max_nodata={data.max_nodata} must be a fraction in [0, 1]')
+
+
+def source_stats(config, samples: int) -> dict[str, Any]:
+    """Statistics (:func:`cmid_jax.data.stats.compute_stats`) of the data `config.data` describes,
+    with the settings that produced them."""
+    data = config.data
+    source = open_source(data)
+    log.info('Reading %d of %s.', min(samples, len(source)), describe_source(data, source))
+    stats = compute_stats(source, samples=samples, seed=config.seed)
+    stats.update(
+        bands=None if data.bands is None else list(data.bands),
+        source=describe_source(data, source),
+        tile_size=data.tile_size,
+        max_nodata=data.max_nodata,
+    )
+    return stats

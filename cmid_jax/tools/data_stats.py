@@ -20,7 +20,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cmid_jax import errors
-from cmid_jax.data.stats import source_stats, write_stats
+from cmid_jax.data.sources import source_stats
+from cmid_jax.data.stats import write_stats
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file.', lock_config=True
