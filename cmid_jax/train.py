@@ -32,7 +32,6 @@ from cmid_jax.workdir import (
     HISTORY,
     METRICS,
     Workdir,
-    share_from_process_0,
 )
 from cmid_jax.workdir_lock import WorkdirLock
 
@@ -236,7 +235,7 @@ def _exclusive(wd: Workdir) -> Iterator[None]:
             lock.acquire()
         except WorkdirError as e:
             failure = e
-    refusal = share_from_process_0('workdir_lock', failure.message if failure else '')
+    refusal = parallel.share_from_process_0('workdir_lock', failure.message if failure else '')
     if failure is None and refusal:
         failure = WorkdirError(
             f'Process 0 could not lock the workdir: {refusal}', 'see the log of process 0'

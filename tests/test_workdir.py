@@ -16,8 +16,8 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath
 from fsspec.implementations.memory import MemoryFileSystem
 
+from cmid_jax import checkpoints as checkpoints_lib
 from cmid_jax import errors, visualize, workdir_lock
-from cmid_jax import workdir as workdir_lib
 from cmid_jax.workdir import EVAL, HISTORY, METRICS, Workdir
 from cmid_jax.workdir_lock import WorkdirLock
 from configs import vitb
@@ -251,7 +251,7 @@ def test_read_only_restore_skips_damage_without_moving_it(tmp_path):
     ckpt = wd.checkpoints(read_only=True)
     _, step = ckpt.restore_newest(abstract(tiny_state(0)))
     assert step == 1 and os.path.isdir(tmp_path / 'ckpt' / '2')
-    with pytest.raises(workdir_lib.DamagedCheckpoint, match='step 2 cannot be read'):
+    with pytest.raises(checkpoints_lib.DamagedCheckpoint, match='step 2 cannot be read'):
         ckpt.restore(2, abstract(tiny_state(0)))
 
 
