@@ -132,7 +132,7 @@ class Workdir:
         path = self / name
         if not path.exists():
             return []
-        return _parse_jsonl(path.read_text())
+        return read_jsonl_file(path)
 
     def jsonl(self, name: str) -> JsonlFile:
         self.make()
@@ -185,9 +185,12 @@ class Workdir:
             (self / CKPT).rmtree()
 
 
-def _parse_jsonl(text: str) -> list[dict]:
+def read_jsonl_file(path: str | os.PathLike) -> list[dict]:
+    """Every complete record of the JSONL file at `path` (local or remote), in file order; a line
+    that does not parse (cut by a crash) is skipped. For the workdir's own files use
+    `Workdir.read_jsonl`, which also reads a missing file as []."""
     records = []
-    for line in text.splitlines():
+    for line in epath.Path(path).read_text().splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:  # A line cut by a crash before O_APPEND existed here.

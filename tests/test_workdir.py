@@ -105,6 +105,23 @@ def test_remote_workdir_round_trips_every_file(gcs):
     assert not (wd / 'lock').exists()
 
 
+def test_plots_skip_a_metrics_line_cut_by_a_crash(tmp_path):
+    """The pictures read metrics.jsonl through the workdir's reader, as the train loop does."""
+    wd = Workdir(tmp_path)
+    metrics = wd.jsonl(METRICS)
+    for step, loss in ((1, 2.0), (2, 1.5)):
+        metrics.write({'step': step, 'loss': loss, 'knn_top1_student': 0.1 * step})
+    metrics.close()
+    with open(wd / METRICS, 'a', encoding='utf-8') as f:
+        f.write('{"step": 3, "loss": 1.')  # killed in the middle of a line
+    assert [r['step'] for r in wd.read_jsonl(METRICS)] == [1, 2]
+    series = visualize.plot_training_curves(wd / METRICS, tmp_path / 'curves.png', names=('loss',))
+    assert series == {'loss': [(1, 2.0), (2, 1.5)]}
+    series = visualize.plot_knn_curve(wd / METRICS, tmp_path / 'knn.png')
+    assert series == {'knn_top1_student': [(1, 0.1), (2, 0.2)]}
+    assert (tmp_path / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
 def test_local_jsonl_writers_interleave_whole_lines(tmp_path):
     wd = Workdir(tmp_path)
     a, b = wd.jsonl(METRICS), wd.jsonl(METRICS)
