@@ -24,6 +24,8 @@ from conftest import REPO
 PACKAGE = 'cmid_jax'
 # Pure arithmetic shared by the backbones, the step FLOP count and the PyTorch reference.
 FLOP_LEAF = 'cmid_jax.flop_counts'
+# numpy helpers shared by the backbones' PyTorch key layouts and cmid_jax.convert.
+STATE_DICT_LEAF = 'cmid_jax.state_dict'
 
 
 def module_files(root: Path = REPO) -> dict[str, Path]:
@@ -131,3 +133,11 @@ def test_the_flop_formulas_are_a_leaf():
     for name, targets in graph.items():
         if name.startswith('cmid_jax.models'):
             assert not {t for t in targets if t.startswith('cmid_jax.perf')}, name
+
+
+def test_the_models_stay_below_convert():
+    graph = import_graph()
+    assert graph[STATE_DICT_LEAF] == set()
+    for name, targets in graph.items():
+        if name.startswith('cmid_jax.models'):
+            assert not {t for t in targets if t.startswith('cmid_jax.convert')}, name

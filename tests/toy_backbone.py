@@ -19,13 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmid_jax import flop_counts
-from cmid_jax.models.common import (
-    add_mask_token,
-    flatten,
-    match_state_dict,
-    resolve_layout,
-    unflatten,
-)
+from cmid_jax.models.common import add_mask_token
+from cmid_jax.state_dict import flatten, match_state_dict, resolve_layout, unflatten
 
 VARIANTS = {'S': 8, 'M': 16}  # stem width
 TORCH_NAMES: dict[str, str] = {}

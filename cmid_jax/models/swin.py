@@ -40,13 +40,11 @@ import numpy as np
 
 from cmid_jax import flop_counts
 from cmid_jax.models import remat as remat_lib
-from cmid_jax.models.common import (
-    add_mask_token,
+from cmid_jax.models.common import add_mask_token, patch_conv, torch_dense
+from cmid_jax.state_dict import (
     flatten,
     match_state_dict,
-    patch_conv,
     resolve_layout,
-    torch_dense,
     torch_model_spec,
     unflatten,
 )

@@ -28,11 +28,10 @@ import numpy as np
 from cmid_jax import flop_counts
 from cmid_jax.models import attention
 from cmid_jax.models import remat as remat_lib
-from cmid_jax.models.common import (
-    add_mask_token,
+from cmid_jax.models.common import add_mask_token, patch_conv
+from cmid_jax.state_dict import (
     flatten,
     match_state_dict,
-    patch_conv,
     resolve_layout,
     torch_model_spec,
     unflatten,
