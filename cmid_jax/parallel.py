@@ -1,4 +1,5 @@
-"""Data-parallel mesh, shardings and multi-host set-up.
+"""Data-parallel mesh, shardings, multi-host set-up and the multi-host primitives (a barrier and
+a value shared from process 0, through JAX's coordination service).
 
 Parameters, optimizer state, teacher, queue and centre are replicated; the batch is split over
 the `data` axis. Under `jax.jit` the BatchNorm statistics, the InfoNCE logits and the centre
@@ -11,6 +12,7 @@ import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -55,3 +57,26 @@ def with_sharding(abstract_tree, sharding) -> dict:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_tree
     )
+
+
+# --- Multi-host primitives (coordination service, no device collective) ---------------------
+
+
+def sync_processes(name: str) -> None:
+    """A barrier of all processes through JAX's coordination service (no device collective, so
+    it never creates a communicator the train step's collectives would have to agree on)."""
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key(name))
+
+
+def share_from_process_0(name: str, value: str | None) -> str:
+    """`value` of process 0, on every process (through the coordination service's key-value
+    store); `value` is ignored elsewhere."""
+    if jax.process_count() == 1:
+        return value
+    client = ocp.multihost.get_jax_distributed_client()
+    key = f'cmid_jax/{ocp.multihost.unique_barrier_key(name)}'
+    if jax.process_index() == 0:
+        client.key_value_set(key, value)
+        return value
+    return client.blocking_key_value_get(key, ocp.multihost.coordination_timeout() * 1000)

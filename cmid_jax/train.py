@@ -32,7 +32,6 @@ from cmid_jax.workdir import (
     HISTORY,
     METRICS,
     Workdir,
-    share_from_process_0,
 )
 from cmid_jax.workdir_lock import WorkdirLock
 
@@ -160,7 +159,7 @@ def train_and_evaluate(
         writer = cleanup.enter_context(
             contextlib.closing(metrics_lib.MetricWriter(wd, is_main_process=process == 0))
         )
-        with hint("check eval.path and eval.dense_path"):
+        with hint('check eval.path and eval.dense_path'):
             evals = PeriodicEvals(config, mesh, wd, writer, total_steps)
         first_step = int(jax.device_get(state['step']))
         evals.first_points(first_step, state)  # The curves' first points, on a resume too.
@@ -231,7 +230,7 @@ def _exclusive(wd: Workdir) -> Iterator[None]:
             lock.acquire()
         except WorkdirError as e:
             failure = e
-    refusal = share_from_process_0('workdir_lock', failure.message if failure else '')
+    refusal = parallel.share_from_process_0('workdir_lock', failure.message if failure else '')
     if failure is None and refusal:
         failure = WorkdirError(
             f'Process 0 could not lock the workdir: {refusal}', 'see the log of process 0'

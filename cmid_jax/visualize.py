@@ -10,13 +10,13 @@
 * `plot_knn_curve` draws top-1 accuracy against step from `metrics.jsonl` (the online
   `knn_top1_*` scalars) or `eval.jsonl` (one series per protocol and backbone).
 
-Both JSONL readers take every line of the file: a resumed run appends to the same file, and for a
-step logged twice (steps redone after a crash) the later line wins.
+Both JSONL readers take every complete line of the file (`cmid_jax.workdir.read_jsonl_file`, which
+skips a line cut by a crash): a resumed run appends to the same file, and for a step logged twice
+(steps redone after a crash) the later line wins.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
+
+from cmid_jax.workdir import read_jsonl_file
 
 GAP_VALUE = 255  # White separators between the cells of a grid.
 ROW_LABELS = ('input', 'masked input', 'prediction', 'target')
@@ -179,21 +181,17 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
 def _read_jsonl_series(
     jsonl_path: str | os.PathLike, points: Callable[[dict], Mapping[str, float]]
 ) -> Series:
-    """{name: [(step, value), ...]} sorted by step, from the `points(record)` of every line that
-    has a step; for a step logged twice the later line wins; non-finite values are left out."""
+    """{name: [(step, value), ...]} sorted by step, from the `points(record)` of every record that
+    has a step (read by the workdir's JSONL reader, which skips a line cut by a crash); for a step
+    logged twice the later line wins; non-finite values are left out."""
     series: dict[str, dict[int, float]] = {}
-    with epath.Path(jsonl_path).open() as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            record = json.loads(line)
-            step = record.get('step')
-            if step is None:
-                continue
-            for name, value in points(record).items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    series.setdefault(name, {})[int(step)] = float(value)
+    for record in read_jsonl_file(jsonl_path):
+        step = record.get('step')
+        if step is None:
+            continue
+        for name, value in points(record).items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                series.setdefault(name, {})[int(step)] = float(value)
     return {name: sorted(values.items()) for name, values in sorted(series.items())}
 
 

@@ -229,7 +229,7 @@ def test_data_stats_equal_numpy_on_the_full_arrays(tmp_path):
     np.testing.assert_allclose(tiles['mean'], both.mean(axis=0) / 65535, rtol=1e-12)
 
     # data.stats sets mean / std / value_range of the config, checked against the data.
-    from cmid_jax.data.stats import source_stats
+    from cmid_jax.data.sources import source_stats
     from configs import vitb
 
     config = vitb.get_config('smoke')

@@ -23,7 +23,7 @@ timm = pytest.importorskip('timm')
 from test_backbones import PARITY_TOL, _abstract_init, _max_rel_err, _n_params, _randomise  # noqa: E402
 
 from cmid_jax import train  # noqa: E402
-from cmid_jax.models import build_backbone, swin  # noqa: E402
+from cmid_jax.models import build_backbone, swin, swin_torch  # noqa: E402
 from configs import swinb  # noqa: E402
 
 SWIN_B_PARAMS = 86_743_224  # timm swin_base_patch4_window7_224, num_classes=0
@@ -121,19 +121,19 @@ def test_swin_b_parameter_count_equals_timm():
     assert ours == sum(p.numel() for p in tm.parameters()) == SWIN_B_PARAMS
     # The mmcls layout lacks no timm parameter (timm's final `norm` is `norm3`); it only adds the
     # 24 int64 relative_position_index buffers, which timm keeps non-persistent.
-    mm = swin.torch_state_dict_shapes(model, 'mmcls')
+    mm = swin_torch.torch_state_dict_shapes(model, 'mmcls')
     assert sum(math.prod(s) for k, s in mm.items() if not k.endswith('index')) == SWIN_B_PARAMS
     assert sum(k.endswith('relative_position_index') for k in mm) == 24
 
 
 def test_swin_b_keys_match_mmcls_list_and_timm():
     model = build_backbone('swin', 'B', img_size=224)
-    assert swin.torch_state_dict_shapes(model, 'mmcls') == _mmcls_swin_b_shapes()
+    assert swin_torch.torch_state_dict_shapes(model, 'mmcls') == _mmcls_swin_b_shapes()
     assert len(_mmcls_swin_b_shapes()) == 351
     with torch.device('meta'):
         tm = timm.create_model('swin_base_patch4_window7_224', num_classes=0)
     theirs = {k: tuple(v.shape) for k, v in tm.state_dict().items()}
-    assert swin.torch_state_dict_shapes(model, 'timm') == theirs and len(theirs) == 327
+    assert swin_torch.torch_state_dict_shapes(model, 'timm') == theirs and len(theirs) == 327
 
 
 def test_attributes_registry_and_input_checks():
@@ -172,7 +172,7 @@ def test_relative_position_index_is_the_standard_one():
     seq = ((2 * w - 1) * np.arange(w)[:, None] + np.arange(w)[None, :]).reshape(1, -1)
     mmcls = np.flip(seq + seq.T, axis=1)
     timm_index = timm.models.swin_transformer.get_relative_position_index(w, w).numpy()
-    ours = swin.relative_position_index(w)
+    ours = swin_torch.relative_position_index(w)
     assert ours.dtype == np.int64 and ours.shape == (49, 49)
     np.testing.assert_array_equal(ours, mmcls)
     np.testing.assert_array_equal(ours, timm_index)
@@ -208,7 +208,7 @@ def test_forward_parity_with_timm_and_mmcls_route(variant, img):
     # mmcls layout -> JAX -> timm layout is exact, so it gives timm's features too; the
     # patch-merging permutation is what makes it so (a plain rename does not).
     mm_sd = swin.to_torch_state_dict(variables, layout='mmcls')
-    assert set(mm_sd) == set(swin.torch_state_dict_shapes(model, 'mmcls'))
+    assert set(mm_sd) == set(swin_torch.torch_state_dict_shapes(model, 'mmcls'))
     reread = swin.from_torch_state_dict(mm_sd, model)
     jax.tree.map(np.testing.assert_array_equal, reread, variables)
     via_mmcls = swin.to_torch_state_dict(reread, layout='timm')
@@ -216,7 +216,7 @@ def test_forward_parity_with_timm_and_mmcls_route(variant, img):
     for k, v in via_mmcls.items():
         np.testing.assert_array_equal(v, timm_sd[k], err_msg=k)
     assert np.abs(_timm_features(tm, via_mmcls, x) - ours).max() < PARITY_TOL
-    renamed = {swin._timm_key(k): v for k, v in mm_sd.items() if not k.endswith('index')}
+    renamed = {swin_torch._timm_key(k): v for k, v in mm_sd.items() if not k.endswith('index')}
     assert np.abs(_timm_features(tm, renamed, x) - ref).max() > 1e-2
 
 
@@ -242,7 +242,7 @@ def test_round_trips_are_exact():
         for p in tm.parameters():
             p.normal_()
     timm_sd = tm.state_dict()
-    assert swin.detect_layout(timm_sd) == 'timm'
+    assert swin_torch.detect_layout(timm_sd) == 'timm'
     variables = swin.from_torch_state_dict(timm_sd, model)  # torch tensors in
     back = swin.to_torch_state_dict(variables, layout='timm')
     assert set(back) == set(timm_sd)
@@ -251,7 +251,7 @@ def test_round_trips_are_exact():
         np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
 
     mm_sd = swin.to_torch_state_dict(variables)  # default layout: the official mmcls keys
-    assert swin.detect_layout(mm_sd) == 'mmcls'
+    assert swin_torch.detect_layout(mm_sd) == 'mmcls'
     index = mm_sd['stages.2.blocks.1.attn.w_msa.relative_position_index']
     assert index.dtype == np.int64 and index.shape == (4, 4)  # window 2
     again = swin.to_torch_state_dict(swin.from_torch_state_dict(mm_sd, model))

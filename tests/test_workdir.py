@@ -16,8 +16,8 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath
 from fsspec.implementations.memory import MemoryFileSystem
 
+from cmid_jax import checkpoints as checkpoints_lib
 from cmid_jax import errors, visualize, workdir_lock
-from cmid_jax import workdir as workdir_lib
 from cmid_jax.workdir import EVAL, HISTORY, METRICS, Workdir
 from cmid_jax.workdir_lock import WorkdirLock
 from configs import vitb
@@ -103,6 +103,23 @@ def test_remote_workdir_round_trips_every_file(gcs):
         with pytest.raises(errors.WorkdirError, match=f'pid {os.getpid()}'):
             WorkdirLock(wd).acquire()
     assert not (wd / 'lock').exists()
+
+
+def test_plots_skip_a_metrics_line_cut_by_a_crash(tmp_path):
+    """The pictures read metrics.jsonl through the workdir's reader, as the train loop does."""
+    wd = Workdir(tmp_path)
+    metrics = wd.jsonl(METRICS)
+    for step, loss in ((1, 2.0), (2, 1.5)):
+        metrics.write({'step': step, 'loss': loss, 'knn_top1_student': 0.1 * step})
+    metrics.close()
+    with open(wd / METRICS, 'a', encoding='utf-8') as f:
+        f.write('{"step": 3, "loss": 1.')  # killed in the middle of a line
+    assert [r['step'] for r in wd.read_jsonl(METRICS)] == [1, 2]
+    series = visualize.plot_training_curves(wd / METRICS, tmp_path / 'curves.png', names=('loss',))
+    assert series == {'loss': [(1, 2.0), (2, 1.5)]}
+    series = visualize.plot_knn_curve(wd / METRICS, tmp_path / 'knn.png')
+    assert series == {'knn_top1_student': [(1, 0.1), (2, 0.2)]}
+    assert (tmp_path / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_local_jsonl_writers_interleave_whole_lines(tmp_path):
@@ -251,7 +268,7 @@ def test_read_only_restore_skips_damage_without_moving_it(tmp_path):
     ckpt = wd.checkpoints(read_only=True)
     _, step = ckpt.restore_newest(abstract(tiny_state(0)))
     assert step == 1 and os.path.isdir(tmp_path / 'ckpt' / '2')
-    with pytest.raises(workdir_lib.DamagedCheckpoint, match='step 2 cannot be read'):
+    with pytest.raises(checkpoints_lib.DamagedCheckpoint, match='step 2 cannot be read'):
         ckpt.restore(2, abstract(tiny_state(0)))
 
 

@@ -18,14 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmid_jax.models.common import (
-    add_mask_token,
-    flatten,
-    match_state_dict,
-    resolve_layout,
-    unflatten,
-)
-from cmid_jax.perf import flops
+from cmid_jax import flop_counts
+from cmid_jax.models.common import add_mask_token
+from cmid_jax.state_dict import flatten, match_state_dict, resolve_layout, unflatten
 
 VARIANTS = {'S': 8, 'M': 16}  # stem width
 TORCH_NAMES: dict[str, str] = {}
@@ -74,7 +69,7 @@ def build(
 
 def forward_flops(variant: str, image_size: int, in_chans: int = 3) -> int:
     w, h = VARIANTS[variant], image_size // 4
-    return flops.conv(h, h, 4, in_chans, w) + flops.conv(h // 8, h // 8, 8, w, 4 * w)
+    return flop_counts.conv(h, h, 4, in_chans, w) + flop_counts.conv(h // 8, h // 8, 8, w, 4 * w)
 
 
 def torch_models(

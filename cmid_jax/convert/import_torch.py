@@ -50,7 +50,7 @@ from cmid_jax.convert import official, require_torch, safe_unpickle
 from cmid_jax.convert.adapt import adapt_stem
 from cmid_jax.models import BACKBONES, backbone_module
 from cmid_jax.models.cmid import STATE_KEYS
-from cmid_jax.models.common import as_numpy
+from cmid_jax.state_dict import as_numpy
 from cmid_jax.step import TrainStep
 from cmid_jax.workdir import IMPORT, Workdir
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from cmid_jax.models import backbone_module
 from cmid_jax.models.cmid import STATE_KEYS, backbone_variables
-from cmid_jax.models.common import match_state_dict
+from cmid_jax.state_dict import match_state_dict
 
 Codec = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
 

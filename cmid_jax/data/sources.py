@@ -14,16 +14,21 @@ otherwise                                   every image file under ``data.path``
 
 What the config leaves to the data (the pixel type, statistics and value range) is filled in
 from the opened source by :func:`cmid_jax.config_resolve.resolve`.
+
+``source_stats`` opens the source and computes the statistics ``data.stats`` reads back
+(:mod:`cmid_jax.data.stats`, which knows nothing of the sources).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from cmid_jax.data import records
 from cmid_jax.data.bands import check_bands_setting
 from cmid_jax.data.files import demo_data_path, list_images
 from cmid_jax.data.pipeline import FileSource, Source
+from cmid_jax.data.stats import compute_stats
 from cmid_jax.data.tfds_source import TfdsSource
 from cmid_jax.data.tiles import TileIndex, TileSource
 from cmid_jax.errors import DataError
@@ -70,3 +75,19 @@ def describe_source(data, source: Source) -> str:
     return (
         f'{len(source)} {source.unit} ({mode}, {source.num_bands}x{source.dtype.name}) from {where}'
     )
+
+
+def source_stats(config, samples: int) -> dict[str, Any]:
+    """Statistics (:func:`cmid_jax.data.stats.compute_stats`) of the data `config.data` describes,
+    with the settings that produced them."""
+    data = config.data
+    source = open_source(data)
+    log.info('Reading %d of %s.', min(samples, len(source)), describe_source(data, source))
+    stats = compute_stats(source, samples=samples, seed=config.seed)
+    stats.update(
+        bands=None if data.bands is None else list(data.bands),
+        source=describe_source(data, source),
+        tile_size=data.tile_size,
+        max_nodata=data.max_nodata,
+    )
+    return stats

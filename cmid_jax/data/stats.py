@@ -39,23 +39,6 @@ def _percentile(hist: np.ndarray, q: float) -> int:
     return int(np.searchsorted(cdf, q / 100.0 * cdf[-1], side='left'))
 
 
-def source_stats(config, samples: int) -> dict[str, Any]:
-    """Statistics of the data `config.data` describes, with the settings that produced them."""
-    from cmid_jax.data.sources import describe_source, open_source  # sources imports this module
-
-    data = config.data
-    source = open_source(data)
-    log.info('Reading %d of %s.', min(samples, len(source)), describe_source(data, source))
-    stats = compute_stats(source, samples=samples, seed=config.seed)
-    stats.update(
-        bands=None if data.bands is None else list(data.bands),
-        source=describe_source(data, source),
-        tile_size=data.tile_size,
-        max_nodata=data.max_nodata,
-    )
-    return stats
-
-
 def compute_stats(source, *, samples: int, seed: int) -> dict[str, Any]:
     """Statistics of ``samples`` elements of ``source`` (all of them if it has fewer), drawn
     as the first ``samples`` of a permutation seeded with ``seed``.

@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmid_jax import flop_counts
 from cmid_jax.models import remat as remat_lib
-from cmid_jax.models.common import (
-    add_mask_token,
+from cmid_jax.models.common import add_mask_token
+from cmid_jax.state_dict import (
     flatten,
     match_state_dict,
     resolve_layout,
@@ -217,11 +218,9 @@ def build(
 
 
 def forward_flops(variant: str, image_size: int, in_chans: int = 3) -> int:
-    """Analytic forward FLOPs of one image (`cmid_jax.perf.flops`)."""
-    from cmid_jax.perf import flops  # jax-free formulas, shared with the PyTorch reference
-
+    """Analytic forward FLOPs of one image (`cmid_jax.flop_counts`)."""
     stage_sizes, width = VARIANTS[variant]
-    return flops.resnet_forward(
+    return flop_counts.resnet_forward(
         image_size=image_size, stage_sizes=stage_sizes, width=width, in_chans=in_chans
     )
 

@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmid_jax import flop_counts
 from cmid_jax.models import attention
 from cmid_jax.models import remat as remat_lib
-from cmid_jax.models.common import (
-    add_mask_token,
+from cmid_jax.models.common import add_mask_token, patch_conv
+from cmid_jax.state_dict import (
     flatten,
     match_state_dict,
-    patch_conv,
     resolve_layout,
     torch_model_spec,
     unflatten,
@@ -288,11 +288,9 @@ def build(
 
 
 def forward_flops(variant: str, image_size: int, in_chans: int = 3) -> int:
-    """Analytic forward FLOPs of one image (`cmid_jax.perf.flops`)."""
-    from cmid_jax.perf import flops  # jax-free formulas, shared with the PyTorch reference
-
+    """Analytic forward FLOPs of one image (`cmid_jax.flop_counts`)."""
     v = VARIANTS[variant]
-    return flops.vit_forward(
+    return flop_counts.vit_forward(
         image_size=image_size,
         patch_size=v['patch_size'],
         embed_dim=v['embed_dim'],

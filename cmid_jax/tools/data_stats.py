@@ -20,7 +20,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cmid_jax import errors
-from cmid_jax.data.stats import source_stats, write_stats
+from cmid_jax.config_resolve import resolve
+from cmid_jax.data.sources import source_stats
+from cmid_jax.data.stats import write_stats
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file.', lock_config=True
@@ -34,8 +36,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     with errors.hint('check data.path and data.bands'):
-        stats = source_stats(_CONFIG.value, _SAMPLES.value)
+        stats = source_stats(resolve(_CONFIG.value), _SAMPLES.value)
+    try:
         write_stats(stats, _OUT.value)
+    except OSError as e:
+        raise errors.from_os_error(e, f'writing {_OUT.value}', errors.SaveError) from e
     print(json.dumps({k: stats[k] for k in ('mean', 'std', 'value_range', 'dtype', 'bands')}))
     print(
         f'{stats["elements_used"]} of {stats["elements_sampled"]} sampled elements used '

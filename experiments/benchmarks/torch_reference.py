@@ -47,7 +47,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cmid_jax import config_base  # noqa: E402
+from cmid_jax import config_base, flop_counts  # noqa: E402
 from cmid_jax.perf import flops  # noqa: E402
 from cmid_jax.perf.synthetic import synthetic_batch  # noqa: E402
 
@@ -101,7 +101,7 @@ class MaskedViT(nn.Module):
     def flops(self, image_size: int) -> flops.Backbone:
         v = self.net
         return flops.Backbone(
-            flops.vit_forward(
+            flop_counts.vit_forward(
                 image_size=image_size,
                 patch_size=self.stride,
                 embed_dim=v.embed_dim,
@@ -137,7 +137,7 @@ class MaskedResNet(nn.Module):
         n = self.net
         stages = [len(getattr(n, f'layer{i}')) for i in range(1, 5)]
         return flops.Backbone(
-            flops.resnet_forward(
+            flop_counts.resnet_forward(
                 image_size=image_size, stage_sizes=stages, width=n.conv1.out_channels
             ),
             self.num_features,
@@ -187,7 +187,7 @@ class MaskedSwin(nn.Module):
     def flops(self, image_size: int) -> flops.Backbone:
         n = self.net
         return flops.Backbone(
-            flops.swin_forward(
+            flop_counts.swin_forward(
                 image_size=image_size,
                 patch_size=self.patch_size,
                 embed_dim=n.embed_dim,
