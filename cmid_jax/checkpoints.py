@@ -18,7 +18,7 @@ from absl import logging
 from etils import epath
 
 from cmid_jax import parallel
-from cmid_jax.errors import SaveError, WorkdirError, one_line
+from cmid_jax.errors import SaveError, WorkdirError, one_line, os_advice
 
 
 class Checkpoints:
@@ -121,12 +121,11 @@ class Checkpoints:
             if intact
             else 'no earlier checkpoint exists'
         )
+        advice = os_advice(_errno(error), remote='://' in str(self.directory))
         return SaveError(
             f'Saving the checkpoint of step {step} to {self.directory} failed: '
             f'{_short_reason(error)}; {kept}',
-            'free space (or fix the permissions) and run the same command to resume'
-            if intact
-            else 'free space (or fix the permissions) and run the same command',
+            f'{advice}, then run the same command' + (' to resume' if intact else ''),
         )
 
     # --- Restoring -------------------------------------------------------------------------
@@ -229,6 +228,14 @@ class DamagedCheckpoint(WorkdirError):
             'restore another step (--step), or let cmid-pretrain fall back to an older one',
         )
         self.step, self.reason = step, reason
+
+
+def _errno(error: BaseException) -> int | None:
+    """The errno of a failed system call, from an OSError or TensorStore's message; else None."""
+    if isinstance(error, OSError) and error.errno:
+        return error.errno
+    found = re.search(r"os_error_code='?(\d+)", one_line(error))
+    return int(found.group(1)) if found else None
 
 
 def _short_reason(error: BaseException) -> str:

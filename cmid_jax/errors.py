@@ -140,14 +140,22 @@ _OS_CAUSES = {
 _NETWORK_HINT = 'check the network and the storage service (gs://: the bucket and credentials)'
 
 
+def os_advice(code: int | None, *, remote: bool = False) -> str:
+    """What to do about a failed system call with errno `code` (None: unknown). On remote storage
+    (gs://) an error without an errno is the network's or the service's."""
+    if code in _OS_CAUSES:
+        return _OS_CAUSES[code][1]
+    return _NETWORK_HINT if remote else 'check the disk and the path'
+
+
 def from_os_error(error: OSError, what: str, kind: type[UserError] = WorkdirError) -> UserError:
     """`error` (raised while doing `what`, e.g. "writing runs/x/config.json") as a project error
     of `kind` whose hint fits its cause: disk full, permissions, a missing path or the network."""
     if isinstance(error, (ConnectionError, TimeoutError)):
         return kind(f'{what}: {one_line(error) or type(error).__name__}', _NETWORK_HINT)
-    cause, advice = _OS_CAUSES.get(error.errno, (None, ''))
-    detail = cause if cause and not error.strerror else one_line(error)
-    return kind(f'{what}: {detail}', advice)
+    cause = _OS_CAUSES.get(error.errno, (None, ''))[0]
+    detail = error.strerror or cause or one_line(error) or type(error).__name__
+    return kind(f'{what}: {detail}', os_advice(error.errno, remote='://' in what))
 
 
 def run(main: Callable[[list[str]], None]) -> None:

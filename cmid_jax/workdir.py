@@ -44,7 +44,7 @@ import ml_collections
 from etils import epath
 
 from cmid_jax.checkpoints import Checkpoints
-from cmid_jax.errors import SaveError, WorkdirError
+from cmid_jax.errors import SaveError, WorkdirError, from_os_error
 
 CONFIG = 'config.json'
 HISTORY = 'history.jsonl'
@@ -82,10 +82,7 @@ class Workdir:
             if self.is_local and not os.access(self.path, os.W_OK):
                 raise PermissionError(13, 'Permission denied')
         except OSError as e:
-            raise WorkdirError(
-                f'Cannot write to the workdir {self} ({e.strerror or e})',
-                'choose a writable folder with free space; nothing in it was changed',
-            ) from e
+            raise from_os_error(e, f'Cannot write to the workdir {self}') from e
 
     # --- JSON files ------------------------------------------------------------------------
 
@@ -122,10 +119,7 @@ class Workdir:
             else:  # An object upload replaces the object only when complete.
                 path.write_text(text)
         except OSError as e:
-            raise SaveError(
-                f'Cannot write {path} ({e.strerror or e})',
-                'free space or fix the permissions, then run again',
-            ) from e
+            raise from_os_error(e, f'Cannot write {path}', SaveError) from e
 
     def read_jsonl(self, name: str) -> list[dict]:
         """Every complete record of a JSONL file ([] if there is none)."""

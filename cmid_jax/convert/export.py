@@ -30,6 +30,7 @@ from absl import logging
 
 from cmid_jax.convert import require_torch
 from cmid_jax.data.bands import num_bands, type_max
+from cmid_jax.errors import ConfigError, DataError, WorkdirError
 from cmid_jax.models import backbone_module
 from cmid_jax.models.cmid import STATE_KEYS, backbone_variables
 from cmid_jax.restore import restore_train_state
@@ -43,7 +44,7 @@ RGB_BANDS = ('red', 'green', 'blue')  # data.bands=None: 8-bit RGB
 def weights_format(path: str) -> str:
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in WEIGHT_SUFFIXES:
-        raise ValueError(f'{path!r}: the output must end in one of {sorted(WEIGHT_SUFFIXES)}')
+        raise ConfigError(f'{path!r}: the output must end in one of {sorted(WEIGHT_SUFFIXES)}')
     return WEIGHT_SUFFIXES[suffix]
 
 
@@ -110,7 +111,7 @@ def export_backbone(
     """
     fmt = weights_format(out)  # Fail on bad arguments before restoring anything.
     if which not in STATE_KEYS:
-        raise ValueError(f'which must be one of {sorted(STATE_KEYS)}, got {which!r}')
+        raise ConfigError(f'which must be one of {sorted(STATE_KEYS)}, got {which!r}')
     if fmt == 'pth':
         require_torch('writing or reading a .pth file')
     config, state, step = restore_train_state(workdir, step)
@@ -225,14 +226,14 @@ def load_torch_model(metadata_path: str, alternative: int | None = None) -> Any:
         else (meta['torch_model_alternatives'][alternative])
     )
     if spec is None:
-        raise ValueError(
+        raise WorkdirError(
             f'{metadata_path}: {meta["arch"]} {meta["variant"]!r} has no PyTorch model to load into'
         )
     model = build_torch_model(spec)
     weights = os.path.join(os.path.dirname(os.path.abspath(metadata_path)), meta['weights'])
     missing, unexpected = model.load_state_dict(read_weights(weights), strict=False)
     if unexpected or sorted(missing) != sorted(spec.get('missing_keys', [])):
-        raise ValueError(
+        raise DataError(
             f'{weights} does not load into {spec}: missing {missing}, unexpected {unexpected}'
         )
     return model.eval()

@@ -48,6 +48,7 @@ from cmid_jax import optim
 from cmid_jax.config_resolve import resolve
 from cmid_jax.convert import official, require_torch, safe_unpickle
 from cmid_jax.convert.adapt import adapt_stem
+from cmid_jax.errors import ConfigError, DataError, WorkdirError
 from cmid_jax.models import BACKBONES, backbone_module
 from cmid_jax.models.cmid import STATE_KEYS
 from cmid_jax.state_dict import as_numpy
@@ -85,7 +86,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     `trainer_checkpoint` and, when present, the trainer `epoch`.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path!r} not found')
+        raise DataError(f'checkpoint {path!r} not found')
     unpickled = False
     if path.endswith('.safetensors'):
         from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
@@ -94,7 +95,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     else:
         obj, unpickled = _torch_load(path)
     if not isinstance(obj, Mapping):
-        raise ValueError(f'{path}: expected a state_dict or a checkpoint dict, got {type(obj)}')
+        raise DataError(f'{path}: expected a state_dict or a checkpoint dict, got {type(obj)}')
     info: dict[str, Any] = {'trainer_checkpoint': isinstance(obj.get('model'), Mapping)}
     if info['trainer_checkpoint']:
         if 'epoch' in obj:
@@ -103,13 +104,13 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     elif isinstance(obj.get('state_dict'), Mapping):
         obj = obj['state_dict']
     if unpickled and not info['trainer_checkpoint']:
-        raise ValueError(
+        raise DataError(
             f'{path} pickles objects besides tensors but is not a CMID trainer '
             "checkpoint (no 'model' entry); refusing it"
         )
     not_tensors = sorted(k for k, v in obj.items() if not hasattr(v, 'shape'))
     if not_tensors:
-        raise ValueError(f'{path}: entries that are not tensors: {not_tensors}')
+        raise DataError(f'{path}: entries that are not tensors: {not_tensors}')
     return {k: as_numpy(v) for k, v in _strip_common_prefix(obj, _DDP_PREFIX).items()}, info
 
 
@@ -188,7 +189,7 @@ def import_checkpoint(
     """
     wd = Workdir(workdir)
     if wd.has_checkpoints() and not overwrite:
-        raise FileExistsError(
+        raise WorkdirError(
             f'{workdir} already has checkpoints; pass overwrite=True (--overwrite) to replace them'
         )
     state_dict, info = read_checkpoint(checkpoint)
@@ -218,7 +219,7 @@ def import_checkpoint(
                 state_dict, trainer.nets.backbone
             )
     except ValueError as err:
-        raise ValueError(
+        raise ConfigError(
             f'{checkpoint}: {_mismatch_header(config, state_dict, kind)}\n{err}'
         ) from None
 

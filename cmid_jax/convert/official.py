@@ -27,6 +27,7 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
+from cmid_jax.errors import ConfigError
 from cmid_jax.models import backbone_module
 from cmid_jax.models.cmid import STATE_KEYS, backbone_variables
 from cmid_jax.state_dict import match_state_dict
@@ -251,7 +252,7 @@ def from_official_state_dict(
         _set(out, (params, 'backbone'), variables['params'])
         _set(out, (stats, 'backbone'), variables.get('batch_stats', {}))
     if errors:
-        raise ValueError(
+        raise ConfigError(
             'official CMID checkpoint does not match the config:\n' + '\n'.join(errors)
         )
     for stats in ('batch_stats', 'teacher_batch_stats'):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from cmid_jax.data.pipeline import Source
+from cmid_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class BadFiles:
                 self._add(int(index), where, step)
         share = len(self._bad_read) / (len(self._bad_read) + self._good_read)
         if share > MAX_BAD_SHARE:
-            raise ValueError(
+            raise DataError(
                 f'{len(self._bad_read)} of the {len(self._bad_read) + self._good_read} '
                 f'{self.source.unit} read so far are unreadable ({share:.0%}, more than '
                 f'{MAX_BAD_SHARE:.0%}), e.g. {min(self._bad_read)}: check data.path and '

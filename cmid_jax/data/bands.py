@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cmid_jax.errors import ImageError
+from cmid_jax.errors import ConfigError, DataError, ImageError
 
 # Pixel types that travel to the device; anything else is converted by ``compact`` or refused.
 PIXEL_DTYPES = ('uint8', 'uint16')
@@ -42,7 +42,7 @@ def type_max(dtype) -> float:
         return 65535.0
     if dtype == np.uint8 or not np.issubdtype(dtype, np.integer):  # floats, bfloat16
         return 255.0
-    raise ValueError(f'unsupported pixel type {dtype}; expected one of {", ".join(PIXEL_DTYPES)}')
+    raise DataError(f'unsupported pixel type {dtype}; expected one of {", ".join(PIXEL_DTYPES)}')
 
 
 def compact_dtype(dtype) -> np.dtype:
@@ -119,7 +119,7 @@ def resolve_bands(
                 )
             out.append(int(band))
         else:
-            raise ValueError(
+            raise DataError(
                 f'data.bands={tuple(requested)!r}: {band!r} is neither a 0-based index nor a name'
             )
     return tuple(out)
@@ -131,11 +131,11 @@ def check_bands_setting(bands) -> tuple | None:
         return None
     bands = tuple(bands)
     if not bands:
-        raise ValueError('data.bands=() selects no band; use None for 8-bit RGB or list bands')
+        raise ConfigError('data.bands=() selects no band; use None for 8-bit RGB or list bands')
     for band in bands:
         ok_index = isinstance(band, (int, np.integer)) and not isinstance(band, bool) and band >= 0
         if not (ok_index or (isinstance(band, str) and band)):
-            raise ValueError(
+            raise ConfigError(
                 f'data.bands={bands!r}: {band!r} is neither a 0-based index nor a band name'
             )
     return bands
@@ -155,7 +155,7 @@ def is_rgb(data_config) -> bool:
         return num_bands(data_config) == 3
     if rgb and num_bands(data_config) != 3:
         bands = data_config.get('bands')
-        raise ValueError(f'data.rgb=True needs 3 bands, but data.bands={bands!r}')
+        raise ConfigError(f'data.rgb=True needs 3 bands, but data.bands={bands!r}')
     return bool(rgb)
 
 

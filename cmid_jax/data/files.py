@@ -37,7 +37,7 @@ import os
 import numpy as np
 
 from cmid_jax.data.bands import valid_mask
-from cmid_jax.errors import ImageError
+from cmid_jax.errors import DataError, ImageError
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +66,15 @@ def list_images(path: str | os.PathLike) -> list[str]:
     followed (each real folder once). ``path`` may also be a single image file.
 
     Raises:
-      FileNotFoundError: ``path`` does not exist.
-      ValueError: ``path`` holds no image files.
+      DataError: ``path`` does not exist or holds no image.
     """
     root = os.fspath(path)
     if not os.path.exists(root):
-        raise FileNotFoundError(f'image path {root!r} does not exist')
+        raise DataError(f'image path {root!r} does not exist')
     if os.path.isfile(root):
         if _is_image_name(root):
             return [root]
-        raise ValueError(
+        raise DataError(
             f'{root!r} is not an image file (looked for extensions '
             f'{", ".join(IMAGE_EXTENSIONS)}, case-insensitive)'
         )
@@ -94,7 +93,7 @@ def list_images(path: str | os.PathLike) -> list[str]:
             if not f.startswith('.') and _is_image_name(f)
         )
     if not found:
-        raise ValueError(
+        raise DataError(
             f'no image files found under {root!r} (looked recursively for extensions '
             f'{", ".join(IMAGE_EXTENSIONS)}, case-insensitive)'
         )

@@ -58,7 +58,7 @@ from cmid_jax.data.bands import (
 )
 from cmid_jax.data.files import load_image
 from cmid_jax.data.views import check_image_size, make_views
-from cmid_jax.errors import ImageError, TileRejected
+from cmid_jax.errors import ConfigError, DataError, ImageError, TileRejected
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,9 @@ class FileSource:
     ):
         self.files = list(files)
         if not self.files:
-            raise ValueError('no image files to build a dataset from')
+            raise DataError('no image files to build a dataset from')
         if not 0.0 <= max_nodata <= 1.0:
-            raise ValueError(f'data.max_nodata={max_nodata} must be a fraction in [0, 1]')
+            raise ConfigError(f'data.max_nodata={max_nodata} must be a fraction in [0, 1]')
         self.max_nodata = float(max_nodata)
         self.bands = bands if bands == ALL_BANDS else check_bands_setting(bands)
         if self.bands is None:
@@ -133,7 +133,7 @@ class FileSource:
                 return info
             except ImageError as e:
                 failures.append(str(e))
-        raise ValueError(
+        raise DataError(
             f'none of the first {len(failures)} image files can be read with '
             f'data.bands={self.bands!r}:\n  ' + '\n  '.join(failures)
         )
@@ -244,7 +244,7 @@ class DecodeProcessSlice(grain.transforms.MapWithIndex):
             return out
         distinct = list(dict.fromkeys(failures))
         more = f' and {len(distinct) - 3} more' if len(distinct) > 3 else ''
-        raise RuntimeError(
+        raise DataError(
             f'no usable {source.unit} in {self.max_tries} random tries starting from '
             f'{source.describe(index)}: {len(failures)} unreadable, {rejected} rejected as '
             f'mostly nodata (data.max_nodata); unreadable: {"; ".join(distinct[:3])}{more}'
@@ -295,7 +295,7 @@ def build_dataset(
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f'bad process {process_index} of {process_count}')
     if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(
+        raise ConfigError(
             f'global_batch_size={global_batch_size} must be a positive multiple of the '
             f'{process_count} processes'
         )

@@ -37,7 +37,7 @@ from cmid_jax.data.bands import ALL_BANDS, check_bands_setting, resolve_bands
 from cmid_jax.data.files import list_images
 from cmid_jax.data.pipeline import FileSource
 from cmid_jax.data.tiles import TileIndex, TileSource
-from cmid_jax.errors import ImageError, TileRejected
+from cmid_jax.errors import ConfigError, DataError, ImageError, TileRejected
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,13 @@ def prepare(
     """Converts ``src`` into shards under ``out``; returns the manifest (also written there).
 
     Raises:
-      FileNotFoundError / ValueError: ``src`` has no images, ``out`` is already prepared, the
+      DataError / ConfigError: ``src`` has no images, ``out`` is already prepared, the
         settings are invalid, or no element at all could be converted.
     """
     if tile < 0:
-        raise ValueError(f'--tile={tile} must be 0 (whole images) or a tile side in pixels')
+        raise ConfigError(f'--tile={tile} must be 0 (whole images) or a tile side in pixels')
     if records.is_prepared(out):
-        raise ValueError(
+        raise DataError(
             f'{out!r} already holds a prepared set ({records.MANIFEST}); remove it '
             f'or choose another --out'
         )
@@ -131,7 +131,7 @@ def prepare(
     count = sum(s['records'] for s in shards)
     if first is None:
         reasons = '\n  '.join(f'{s["element"]}: {s["reason"]}' for s in skipped[:20])
-        raise ValueError(
+        raise DataError(
             f'nothing to write from {src!r}: {len(skipped)} skipped, {rejected} '
             f'rejected as mostly nodata (--max_nodata={max_nodata}):\n  {reasons}'
         )

@@ -24,7 +24,7 @@ import numpy as np
 from cmid_jax.data.bands import check_bands_setting, resolve_bands, select
 from cmid_jax.data.files import to_rgb_uint8
 from cmid_jax.data.tagged_json import read_tagged_json
-from cmid_jax.errors import ImageError
+from cmid_jax.errors import ConfigError, DataError, ImageError
 
 MANIFEST = 'manifest.json'
 FORMAT = 'cmid_jax.prepare/1'
@@ -60,7 +60,7 @@ class ShardWriter:
 
     def __init__(self, out_dir: str, records_per_shard: int):
         if records_per_shard < 1:
-            raise ValueError(f'records_per_shard={records_per_shard} must be positive')
+            raise ConfigError(f'records_per_shard={records_per_shard} must be positive')
         self.out_dir = out_dir
         self.records_per_shard = int(records_per_shard)
         self.shards: list[dict[str, Any]] = []
@@ -101,12 +101,12 @@ class RecordSource:
         self.files = [os.path.join(self.path, s['file']) for s in self.manifest['shards']]
         absent = [f for f in self.files if not os.path.isfile(f)]
         if absent:
-            raise ValueError(
+            raise DataError(
                 f'the manifest in {self.path!r} lists shards that do not exist: {absent}'
             )
         self._len = int(self.manifest['records'])
         if self._len < 1:
-            raise ValueError(f'{self.path!r} holds no records (see skipped in its {MANIFEST})')
+            raise DataError(f'{self.path!r} holds no records (see skipped in its {MANIFEST})')
         self.bands = check_bands_setting(bands)
         if self.bands is None:
             self.indices = None
@@ -129,7 +129,7 @@ class RecordSource:
 
             self._records = grain.sources.ArrayRecordDataSource(self.files)
             if len(self._records) != self._len:
-                raise ValueError(
+                raise DataError(
                     f'{self.path!r}: the shards hold {len(self._records)} records, '
                     f'the manifest says {self._len}'
                 )

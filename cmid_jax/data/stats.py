@@ -24,7 +24,7 @@ import numpy as np
 
 from cmid_jax.data.bands import type_max, valid_mask
 from cmid_jax.data.tagged_json import read_tagged_json
-from cmid_jax.errors import ImageError, TileRejected
+from cmid_jax.errors import ConfigError, DataError, ImageError, TileRejected
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,10 @@ def compute_stats(source, *, samples: int, seed: int) -> dict[str, Any]:
     as the first ``samples`` of a permutation seeded with ``seed``.
 
     Raises:
-      ValueError: no valid pixel in the sample.
+      DataError: no valid pixel in the sample.
     """
     if samples < 1:
-        raise ValueError(f'samples={samples} must be positive')
+        raise ConfigError(f'samples={samples} must be positive')
     n = len(source)
     order = np.random.default_rng(int(seed) % 2**32).permutation(n)[:samples]
     bins = int(type_max(source.dtype)) + 1
@@ -74,7 +74,7 @@ def compute_stats(source, *, samples: int, seed: int) -> dict[str, Any]:
             log.info('%d of %d elements read', count, len(order))
     total = int(hist[0].sum())
     if total == 0:
-        raise ValueError(
+        raise DataError(
             f'no valid pixel in {len(order)} sampled {source.unit} '
             f'({rejected} rejected as nodata, {len(unreadable)} unreadable)'
         )

@@ -7,6 +7,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from cmid_jax.errors import DataError
+
 
 def read_tagged_json(path: str, fmt: str, required: Sequence[str], what: str) -> dict[str, Any]:
     """The object in `path`, checked for `"format": fmt` and the `required` keys.
@@ -17,11 +19,11 @@ def read_tagged_json(path: str, fmt: str, required: Sequence[str], what: str) ->
         with open(path, encoding='utf-8') as f:
             obj = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f'{what}: cannot read it ({e})') from e
+        raise DataError(f'{what}: cannot read it ({e})') from e
     found = obj.get('format') if isinstance(obj, dict) else type(obj).__name__
     if found != fmt:
-        raise ValueError(f'{what} is not a file of format {fmt!r} (its format is {found!r})')
+        raise DataError(f'{what} is not a file of format {fmt!r} (its format is {found!r})')
     missing = [k for k in required if k not in obj]
     if missing:
-        raise ValueError(f'{what} lacks the keys {missing}')
+        raise DataError(f'{what} lacks the keys {missing}')
     return obj

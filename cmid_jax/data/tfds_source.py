@@ -20,7 +20,7 @@ import numpy as np
 
 from cmid_jax.data.bands import check_bands_setting, compact, compact_dtype, resolve_bands, select
 from cmid_jax.data.files import to_rgb_uint8
-from cmid_jax.errors import ImageError
+from cmid_jax.errors import ConfigError, DataError, ImageError
 
 PREFIX = 'tfds:'
 
@@ -30,7 +30,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     body = spec[len(PREFIX) :] if spec.startswith(PREFIX) else ''
     name, sep, split = body.partition(':')
     if not spec.startswith(PREFIX) or not name or not sep or not split:
-        raise ValueError(
+        raise ConfigError(
             f"data.source={spec!r}: expected 'tfds:NAME[/CONFIG]:SPLIT', e.g. "
             f"'tfds:eurosat/rgb:train' or 'tfds:resisc45:train[:80%]'"
         )
@@ -54,7 +54,7 @@ def _image_key(features, spec: str) -> str:
         return 'image'
     images = [k for k in keys if len(getattr(features[k], 'shape', ()) or ()) == 3]
     if len(images) != 1:
-        raise ValueError(
+        raise DataError(
             f'data.source={spec!r}: cannot tell the image feature among {keys} '
             f"(none is called 'image' and {len(images)} have rank 3)"
         )
@@ -74,7 +74,7 @@ class TfdsSource:
         source = self._source()
         self._len = len(source)
         if self._len < 1:
-            raise ValueError(f'data.source={spec!r} has no examples')
+            raise DataError(f'data.source={spec!r} has no examples')
         feature = source.dataset_info.features[self.key]
         shape = tuple(feature.shape)
         channels = shape[-1] if shape and shape[-1] is not None else None
@@ -83,7 +83,7 @@ class TfdsSource:
             self.dtype, self.num_bands = np.dtype(np.uint8), 3
         else:
             if channels is None:
-                raise ValueError(
+                raise DataError(
                     f'data.source={spec!r}: feature {self.key!r} has an unknown band '
                     f'count {shape}; data.bands needs a fixed one'
                 )
@@ -98,7 +98,7 @@ class TfdsSource:
                 self._data = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
             except Exception as e:
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else ''
-                raise ValueError(  # TFDS's own message goes on to list its whole catalogue
+                raise DataError(  # TFDS's own message goes on to list its whole catalogue
                     f'data.source={self.spec!r}: cannot open {self.name!r} split {self.split!r} in '
                     f'data_dir={self.data_dir!r} ({type(e).__name__}: {first_line}). It must be '
                     f'prepared beforehand in the array_record format, e.g. `tfds build {self.name} '

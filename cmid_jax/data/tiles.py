@@ -36,7 +36,7 @@ from cmid_jax.data.bands import (
     resolve_bands,
 )
 from cmid_jax.data.files import to_rgb_uint8
-from cmid_jax.errors import ImageError, TileRejected
+from cmid_jax.errors import ConfigError, DataError, ImageError, TileRejected
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,10 @@ class TileIndex:
         sit at different positions in different files).
 
         Raises:
-          ValueError: ``tile`` is not positive, or no scene is usable (every reason listed).
+          ConfigError: ``tile`` is not positive; DataError: no scene is usable (every reason listed).
         """
         if tile < 1:
-            raise ValueError(f'data.tile_size={tile} must be positive to cut scenes into tiles')
+            raise ConfigError(f'data.tile_size={tile} must be positive to cut scenes into tiles')
         all_bands = isinstance(bands, str) and bands == ALL_BANDS
         bands = bands if all_bands else check_bands_setting(bands)
         scenes, skipped = [], []
@@ -136,7 +136,7 @@ class TileIndex:
             )
         if not scenes:
             reasons = '\n  '.join(f'{p}: {r}' for p, r in skipped)
-            raise ValueError(
+            raise DataError(
                 f'no usable scene for data.tile_size={tile} among {len(files)} files:\n  {reasons}'
             )
         if skipped:
@@ -173,7 +173,7 @@ class TileSource:
 
     def __init__(self, index: TileIndex, *, rgb8: bool, max_nodata: float = 1.0):
         if not 0.0 <= max_nodata <= 1.0:
-            raise ValueError(f'data.max_nodata={max_nodata} must be a fraction in [0, 1]')
+            raise ConfigError(f'data.max_nodata={max_nodata} must be a fraction in [0, 1]')
         self.index = index
         self.rgb8 = rgb8
         self.max_nodata = float(max_nodata)

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from cmid_jax.data.bands import type_max
+from cmid_jax.errors import ConfigError
 
 MASK_PATCH_SIZE = 32
 CROP_SCALE = (0.3, 1.0)
@@ -49,7 +50,7 @@ class Crop(NamedTuple):
 def check_image_size(image_size: int) -> int:
     s = int(image_size)
     if s <= 0 or s % MASK_PATCH_SIZE != 0:
-        raise ValueError(
+        raise ConfigError(
             f'image_size must be a positive multiple of {MASK_PATCH_SIZE}, got {image_size}'
         )
     return s

@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from cmid_jax import errors
+from cmid_jax.errors import DataError
 
 
 def cut_tiles(image: np.ndarray, tile: int, checkerboard: bool):
@@ -39,13 +40,13 @@ def make_demo_tiles(src: str, out: str, tile: int = 256, keep_all: bool = False)
 
     sources = sorted(glob.glob(os.path.join(src, 'landsat8_*.tif')))
     if not sources:
-        raise FileNotFoundError(f'no landsat8_*.tif files in {src!r}')
+        raise DataError(f'no landsat8_*.tif files in {src!r}')
     os.makedirs(out, exist_ok=True)
     written = []
     for path in sources:
         image = tifffile.imread(path)
         if image.ndim != 3 or image.shape[2] < 3:
-            raise ValueError(f'{path}: expected (H, W, >=3) bands, got {image.shape}')
+            raise DataError(f'{path}: expected (H, W, >=3) bands, got {image.shape}')
         image = image[:, :, :3]
         has_nodata = bool(np.all(image == 0, axis=2).any())
         checkerboard = not keep_all and not has_nodata
