@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cmid_jax import errors
 from cmid_jax.data import (
     ImageError,
     build_dataset,
@@ -72,7 +73,7 @@ def test_list_nesting_case_and_errors(tmp_path):
         ['a/b/c/X.JPG', 'a/y.TiFf', 'z.png']
     )
     missing = tmp_path / 'does_not_exist'
-    with pytest.raises(FileNotFoundError, match='does_not_exist'):
+    with pytest.raises(errors.DataError, match='does_not_exist'):
         list_images(missing)
     empty = tmp_path / 'empty'
     empty.mkdir()
@@ -306,7 +307,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path, aid_files, iters):
         assert batch['img_a'].shape == (12, 64, 64, 3)
 
     only_bad = [str(tmp_path / 'good_03_x_truncated.jpg'), str(tmp_path / 'good_07_x_text.jpg')]
-    with pytest.raises(RuntimeError, match='64 random tries .*x_truncated.jpg'):
+    with pytest.raises(errors.DataError, match='64 random tries .*x_truncated.jpg'):
         P.DecodeProcessSlice(only_bad, image_size=64, seed=0).decode(0, np.random.default_rng(0))
 
 

@@ -21,7 +21,7 @@ torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
 pytest.importorskip('safetensors')
 
-from cmid_jax import optim, train  # noqa: E402
+from cmid_jax import errors, optim, train  # noqa: E402
 from cmid_jax.config_resolve import resolve  # noqa: E402
 from cmid_jax.convert import (  # noqa: E402
     export,
@@ -503,7 +503,7 @@ def test_existing_checkpoints_need_overwrite(resnet_full_sd, tmp_path):
     path = save_trainer_checkpoint(resnet_full_sd, str(tmp_path / 'ckpt.pth'))
     workdir = str(tmp_path / 'wd')
     import_torch.import_checkpoint(path, config, workdir)
-    with pytest.raises(FileExistsError, match='overwrite'):
+    with pytest.raises(errors.WorkdirError, match='overwrite'):
         import_torch.import_checkpoint(path, config, workdir)
     # The bare `model` state_dict as .safetensors is a full checkpoint too.
     from safetensors.numpy import save_file
