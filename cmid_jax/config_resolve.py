@@ -83,6 +83,8 @@ def resolve(
       DataError: a setting that does not fit the data, naming the key, its value and what the data
         needs.
     """
+    if isinstance(config, ml_collections.FrozenConfigDict):  # Resolving again changes nothing.
+        config = config.as_configdict()
     c = config.copy_and_resolve_references()
     _check_values(c, num_devices, num_processes)
     if source is not None:

@@ -54,7 +54,7 @@ def repository_files() -> set[str]:
 
 def path_problem(token: str, doc: Path) -> str | None:
     """Why `token`, named in `doc`, does not resolve; None if it does or is not a path of ours."""
-    token = token.strip('`\'".,;:()').removeprefix('./')
+    token = token.strip('`\'"();').rstrip('.,:').removeprefix('./')
     if '=' in token:
         token = token.split('=', 1)[1]
     if not token or PLACEHOLDER.search(token) or ':' in token or token.startswith(('-', '/')):
@@ -81,14 +81,13 @@ def path_problem(token: str, doc: Path) -> str | None:
 
 
 def module_problem(name: str, doc: Path) -> str | None:
-    parts = name.split('.')
-    while parts:  # `cmid_jax.models.vit.build` names a function of a module: try shorter.
-        path = REPO.joinpath(*parts)
-        if path.with_suffix('.py').is_file() or (path / '__init__.py').is_file():
-            return None
-        if len(parts) <= 2:
-            break
-        parts = parts[:-1]
+    """Why dotted `name` is neither a module or package of ours nor `module.attribute` (a name
+    inside a module file, e.g. `cmid_jax.models.vit.build`); None if it is one of those."""
+    path = REPO.joinpath(*name.split('.'))
+    if path.with_suffix('.py').is_file() or (path / '__init__.py').is_file():
+        return None
+    if path.parent.with_suffix('.py').is_file():
+        return None
     return f'{doc.relative_to(REPO)}: no module {name}'
 
 
