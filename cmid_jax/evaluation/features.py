@@ -27,9 +27,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cmid_jax import objective
 from cmid_jax.data import FileSource, ImageError, bicubic_resize, num_bands
 from cmid_jax.models import cmid
+from cmid_jax.pixels import normalize_pixels
 
 WHICH = tuple(cmid.STATE_KEYS)  # 'student', 'teacher'
 
