@@ -11,16 +11,16 @@
 from cmid_jax.evaluation.features import FeatureExtractor, load_images
 from cmid_jax.evaluation.finetune import FinetuneRecipe, finetune_top1
 from cmid_jax.evaluation.knn import knn_scores, knn_top1
-from cmid_jax.evaluation.labelled import LabelledSplit, list_labelled, load_split, split_per_class
+from cmid_jax.evaluation.labelled import ClassSplit, list_labelled, load_split, split_per_class
 from cmid_jax.evaluation.linear import linear_probe_top1
 from cmid_jax.evaluation.online import make_online_knn
 from cmid_jax.evaluation.reconstruction import make_reconstruction_fn
 from cmid_jax.models.cmid import backbone_variables
 
 __all__ = [
+    'ClassSplit',
     'FeatureExtractor',
     'FinetuneRecipe',
-    'LabelledSplit',
     'backbone_variables',
     'finetune_top1',
     'knn_scores',
