@@ -85,9 +85,8 @@ def evaluate(
         raise ValueError(f'scale must be positive, got {scale}')
     t0 = time.monotonic()
     if protocol in DENSE:  # Names and split checked before the checkpoint is read.
-        dataset = (
-            dense_data.list_change if protocol == 'change' else dense_data.list_segmentation
-        )(data)
+        task = dense.CHANGE if protocol == 'change' else dense.SEGMENTATION
+        dataset = task.list_dataset(data)
         split = dense_data.split_names(dataset.names, train_fraction, seed, split_group)
     config, state, ckpt_step = restore_train_state(workdir, step)
     variables = backbone_variables(state, which)
@@ -96,11 +95,8 @@ def evaluate(
         fields = dense.score_probe(
             config,
             variables,
-            dense.read_probe_data(dataset, split, config.data, protocol == 'change'),
-            head=head,
-            seed=seed,
-            scale=scale,
-            batch_size=eval_batch,
+            dense.read_probe_data(dataset, split, config.data, task),
+            dense.ProbeSettings(head=head, seed=seed, batch_size=eval_batch, scale=scale),
             preview=Workdir(workdir).images_dir() / f'{protocol}_{ckpt_step}.png',
         )
         fields['split_group'] = split_group
