@@ -1,11 +1,14 @@
 """Evaluation of pretrained backbones on labelled scenes, segmentation masks and change pairs.
 
-`labelled` (seeded per-class split), `features` (image cache and frozen-backbone features),
-`knn`, `linear` and `finetune` (the three classification protocols), the dense probes `dense`
-(segmentation and change detection) with `dense_data` (datasets, checks, split by image),
-`dense_head` (heads and their recipe), `dense_metrics` and `tiling` (sliding windows), `run`
-(`evaluate`, every protocol), `online` (the kNN monitor for the train loop) and
-`reconstruction` (the student's MIM output for the reconstruction grids).
+`protocols` (the registry of the protocols: `knn`, `linear`, `finetune`, `segmentation`,
+`change`, each with its options, its run and its online form), `labelled` (seeded per-class
+split), `features` (image cache and frozen-backbone features), `knn`, `linear` and `finetune`
+(the classification recipes), the dense probes `dense` (segmentation and change detection, a
+`DenseTask` each) with `dense_data` (datasets, checks, split by image), `dense_head` (heads and
+their recipe), `dense_metrics` and `tiling` (sliding windows), `run` (`evaluate`, any protocol),
+`online` and `online_dense` (the kNN monitor and the dense probe for the train loop), `periodic`
+(what the train loop runs) and `reconstruction` (the student's MIM output for the reconstruction
+grids).
 """
 
 from cmid_jax.evaluation.features import FeatureExtractor, load_images
