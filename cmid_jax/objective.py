@@ -15,28 +15,13 @@ import ml_collections
 from cmid_jax import augment, losses
 from cmid_jax.data.bands import type_max
 from cmid_jax.models.cmid import Networks
+from cmid_jax.pixels import standardize_pixels
 
 
 def upsample_mask(block_mask: jax.Array, factor: int) -> jax.Array:
     """(B, g, g) block mask -> (B, g*factor, g*factor) float mask by nearest neighbour."""
     m = block_mask.astype(jnp.float32)
     return jnp.repeat(jnp.repeat(m, factor, axis=1), factor, axis=2)
-
-
-def standardize(x: jax.Array, mean, std) -> jax.Array:
-    """Per band `(x - mean) / std` of [0, 1] pixels; `mean` / `std` are `config.data.mean/std`."""
-    if len(mean) != x.shape[-1] or len(std) != x.shape[-1]:
-        raise ValueError(
-            f'data.mean / data.std have {len(mean)} / {len(std)} values, but the '
-            f'images have {x.shape[-1]} bands'
-        )
-    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
-def normalize(images: jax.Array, mean, std) -> jax.Array:
-    """Pixels -> [0, 1] by their type's maximum (uint8 / 255 as ever, uint16 / 65535), then
-    standardised per band."""
-    return standardize(images.astype(jnp.float32) / type_max(images.dtype), mean, std)
 
 
 def mean_fill(x: jax.Array, pixel_mask: jax.Array) -> jax.Array:
@@ -62,7 +47,7 @@ def prepare_views(batch: dict, step: jax.Array, config: ml_collections.FrozenCon
     )
     views = {}
     for v in ('a', 'b'):
-        x = standardize(pixels[f'img_{v}'] / scale, d.mean, d.std)
+        x = standardize_pixels(pixels[f'img_{v}'] / scale, d.mean, d.std)
         pm = upsample_mask(pixels[f'mask_{v}'], mask.patch_size)
         views[v] = dict(
             target=x,

@@ -250,8 +250,8 @@ def synthetic_segmentation(root: Path, classes=None) -> Path:
 
 
 def read(root: Path, change=False):
-    listed = (dense_data.list_change if change else dense_data.list_segmentation)(str(root))
-    return dense.read_dense_set(listed, RGB8, change)
+    task = dense.CHANGE if change else dense.SEGMENTATION
+    return dense.read_dense_set(task.list_dataset(str(root)), RGB8, task)
 
 
 def test_bad_segmentation_inputs_are_named(tmp_path):
@@ -355,14 +355,17 @@ def test_segmentation_end_to_end(workdir, tmp_path):
     labelled, _ = read(data)
     train = labelled.subset(dense_data.split_names(labelled.names, 0.5, 0, AREA).train)
     for scale in (1.0, 0.5):
-        probe = dense.train_probe(config, variables, train, 6, 'linear', False, 0, 64, scale)
+        settings = dense.ProbeSettings(head='linear', seed=0, batch_size=64, scale=scale)
+        probe = dense.train_probe(
+            config, variables, train, task=dense.SEGMENTATION, num_classes=6, settings=settings
+        )
         if scale == 1.0:  # The jitted backbone + head on an image of exactly one window.
-            predict = dense.make_predict(config, variables, probe, change=False)
+            predict = dense.make_predict(config, variables, probe)
             windows = np.stack([im[:64, 32 * i : 32 * i + 64] for i, im in enumerate(train.images)])
             tiled = next(tiling.tiled_predict(predict, windows[1:2], 64, 48, 64))
             np.testing.assert_allclose(tiled, predict(windows)[1], rtol=1e-5, atol=1e-5)
         confusion, _ = dense.evaluate_probe(
-            config, variables, probe, train, 6, 255, False, 64, scale
+            config, variables, probe, train, ignore_index=255, settings=settings
         )
         labels = np.concatenate([m.ravel() for m in train.labels])
         assert confusion.sum() == np.sum(labels != 255)
@@ -442,7 +445,8 @@ def test_online_dense_probe_compiles_once_and_scores_new_weights(tmp_path, caplo
     data = copy_dubai(tmp_path / 'dubai')
     config = vitb.get_config('smoke')
     config.eval.dense_path, config.eval.dense_split_group = str(data), AREA
-    trainer = TrainStep.create(resolve(config), optim.Schedule(10, 4))
+    config = resolve(config)
+    trainer = TrainStep.create(config, optim.Schedule(10, 4))
     evaluate_dense = make_online_dense(config)
     state_a = jax.jit(trainer.init_state)(jax.random.key(0))
     state_b = jax.jit(trainer.init_state)(jax.random.key(1))
@@ -481,11 +485,11 @@ def test_dense_images_follow_the_model_bands(tmp_path):
         save(tmp_path / 'masks' / f'w{i}.png', (window[..., 3] > 100).astype(np.uint8))
     bands = {'bands': (3, 0, 1, 2), 'dtype': 'uint8'}
     data, classes = dense.read_dense_set(
-        dense_data.list_segmentation(str(tmp_path)), bands, change=False
+        dense_data.list_segmentation(str(tmp_path)), bands, dense.SEGMENTATION
     )
     assert classes == ('0', '1')
     np.testing.assert_array_equal(data.images[1], scene[100:170, :90][..., [3, 0, 1, 2]])
     (tmp_path / 'images' / 'w1.tif').unlink()
     save(tmp_path / 'images' / 'w1.png', scene[100:170, :90, :3])  # RGB: no fourth band.
     with pytest.raises(ValueError, match=r'w1\.png.*expect data\.bands=\(3, 0, 1, 2\)'):
-        dense.read_dense_set(dense_data.list_segmentation(str(tmp_path)), bands, change=False)
+        dense.read_dense_set(dense_data.list_segmentation(str(tmp_path)), bands, dense.SEGMENTATION)

@@ -1,6 +1,7 @@
 """Evaluation: kNN and linear probe against references, the seeded split, pictures, and an
 end-to-end run (pretrain briefly on five AID classes, then kNN / linear / fine-tune)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -12,10 +13,10 @@ import numpy as np
 import pytest
 
 from cmid_jax import parallel, train, visualize
+from cmid_jax.config_resolve import resolve
 from cmid_jax.data.files import list_images, load_image
 from cmid_jax.data.views import make_views
 from cmid_jax.evaluation import (
-    FinetuneRecipe,
     knn_scores,
     knn_top1,
     linear_probe_top1,
@@ -268,6 +269,7 @@ def test_resumed_run_starts_its_knn_curve_at_the_restored_step(tmp_path, monkeyp
     (before the fix a resume evaluated only at its next due step: one point after the demo)."""
     from cmid_jax import metrics as metrics_lib
     from cmid_jax.evaluation import periodic
+    from cmid_jax.evaluation.protocols import knn
 
     calls = []
 
@@ -275,7 +277,10 @@ def test_resumed_run_starts_its_knn_curve_at_the_restored_step(tmp_path, monkeyp
         calls.append(state)
         return {'knn_top1_student': 0.25 + 0.01 * len(calls)}
 
-    monkeypatch.setattr(periodic, 'make_online_knn', lambda config, mesh: fake_knn)
+    fake = dataclasses.replace(
+        knn.ONLINE, build=lambda config, mesh: lambda state, _: fake_knn(state)
+    )
+    monkeypatch.setattr(knn, 'ONLINE', fake)
     config = vitb.get_config('smoke')
     config.eval.path = str(tmp_path)  # Only checked for being set; the kNN is faked.
     config.images_every_steps = 0
@@ -290,7 +295,7 @@ def test_resumed_run_starts_its_knn_curve_at_the_restored_step(tmp_path, monkeyp
     _jsonl(resumed / 'metrics.jsonl', [{'step': 10, 'loss': 9.0}, {'step': 60, 'loss': 8.0}])
     evals, writer = evals_in(resumed)
     evals.first_points(60, 'state at 60')
-    evals.run_knn(100, 'state at 100')
+    evals.run_online('knn', 100, 'state at 100')
     writer.close()
     assert calls == ['state at 60', 'state at 100']
     assert visualize.read_accuracy_series(str(resumed / 'metrics.jsonl')) == {
@@ -372,9 +377,7 @@ def test_evaluate_protocols_beat_chance(pretrained, offline):
 @pytest.mark.slow
 def test_finetune_runs_one_epoch(pretrained):
     workdir, data = pretrained
-    r = evaluate.evaluate(
-        workdir, data, 'finetune', finetune=FinetuneRecipe(epochs=1, batch_size=32, lr=1e-4)
-    )
+    r = evaluate.evaluate(workdir, data, 'finetune', epochs=1, batch_size=32, lr=1e-4)
     print('finetune', r['top1'])
     assert r['protocol'] == 'finetune' and r['epochs'] == 1 and 0.0 <= r['top1'] <= 1.0
     assert r['top1'] > 0.2
@@ -386,7 +389,9 @@ def test_online_hooks_on_the_training_mesh(pretrained, offline):
     8-device mesh; the online kNN agrees with the offline one on the same split."""
     workdir, data = pretrained
     config, state, _ = restore_train_state(workdir)
+    config = config.as_configdict()
     config.eval.path = data
+    config = resolve(config)
     mesh = parallel.make_mesh()
     replicated, batch_sharding = parallel.shardings(mesh)
     state = jax.device_put(state, replicated)

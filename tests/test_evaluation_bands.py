@@ -17,7 +17,7 @@ from cmid_jax.data.files import load_image  # noqa: E402
 from cmid_jax.data.pipeline import FileSource  # noqa: E402
 from cmid_jax.data.views import pre_resize  # noqa: E402
 from cmid_jax.errors import ImageError  # noqa: E402
-from cmid_jax.evaluation import FinetuneRecipe, load_images  # noqa: E402
+from cmid_jax.evaluation import load_images  # noqa: E402
 from cmid_jax.evaluation import run as evaluate  # noqa: E402
 from cmid_jax.evaluation.finetune import augment  # noqa: E402
 from cmid_jax.workdir import Workdir  # noqa: E402
@@ -208,9 +208,7 @@ def test_knn_and_linear_on_n_band_workdirs(workdirs, name, dtype, bands):
 @pytest.mark.slow
 def test_finetune_on_the_uint16_workdir(workdirs):
     workdir, data = workdirs['landsat']
-    r = evaluate.evaluate(
-        workdir, data, 'finetune', finetune=FinetuneRecipe(epochs=1, batch_size=6)
-    )
+    r = evaluate.evaluate(workdir, data, 'finetune', epochs=1, batch_size=6)
     assert r['protocol'] == 'finetune' and r['num_test'] == 6 and 0.0 <= r['top1'] <= 1.0
 
 

@@ -178,14 +178,14 @@ def test_views_of_uint16_and_4_band_images():
 def test_normalize_divides_by_the_type_maximum():
     import jax.numpy as jnp
 
-    from cmid_jax import objective
+    from cmid_jax.pixels import normalize_pixels
 
     x = np.array([[[[0, 65535, 13107, 100]]]], np.uint16)
     mean, std = (0.1, 0.2, 0.3, 0.4), (0.5, 0.5, 0.25, 1.0)
-    got = np.asarray(objective.normalize(jnp.asarray(x), mean, std))
+    got = np.asarray(normalize_pixels(jnp.asarray(x), mean, std))
     np.testing.assert_allclose(got, (x / 65535.0 - np.array(mean)) / np.array(std), atol=1e-6)
     with pytest.raises(ValueError, match='3 / 3 values, but the images have 4 bands'):
-        objective.normalize(jnp.asarray(x), mean[:3], std[:3])
+        normalize_pixels(jnp.asarray(x), mean[:3], std[:3])
 
 
 # ------------------------------------------------------------------------ statistics

@@ -9,7 +9,7 @@
 Open rasterio datasets are cached per thread (grain reads with a thread pool; a GDAL dataset
 handle must not be shared between threads), at most ``_MAX_OPEN`` per thread.
 
-Every failure raises :class:`~cmid_jax.data.errors.ImageError` naming the file.
+Every failure raises :class:`~cmid_jax.errors.ImageError` naming the file.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ scene, so they shuffle, batch, split across processes and resume like files do.
 
 A window is read with a windowed GDAL read (:mod:`cmid_jax.data.raster`), never the whole scene.
 A window with more than ``max_nodata`` of nodata pixels (:func:`cmid_jax.data.bands.valid_mask`)
-raises :class:`~cmid_jax.data.errors.TileRejected`, and the pipeline replaces it by a random
+raises :class:`~cmid_jax.errors.TileRejected`, and the pipeline replaces it by a random
 other window; that happens at read time because the index never looks at pixels.
 
 Scenes are skipped at index time, each with a logged reason, when their header cannot be read,

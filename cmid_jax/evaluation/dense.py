@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -49,45 +50,169 @@ def pair_features(fa: jax.Array, fb: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.abs(fa - fb), fa * fb], axis=-1)
 
 
+class DenseTask:
+    """What differs between the dense protocols, so that the probe's code has no branch on them:
+    the layout of the data folder, how many dated images an example stacks along its bands, how
+    their feature maps become the head's input, how labels are checked, the loss weighting and
+    the metrics. One instance per task (`SEGMENTATION`, `CHANGE`), compared by identity, so that
+    it is a static argument of the jitted functions."""
+
+    name: str  # The protocol's name (`cmid-evaluate --protocol`).
+    dates: int  # Images per example (stacked along the bands): 1, or A and B.
+    score: str  # The headline metric of the result, logged by the online probe.
+    class_weights: str  # 'none', or 'balanced' (`dense_head.balanced_weights`).
+
+    def list_dataset(self, root: str) -> dense_data.DenseSet:
+        raise NotImplementedError
+
+    def is_folder(self, root: str) -> bool:
+        """Whether `root` is laid out for this task (the online probe tells them apart)."""
+        raise NotImplementedError
+
+    def check_labels(
+        self, dataset: dense_data.DenseSet, labels: list[np.ndarray]
+    ) -> tuple[list[np.ndarray], tuple[str, ...]]:
+        """The read labels as class indices, checked (naming the file), and the class names."""
+        raise NotImplementedError
+
+    def combine(self, feature_maps: list[jax.Array]) -> jax.Array:
+        """The head's input from the feature maps of the example's dated images."""
+        raise NotImplementedError
+
+    def loss_weights(self, targets: np.ndarray, num_classes: int) -> np.ndarray | None:
+        """Per-class loss weights of the head's training targets (None: all 1)."""
+        return None
+
+    def metrics(
+        self, confusion: np.ndarray, train_labels: list[np.ndarray], class_names: tuple[str, ...]
+    ) -> dict:
+        raise NotImplementedError
+
+    def split_dates(self, stacked):
+        """(..., dates * bands) -> one (..., bands) array per date (numpy or jax)."""
+        bands = stacked.shape[-1] // self.dates
+        return [stacked[..., d * bands : (d + 1) * bands] for d in range(self.dates)]
+
+    def head_input(self, feature_map: Callable, windows):
+        """`feature_map` of each date of `windows`, combined into the head's input."""
+        return self.combine([feature_map(w) for w in self.split_dates(windows)])
+
+    def preview_images(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows of the preview picture an example's image gives."""
+        return {'image': image}
+
+    def __repr__(self) -> str:
+        return f'DenseTask({self.name!r})'
+
+
+class Segmentation(DenseTask):
+    name, dates, score, class_weights = 'segmentation', 1, 'miou', 'none'
+
+    def list_dataset(self, root: str) -> dense_data.DenseSet:
+        return dense_data.list_segmentation(root)
+
+    def is_folder(self, root: str) -> bool:
+        return not os.path.isdir(os.path.join(root, 'A'))
+
+    def check_labels(self, dataset, labels):
+        class_names = dataset.class_names or dense_data.infer_classes(labels, dataset.ignore_index)
+        for path, mask in zip(dataset.labels, labels):
+            dense_data.check_segmentation_mask(path, mask, len(class_names), dataset.ignore_index)
+        return labels, class_names
+
+    def combine(self, feature_maps):
+        (fmap,) = feature_maps
+        return fmap
+
+    def metrics(self, confusion, train_labels, class_names):
+        metrics = dense_metrics.segmentation_metrics(confusion)
+        metrics['per_class_iou'] = dict(zip(class_names, metrics.pop('iou')))
+        num_classes = len(class_names)
+        train_counts = np.bincount(
+            np.concatenate([m.ravel() for m in train_labels]), minlength=256
+        )[:num_classes]
+        # The test pixel accuracy of always predicting the train split's most frequent class.
+        metrics['majority_pixel_accuracy'] = float(
+            confusion[np.argmax(train_counts)].sum() / confusion.sum()
+        )
+        return metrics
+
+
+class ChangeDetection(DenseTask):
+    name, dates, score, class_weights = 'change', 2, 'f1', 'balanced'
+
+    def list_dataset(self, root: str) -> dense_data.DenseSet:
+        return dense_data.list_change(root)
+
+    def is_folder(self, root: str) -> bool:
+        """A change-detection folder has `A/` (and `B/`, `label/`); a segmentation one `images/`."""
+        return os.path.isdir(os.path.join(root, 'A'))
+
+    def check_labels(self, dataset, labels):
+        labels = [dense_data.change_to_class(p, m) for p, m in zip(dataset.labels, labels)]
+        return labels, dataset.class_names
+
+    def combine(self, feature_maps):
+        return pair_features(*feature_maps)
+
+    def loss_weights(self, targets, num_classes):
+        return dense_head.balanced_weights(targets, num_classes)
+
+    def metrics(self, confusion, train_labels, class_names):
+        metrics = dense_metrics.change_metrics(confusion)
+        # Predicting "changed" everywhere scores F1 = 2p / (1 + p) for a changed fraction p.
+        metrics['test_changed_fraction'] = float(confusion[1].sum() / confusion.sum())
+        return metrics
+
+    def preview_images(self, image):
+        a, b = self.split_dates(image)
+        return {'A': a, 'B': b}
+
+
+SEGMENTATION = Segmentation()
+CHANGE = ChangeDetection()
+TASKS = (SEGMENTATION, CHANGE)
+
+
+def task_of_folder(root: str) -> DenseTask:
+    """The task `root` is laid out for: change with an `A/` sub-folder, else segmentation."""
+    return CHANGE if CHANGE.is_folder(root) else SEGMENTATION
+
+
 @dataclasses.dataclass(frozen=True)
-class Labelled:
-    """The images of some names (for change, A and B stacked along the bands) and their labels
-    as class indices."""
+class DenseExamples:
+    """The images of some names (A and B stacked along the bands for change) and their label
+    maps as class indices."""
 
     names: tuple[str, ...]
     images: list[np.ndarray]
     labels: list[np.ndarray]
 
-    def subset(self, names: tuple[str, ...]) -> Labelled:
+    def subset(self, names: tuple[str, ...]) -> DenseExamples:
         index = {n: i for i, n in enumerate(self.names)}
-        return Labelled(
+        return DenseExamples(
             names, [self.images[index[n]] for n in names], [self.labels[index[n]] for n in names]
         )
 
 
 def read_dense_set(
-    dataset: dense_data.DenseSet, data: ml_collections.ConfigDict, change: bool
-) -> tuple[Labelled, tuple[str, ...]]:
+    dataset: dense_data.DenseSet, data: ml_collections.ConfigDict, task: DenseTask
+) -> tuple[DenseExamples, tuple[str, ...]]:
     """Reads and checks every image and label of `dataset`; returns them and the class names."""
-    dates = [read_images([files[d] for files in dataset.images], data) for d in range(1 + change)]
+    dates = [read_images([files[d] for files in dataset.images], data) for d in range(task.dates)]
     images, labels = [], []
     for i in range(len(dataset.names)):
         first = dates[0][i]
-        if change and dates[1][i].shape != first.shape:
-            raise ValueError(
-                f'{dataset.images[i][1]!r} is {_size(dates[1][i])} but '
-                f'{dataset.images[i][0]!r} is {_size(first)}'
-            )
-        images.append(np.concatenate([d[i] for d in dates], axis=-1) if change else first)
+        for d in range(1, task.dates):
+            if dates[d][i].shape != first.shape:
+                raise ValueError(
+                    f'{dataset.images[i][d]!r} is {_size(dates[d][i])} but '
+                    f'{dataset.images[i][0]!r} is {_size(first)}'
+                )
+        images.append(first if task.dates == 1 else np.concatenate([d[i] for d in dates], -1))
         labels.append(dense_data.read_label(dataset.labels[i], first.shape[:2]))
-    class_names = dataset.class_names
-    if change:
-        labels = [dense_data.change_to_class(p, m) for p, m in zip(dataset.labels, labels)]
-    else:
-        class_names = class_names or dense_data.infer_classes(labels, dataset.ignore_index)
-        for path, mask in zip(dataset.labels, labels):
-            dense_data.check_segmentation_mask(path, mask, len(class_names), dataset.ignore_index)
-    return Labelled(dataset.names, images, labels), class_names
+    labels, class_names = task.check_labels(dataset, labels)
+    return DenseExamples(dataset.names, images, labels), class_names
 
 
 def _size(image: np.ndarray) -> str:
@@ -124,7 +249,9 @@ def upsample_logits(logits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     )
 
 
-def train_windows(data: Labelled, size: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def train_windows(
+    data: DenseExamples, size: int, scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Non-overlapping (N, size, size, bands) image windows of all images resized by `scale` and
     their (N, size, size) labels (the ignore value where an image was mirrored up to a
     window)."""
@@ -140,10 +267,31 @@ def train_windows(data: Labelled, size: int, scale: float = 1.0) -> tuple[np.nda
     return np.concatenate(images), np.concatenate(labels)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProbeSettings:
+    """How a probe is trained and applied, besides the data: the head (`dense_head.HEADS`), the
+    seed of its init and batches, the feature-extraction batch and the factor the images are
+    resized by before the windows cut them."""
+
+    head: str = 'linear'
+    seed: int = 0
+    batch_size: int = 128
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if self.head not in dense_head.HEADS:
+            raise ValueError(f'head must be one of {dense_head.HEADS}, got {self.head!r}')
+        if not self.scale > 0:
+            raise ValueError(f'scale must be positive, got {self.scale}')
+        if not self.batch_size > 0:
+            raise ValueError(f'batch_size must be positive, got {self.batch_size}')
+
+
 @dataclasses.dataclass(frozen=True)
 class Probe:
     """A trained head with what it needs at test time."""
 
+    task: DenseTask
     head: nn.Module
     params: dict
     stats: dict
@@ -151,80 +299,73 @@ class Probe:
     feature_stride: int
     num_windows: int
 
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
 
 def train_probe(
     config: ml_collections.ConfigDict,
     variables: dict,
-    train: Labelled,
+    train: DenseExamples,
+    *,
+    task: DenseTask,
     num_classes: int,
-    head_name: str,
-    change: bool,
-    seed: int,
-    batch_size: int,
-    scale: float = 1.0,
+    settings: ProbeSettings,
 ) -> Probe:
     """The recipe's head (`dense_head`) trained on the cached feature maps of the windows of
-    `train`'s images resized by `scale`."""
+    `train`'s images resized by `settings.scale`."""
     size = int(config.data.image_size)
-    windows, labels = train_windows(train, size, scale)
+    windows, labels = train_windows(train, size, settings.scale)
     # No larger batches than there are windows: padding would only burn compute.
-    extract = FeatureExtractor(config, batch_size=min(batch_size, len(windows)), feature_map=True)
-    if change:
-        bands = windows.shape[-1] // 2
-        inputs = np.asarray(
-            pair_features(
-                extract(variables, windows[..., :bands]), extract(variables, windows[..., bands:])
-            )
-        )
-    else:
-        inputs = extract(variables, windows)
+    extract = FeatureExtractor(
+        config, batch_size=min(settings.batch_size, len(windows)), feature_map=True
+    )
+    inputs = np.asarray(task.head_input(lambda w: extract(variables, w), windows))
     stats = dense_head.channel_stats(inputs)
-    head = dense_head.build_head(head_name, num_classes)
+    head = dense_head.build_head(settings.head, num_classes)
     targets = dense_head.label_grid(labels)
-    weights = dense_head.balanced_weights(targets, num_classes) if change else None
     params, losses = dense_head.train_head(
-        head, inputs, targets, stats, seed=seed, class_weights=weights
+        head,
+        inputs,
+        targets,
+        stats,
+        seed=settings.seed,
+        class_weights=task.loss_weights(targets, num_classes),
     )
     logging.info(
         '%s head on %d windows of %s features: loss %.3f -> %.3f.',
-        head_name,
+        settings.head,
         len(inputs),
         inputs.shape[1:],
         losses[:50].mean(),
         losses[-50:].mean(),
     )
-    return Probe(head, params, stats, losses, size // inputs.shape[1], len(inputs))
+    return Probe(task, head, params, stats, losses, size // inputs.shape[1], len(inputs))
 
 
 def make_predict(
-    config: ml_collections.ConfigDict, variables: dict, probe: Probe, change: bool
+    config: ml_collections.ConfigDict, variables: dict, probe: Probe
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """(B, S, S, bands) windows (A and B stacked for change) -> (B, S, S, classes) logits."""
-    logits = _jitted_logits(ml_collections.FrozenConfigDict(config), probe.head, change)
+    """(B, S, S, bands) windows (the dates stacked) -> (B, S, S, classes) logits."""
+    logits = _jitted_logits(ml_collections.FrozenConfigDict(config), probe.head, probe.task)
     args = (variables, probe.params, jax.tree.map(jnp.asarray, probe.stats))
     return lambda windows: np.asarray(logits(args, windows))
 
 
 @functools.lru_cache(maxsize=16)
 def _jitted_logits(
-    config: ml_collections.FrozenConfigDict, head: nn.Module, change: bool
+    config: ml_collections.FrozenConfigDict, head: nn.Module, task: DenseTask
 ) -> Callable:
-    """Backbone, head and upsampling in one jitted function, one per (config, head): the online
-    probe scores a new head on new weights every evaluation, of the same shapes."""
+    """Backbone, head and upsampling in one jitted function, one per (config, head, task): the
+    online probe scores a new head on new weights every evaluation, of the same shapes."""
     size = int(config.data.image_size)
     feature_map = make_feature_map_fn(config)
 
     @jax.jit
     def logits(args, windows):
         variables, params, stats = args
-        if change:
-            bands = windows.shape[-1] // 2
-            x = pair_features(
-                feature_map(variables, windows[..., :bands]),
-                feature_map(variables, windows[..., bands:]),
-            )
-        else:
-            x = feature_map(variables, windows)
+        x = task.head_input(lambda w: feature_map(variables, w), windows)
         return dense_head.head_logits(head, params, stats, x, size)
 
     return logits
@@ -234,18 +375,16 @@ def evaluate_probe(
     config: ml_collections.ConfigDict,
     variables: dict,
     probe: Probe,
-    test: Labelled,
-    num_classes: int,
+    test: DenseExamples,
+    *,
     ignore_index: int | None,
-    change: bool,
-    batch_size: int,
-    scale: float = 1.0,
+    settings: ProbeSettings,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(confusion matrix over all test pixels, preview rows of the first test images). The
-    windows slide over the images resized by `scale`; the logits are resized back to the
-    labels' full resolution, where the metrics are taken."""
-    size = int(config.data.image_size)
-    predict = make_predict(config, variables, probe, change)
+    windows slide over the images resized by `settings.scale`; the logits are resized back to
+    the labels' full resolution, where the metrics are taken."""
+    size, scale, num_classes = int(config.data.image_size), settings.scale, probe.num_classes
+    predict = make_predict(config, variables, probe)
     confusion = np.zeros((num_classes, num_classes), np.int64)
     shown = test.images[:PREVIEW_IMAGES]
     side = min([max(size, PREVIEW_SIDE)] + [min(im.shape[:2]) for im in shown])
@@ -255,7 +394,7 @@ def evaluate_probe(
         tiling.num_windows(scaled_shape(im.shape, scale), size, stride) for im in test.images
     )
     # A batch of pairs holds two images each: half as many keep the memory of one batch.
-    batch = max(1, min(batch_size // (1 + change), total))
+    batch = max(1, min(settings.batch_size // probe.task.dates, total))
     outputs = tiling.tiled_predict(
         predict, (rescale(im, scale) for im in test.images), size, stride, batch
     )
@@ -267,7 +406,7 @@ def evaluate_probe(
         )
         if i < len(shown):
             for name, crop in _preview_crops(
-                test.images[i], test.labels[i], prediction, side, change
+                probe.task, test.images[i], test.labels[i], prediction, side
             ).items():
                 crops.setdefault(name, []).append(crop)
     rows = {
@@ -280,16 +419,12 @@ def evaluate_probe(
 
 
 def _preview_crops(
-    image: np.ndarray, label: np.ndarray, prediction: np.ndarray, side: int, change: bool
+    task: DenseTask, image: np.ndarray, label: np.ndarray, prediction: np.ndarray, side: int
 ) -> dict[str, np.ndarray]:
     h, w = label.shape
     top, left = (h - side) // 2, (w - side) // 2
     crop = lambda a: a[top : top + side, left : left + side]
-    if change:
-        bands = image.shape[-1] // 2
-        images = {'A': crop(image[..., :bands]), 'B': crop(image[..., bands:])}
-    else:
-        images = {'image': crop(image)}
+    images = {name: crop(im) for name, im in task.preview_images(image).items()}
     return {**images, 'label': crop(label), 'prediction': crop(prediction)}
 
 
@@ -297,78 +432,61 @@ def _preview_crops(
 class ProbeData:
     """A dense set read, checked and split once: everything `score_probe` needs but weights."""
 
-    labelled: Labelled
+    task: DenseTask
+    examples: DenseExamples
     class_names: tuple[str, ...]
     ignore_index: int | None
     split: dense_data.NameSplit
-    change: bool
 
 
 def read_probe_data(
     dataset: dense_data.DenseSet,
     split: dense_data.NameSplit,
     data: ml_collections.ConfigDict,
-    change: bool,
+    task: DenseTask,
 ) -> ProbeData:
     """Reads every image and label of `dataset` with the workdir's bands (`read_dense_set`)."""
-    labelled, class_names = read_dense_set(dataset, data, change)
+    examples, class_names = read_dense_set(dataset, data, task)
     logging.info(
         '%s on %s: %d classes, %d train / %d test images, %d-px windows.',
-        'change' if change else 'segmentation',
+        task.name,
         dataset.root,
         len(class_names),
         len(split.train),
         len(split.test),
         int(data.image_size),
     )
-    return ProbeData(labelled, class_names, dataset.ignore_index, split, change)
+    return ProbeData(task, examples, class_names, dataset.ignore_index, split)
 
 
 def score_probe(
     config: ml_collections.ConfigDict,
     variables: dict,
     data: ProbeData,
+    settings: ProbeSettings,
     *,
-    head: str,
-    seed: int,
-    scale: float,
-    batch_size: int,
-    preview: str | None,
+    preview: str | os.PathLike | None,
 ) -> dict:
     """Trains the probe on `data.split.train`, scores it on `data.split.test` and saves the
     preview picture at `preview` (None: no picture); returns the result's fields (metrics and
     settings). `cmid-evaluate` calls it once, the online probe every so many steps."""
-    labelled, class_names, split, change = data.labelled, data.class_names, data.split, data.change
-    train, test = labelled.subset(split.train), labelled.subset(split.test)
+    task, class_names, split = data.task, data.class_names, data.split
+    train, test = data.examples.subset(split.train), data.examples.subset(split.test)
     num_classes, size = len(class_names), int(config.data.image_size)
     probe = train_probe(
-        config, variables, train, num_classes, head, change, seed, batch_size, scale
+        config, variables, train, task=task, num_classes=num_classes, settings=settings
     )
     confusion, rows = evaluate_probe(
-        config, variables, probe, test, num_classes, data.ignore_index, change, batch_size, scale
+        config, variables, probe, test, ignore_index=data.ignore_index, settings=settings
     )
     if preview is not None:
         colors = visualize.class_colors(np.arange(num_classes), num_classes)
         visualize.save_png(
             preview, visualize.labelled_grid(rows, legend=dict(zip(class_names, colors)))
         )
-    if change:
-        metrics = dense_metrics.change_metrics(confusion)
-        # Predicting "changed" everywhere scores F1 = 2p / (1 + p) for a changed fraction p.
-        metrics['test_changed_fraction'] = float(confusion[1].sum() / confusion.sum())
-    else:
-        metrics = dense_metrics.segmentation_metrics(confusion)
-        metrics['per_class_iou'] = dict(zip(class_names, metrics.pop('iou')))
-        train_counts = np.bincount(
-            np.concatenate([m.ravel() for m in train.labels]), minlength=256
-        )[:num_classes]
-        # The test pixel accuracy of always predicting the train split's most frequent class.
-        metrics['majority_pixel_accuracy'] = float(
-            confusion[np.argmax(train_counts)].sum() / confusion.sum()
-        )
     return {
-        **metrics,
-        'head': head,
+        **task.metrics(confusion, train.labels, class_names),
+        'head': settings.head,
         'features': 'last stage',
         'feature_stride': probe.feature_stride,
         'num_classes': num_classes,
@@ -378,12 +496,12 @@ def score_probe(
         'train_windows': probe.num_windows,
         'window': size,
         'test_window_stride': sliding_stride(size),
-        'scale': scale,
+        'scale': settings.scale,
         'split': split.digest(),
         'head_steps': dense_head.STEPS,
         'head_batch_size': dense_head.BATCH_SIZE,
         'head_lr': dense_head.LR,
         'label_stride': dense_head.LABEL_STRIDE,
-        'class_weights': 'balanced' if change else 'none',
+        'class_weights': task.class_weights,
         'head_loss': round(float(probe.losses[-50:].mean()), 4),
     }

@@ -29,6 +29,7 @@ on the cached features.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -133,10 +134,11 @@ def train_head(
     params = _init_head(head, init_key, inputs[:1])
     num_classes = jax.eval_shape(head.apply, {'params': params}, inputs[:1]).shape[-1]
     weights = jnp.ones(num_classes) if class_weights is None else jnp.asarray(class_weights)
+    data = HeadTrainingData(inputs, targets, stats, weights, data_key)
     opt_state, losses = _optimizer(steps).init(params), []
     for i in range(steps):  # Dispatched asynchronously; the losses are fetched once at the end.
         params, opt_state, loss = _train_step(
-            params, opt_state, inputs, targets, stats, weights, data_key, i, head=head, steps=steps
+            params, opt_state, data=data, step=i, head=head, steps=steps
         )
         losses.append(loss)
     return params, np.asarray(jax.device_get(losses))
@@ -151,20 +153,39 @@ def _init_head(head: nn.Module, key: jax.Array, example: jax.Array) -> dict:
     return head.init(key, example)['params']
 
 
-@functools.partial(jax.jit, static_argnames=('head', 'steps'))
-def _train_step(params, opt_state, inputs, targets, stats, weights, data_key, i, *, head, steps):
-    """One AdamW step on a random batch of the cached features (the arrays are arguments, not
+class HeadTrainingData(NamedTuple):
+    """What every training step of a head reads (a pytree: arguments of the jitted step, not
     constants baked into the program)."""
 
+    inputs: jax.Array  # (N, h, w, D) cached features.
+    targets: jax.Array  # (N, L, L) int32 class indices, `IGNORE` where unlabelled.
+    stats: dict  # Per-channel {'mean', 'std'} of the inputs (`channel_stats`).
+    class_weights: jax.Array  # (classes,) loss weight of each class.
+    key: jax.Array  # Draws each step's batch (folded with the step index).
+
+
+@functools.partial(jax.jit, static_argnames=('head', 'steps'))
+def _train_step(
+    params: dict,
+    opt_state: optax.OptState,
+    *,
+    data: HeadTrainingData,
+    step: jax.Array | int,
+    head: nn.Module,
+    steps: int,
+):
+    """Step `step` of `steps`: one AdamW step on a random batch of the cached features."""
+
     def loss_fn(params, x, y):
-        logits = head_logits(head, params, stats, x, targets.shape[1])
+        logits = head_logits(head, params, data.stats, x, data.targets.shape[1])
         valid = y != IGNORE
         y = jnp.where(valid, y, 0)
-        w = weights[y] * valid
+        w = data.class_weights[y] * valid
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1e-12)
 
-    idx = jax.random.randint(jax.random.fold_in(data_key, i), (BATCH_SIZE,), 0, inputs.shape[0])
-    loss, grads = jax.value_and_grad(loss_fn)(params, inputs[idx], targets[idx])
+    num = data.inputs.shape[0]
+    idx = jax.random.randint(jax.random.fold_in(data.key, step), (BATCH_SIZE,), 0, num)
+    loss, grads = jax.value_and_grad(loss_fn)(params, data.inputs[idx], data.targets[idx])
     updates, opt_state = _optimizer(steps).update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss

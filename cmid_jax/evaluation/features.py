@@ -27,9 +27,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cmid_jax import objective
 from cmid_jax.data import FileSource, ImageError, bicubic_resize, num_bands
 from cmid_jax.models import cmid
+from cmid_jax.pixels import normalize_pixels
 
 WHICH = tuple(cmid.STATE_KEYS)  # 'student', 'teacher'
 
@@ -50,7 +50,7 @@ def center_resize(image: np.ndarray, size: int) -> np.ndarray:
 RGB8 = types.MappingProxyType({'bands': None, 'dtype': 'uint8'})  # `config.data` of 8-bit RGB.
 
 
-class LabelledReader:
+class ModelImageReader:
     """`reader(i)`: `files[i]` as pretraining read its images (`FileSource` with `data.bands`).
 
     A file that lacks a band of `data.bands` or has another pixel type than `data.dtype` cannot
@@ -94,9 +94,9 @@ def _map_threads(fn: Callable[[int], object], n: int, num_threads: int | None) -
 def load_images(
     files: Sequence[str], size: int, data: Mapping = RGB8, num_threads: int | None = None
 ) -> np.ndarray:
-    """Reads (`LabelledReader`) and center-resizes every file into one (N, size, size, bands)
+    """Reads (`ModelImageReader`) and center-resizes every file into one (N, size, size, bands)
     array of the model's pixel type; `data` is the workdir's `config.data`."""
-    read = LabelledReader(files, data)
+    read = ModelImageReader(files, data)
     out = np.empty((len(files), size, size, read.num_bands), read.dtype)
 
     def load(i):
@@ -110,8 +110,8 @@ def read_images(
     files: Sequence[str], data: Mapping = RGB8, num_threads: int | None = None
 ) -> list[np.ndarray]:
     """Every file at its own size, (H, W, bands) of the model's pixel type, read as
-    `load_images` reads them (`LabelledReader`); `data` is the workdir's `config.data`."""
-    return _map_threads(LabelledReader(files, data), len(files), num_threads)
+    `load_images` reads them (`ModelImageReader`); `data` is the workdir's `config.data`."""
+    return _map_threads(ModelImageReader(files, data), len(files), num_threads)
 
 
 def make_feature_map_fn(
@@ -124,7 +124,7 @@ def make_feature_map_fn(
     mean, std = tuple(config.data.mean), tuple(config.data.std)
 
     def feature_map(variables, images):
-        x = objective.normalize(images, mean, std)
+        x = normalize_pixels(images, mean, std)
         fmap, _ = nets.apply('backbone', variables, x, train=False)
         return fmap.astype(jnp.float32)
 

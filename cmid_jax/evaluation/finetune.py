@@ -30,10 +30,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from cmid_jax import objective, optim
+from cmid_jax import optim
 from cmid_jax.data import resized_crop, sample_crop_box
 from cmid_jax.evaluation.features import FeatureExtractor
 from cmid_jax.models import cmid
+from cmid_jax.pixels import normalize_pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,7 @@ def finetune_top1(
 
     def pooled(backbone_vars, images, train):
         fmap, new_stats = nets.apply(
-            'backbone', backbone_vars, objective.normalize(images, mean, std), train=train
+            'backbone', backbone_vars, normalize_pixels(images, mean, std), train=train
         )
         return jnp.mean(fmap.astype(jnp.float32), axis=(1, 2)), new_stats
 

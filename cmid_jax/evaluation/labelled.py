@@ -23,8 +23,9 @@ from cmid_jax.data import list_images
 
 
 @dataclasses.dataclass(frozen=True)
-class LabelledSplit:
-    """File paths and integer labels of both halves; label i names `class_names[i]`."""
+class ClassSplit:
+    """The seeded split of a class-per-folder dataset: file paths and integer labels of both
+    halves; label i names `class_names[i]` (a dense set's split by name is `NameSplit`)."""
 
     class_names: tuple[str, ...]
     train_files: tuple[str, ...]
@@ -79,7 +80,7 @@ def train_count(train_fraction: float, n: int) -> int:
 
 def split_per_class(
     files_by_class: dict[str, list[str]], train_fraction: float, seed: int
-) -> LabelledSplit:
+) -> ClassSplit:
     """Seeded per-class split of `{class: files}` (see the module docstring)."""
     names = tuple(sorted(files_by_class))
     train_f, train_y, test_f, test_y = [], [], [], []
@@ -98,11 +99,9 @@ def split_per_class(
         test_f += ranked[n_train:]
         train_y += [label] * n_train
         test_y += [label] * (len(files) - n_train)
-    return LabelledSplit(names, tuple(train_f), tuple(train_y), tuple(test_f), tuple(test_y))
+    return ClassSplit(names, tuple(train_f), tuple(train_y), tuple(test_f), tuple(test_y))
 
 
-def load_split(
-    root: str | os.PathLike, train_fraction: float = 0.5, seed: int = 0
-) -> LabelledSplit:
+def load_split(root: str | os.PathLike, train_fraction: float = 0.5, seed: int = 0) -> ClassSplit:
     """The seeded per-class split of the class-per-folder dataset at `root`."""
     return split_per_class(list_labelled(root), train_fraction, seed)

@@ -24,7 +24,7 @@ MAX_ITERS = 500
 GRAD_TOL = 1e-5
 
 
-def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def standardize_features(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both splits standardised with the train split's per-dimension mean and std."""
     train = np.asarray(train, np.float64)
     mean, std = train.mean(axis=0), train.std(axis=0)
@@ -86,7 +86,7 @@ def linear_probe_top1(
     l2: float = L2,
 ) -> float:
     """Top-1 accuracy (fraction in [0, 1]) of the recipe's probe on the test split."""
-    x_train, x_test = standardize(train_feats, test_feats)
+    x_train, x_test = standardize_features(train_feats, test_feats)
     params = fit_logistic_regression(
         jnp.asarray(x_train), jnp.asarray(train_labels, jnp.int32), num_classes=num_classes, l2=l2
     )

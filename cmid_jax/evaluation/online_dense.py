@@ -13,7 +13,6 @@ It runs on the host's first device; every process computes it, process 0 writes.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 
@@ -27,27 +26,24 @@ from cmid_jax.models.cmid import backbone_variables
 HEAD = 'linear'
 
 
-def is_change_folder(path: str) -> bool:
-    """A change-detection folder has `A/` (and `B/`, `label/`); a segmentation one `images/`."""
-    return os.path.isdir(os.path.join(path, 'A'))
-
-
 def make_online_dense(
-    config: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict, task: dense.DenseTask | None = None
 ) -> Callable[[dict, str | None], dict[str, float]]:
     """`fn(train_state, preview_png) -> {'dense_miou_student': x}` for a segmentation folder or
-    `{'dense_f1_student': x}` (F1 of the changed class) for a change folder (fractions)."""
+    `{'dense_f1_student': x}` (F1 of the changed class) for a change folder (fractions). `task`:
+    the folder's layout (default: told by `dense.task_of_folder`)."""
     e = config.eval
     if not e.dense_path:
         raise ValueError('config.eval.dense_path is not set: no data for the online dense probe')
-    change = is_change_folder(e.dense_path)
+    task = task or dense.task_of_folder(e.dense_path)
     t0 = time.monotonic()
-    dataset = (dense_data.list_change if change else dense_data.list_segmentation)(e.dense_path)
+    dataset = task.list_dataset(e.dense_path)
     split = dense_data.split_names(
         dataset.names, e.train_fraction, config.seed, e.dense_split_group
     )
-    data = dense.read_probe_data(dataset, split, config.data, change)
-    name = 'dense_f1_student' if change else 'dense_miou_student'
+    data = dense.read_probe_data(dataset, split, config.data, task)
+    settings = dense.ProbeSettings(head=HEAD, seed=config.seed, batch_size=e.batch_size)
+    name = f'dense_{task.score}_student'
     logging.info(
         'Online dense probe: %s head, split %s, read in %.1f s; logged as %s.',
         HEAD,
@@ -61,16 +57,7 @@ def make_online_dense(
         variables = jax.tree.map(
             lambda x: np.asarray(x.addressable_data(0)), backbone_variables(state, 'student')
         )
-        fields = dense.score_probe(
-            config,
-            variables,
-            data,
-            head=HEAD,
-            seed=config.seed,
-            scale=1.0,
-            batch_size=e.batch_size,
-            preview=preview,
-        )
-        return {name: float(fields['f1' if change else 'miou'])}
+        fields = dense.score_probe(config, variables, data, settings, preview=preview)
+        return {name: float(fields[task.score])}
 
     return evaluate

@@ -8,6 +8,8 @@ r"""Evaluates a pretrained backbone of a workdir on a labelled dataset (`cmid-ev
     cmid-evaluate --workdir=runs/vitb --data=levir-cd --protocol=change --head=fpn
 
 Prints one JSON line and appends it to `workdir/eval.jsonl`; see `cmid_jax.evaluation.run`.
+The flags after `--step` are the protocols' own options (`cmid_jax.evaluation.protocols`), one
+flag per option name; giving one that the chosen protocol does not take is an error.
 Data that cannot be evaluated (a missing or misfit file, a bad value) ends the program with one
 line naming it, without a traceback.
 """
@@ -17,64 +19,84 @@ import json
 from absl import app, flags
 
 from cmid_jax import errors
-from cmid_jax.evaluation.dense_head import HEADS
+from cmid_jax.evaluation import protocols
 from cmid_jax.evaluation.features import WHICH
-from cmid_jax.evaluation.finetune import FinetuneRecipe
-from cmid_jax.evaluation.run import PROTOCOLS, evaluate
+from cmid_jax.evaluation.run import evaluate
 
-_DEFAULTS = FinetuneRecipe()
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Pretraining workdir (config.json + ckpt/).')
-_DATA = flags.DEFINE_string(
-    'data',
-    None,
-    'Labelled data: one sub-folder per class; for segmentation images/ + masks/ '
-    '(+ classes.json); for change A/ + B/ + label/.',
-)
-_PROTOCOL = flags.DEFINE_enum('protocol', 'knn', PROTOCOLS, 'Evaluation protocol.')
-_WHICH = flags.DEFINE_enum('which', 'student', WHICH, 'Backbone to evaluate.')
-_TRAIN_FRACTION = flags.DEFINE_float(
-    'train_fraction', 0.5, 'Train share: of each class, or of the split groups (dense).'
-)
-_SEED = flags.DEFINE_integer('seed', 0, 'Split (and fine-tune) seed.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
-_EPOCHS = flags.DEFINE_integer('epochs', _DEFAULTS.epochs, 'finetune only.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', _DEFAULTS.batch_size, 'finetune only.')
-_LR = flags.DEFINE_float('lr', _DEFAULTS.lr, 'finetune only: peak AdamW lr.')
-_HEAD = flags.DEFINE_enum('head', 'linear', HEADS, 'segmentation / change only: the head.')
-_SPLIT_GROUP = flags.DEFINE_string(
-    'split_group',
-    None,
-    'segmentation / change only: regular expression whose first group in '
-    "an image's name is its split unit (default: the name), e.g. '^(tile\\d+)_'.",
-)
-_SCALE = flags.DEFINE_float(
-    'scale',
-    1.0,
-    'segmentation / change only: resize the images by '
-    'this factor before the windows slide over them.',
-)
-flags.mark_flags_as_required(['workdir', 'data'])
+_DEFINE = {
+    bool: flags.DEFINE_boolean,
+    int: flags.DEFINE_integer,
+    float: flags.DEFINE_float,
+    str: flags.DEFINE_string,
+}
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The common flags, then one per protocol option (`protocols.option_specs`): its name, type,
+    default and help, the help led by the protocols it belongs to."""
+    define = dict(flag_values=flag_values)
+    flags.DEFINE_string('workdir', None, 'Pretraining workdir (config.json + ckpt/).', **define)
+    flags.DEFINE_string(
+        'data',
+        None,
+        'Labelled data: one sub-folder per class; for segmentation images/ + masks/ '
+        '(+ classes.json); for change A/ + B/ + label/.',
+        **define,
+    )
+    flags.DEFINE_enum(
+        'protocol', 'knn', list(protocols.PROTOCOLS), 'Evaluation protocol.', **define
+    )
+    flags.DEFINE_enum('which', 'student', WHICH, 'Backbone to evaluate.', **define)
+    flags.DEFINE_float(
+        'train_fraction',
+        0.5,
+        'Train share: of each class, or of the split groups (dense).',
+        **define,
+    )
+    flags.DEFINE_integer('seed', 0, 'Split (and fine-tune) seed.', **define)
+    flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).', **define)
+    for spec in protocols.option_specs().values():
+        text = f'{" / ".join(spec.protocols)} only: {spec.help}'
+        if spec.choices is not None:
+            flags.DEFINE_enum(spec.name, spec.default, spec.choices, text, **define)
+        else:
+            _DEFINE[spec.type](spec.name, spec.default, text, **define)
+    flags.mark_flags_as_required(['workdir', 'data'], flag_values=flag_values)
+
+
+def chosen_options(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
+    """The chosen protocol's options from the flags; a flag of another protocol's option given
+    on the command line is an error (it would do nothing)."""
+    protocol = flag_values.protocol
+    specs = protocols.option_specs()
+    given = {name for name in specs if flag_values[name].present}
+    try:
+        protocols.make_options(protocol, **{name: flag_values[name].value for name in given})
+    except ValueError as e:
+        raise errors.UserError(str(e), 'pass --helpshort to list the flags') from None
+    return {
+        name: flag_values[name].value for name, spec in specs.items() if protocol in spec.protocols
+    }
+
+
+define_flags()
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    recipe = FinetuneRecipe(
-        epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value, lr=_LR.value, seed=_SEED.value
-    )
-    with errors.expected(errors.DataError, "check --data (see the protocol's layout in --help)"):
+    options = chosen_options()
+    f = flags.FLAGS
+    with errors.hint("check --data (see the protocol's layout in --help)"):
         result = evaluate(
-            _WORKDIR.value,
-            _DATA.value,
-            _PROTOCOL.value,
-            which=_WHICH.value,
-            train_fraction=_TRAIN_FRACTION.value,
-            seed=_SEED.value,
-            step=_STEP.value,
-            finetune=recipe,
-            head=_HEAD.value,
-            split_group=_SPLIT_GROUP.value,
-            scale=_SCALE.value,
+            f.workdir,
+            f.data,
+            f.protocol,
+            which=f.which,
+            train_fraction=f.train_fraction,
+            seed=f.seed,
+            step=f.step,
+            **options,
         )
     print(json.dumps(result), flush=True)
 
