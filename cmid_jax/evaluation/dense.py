@@ -33,6 +33,7 @@ from PIL import Image
 
 from cmid_jax import visualize
 from cmid_jax.data import bicubic_resize
+from cmid_jax.errors import ConfigError, DataError
 from cmid_jax.evaluation import dense_data, dense_head, dense_metrics, tiling
 from cmid_jax.evaluation.features import FeatureExtractor, make_feature_map_fn, read_images
 
@@ -205,7 +206,7 @@ def read_dense_set(
         first = dates[0][i]
         for d in range(1, task.dates):
             if dates[d][i].shape != first.shape:
-                raise ValueError(
+                raise DataError(
                     f'{dataset.images[i][d]!r} is {_size(dates[d][i])} but '
                     f'{dataset.images[i][0]!r} is {_size(first)}'
                 )
@@ -280,11 +281,11 @@ class ProbeSettings:
 
     def __post_init__(self):
         if self.head not in dense_head.HEADS:
-            raise ValueError(f'head must be one of {dense_head.HEADS}, got {self.head!r}')
+            raise ConfigError(f'head must be one of {dense_head.HEADS}, got {self.head!r}')
         if not self.scale > 0:
-            raise ValueError(f'scale must be positive, got {self.scale}')
+            raise ConfigError(f'scale must be positive, got {self.scale}')
         if not self.batch_size > 0:
-            raise ValueError(f'batch_size must be positive, got {self.batch_size}')
+            raise ConfigError(f'batch_size must be positive, got {self.batch_size}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from cmid_jax.data import IMAGE_EXTENSIONS
+from cmid_jax.errors import DataError
 from cmid_jax.evaluation.labelled import train_count
 
 IGNORE_INDEX = 255
@@ -58,7 +59,7 @@ class DenseSet:
 def _files_by_name(folder: str, extensions: Sequence[str]) -> dict[str, str]:
     """{name without extension: path} of the files of `folder` with one of `extensions`."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f'folder {folder!r} does not exist')
+        raise DataError(f'folder {folder!r} does not exist')
     found: dict[str, str] = {}
     for entry in sorted(os.listdir(folder)):
         name, ext = os.path.splitext(entry)
@@ -66,10 +67,10 @@ def _files_by_name(folder: str, extensions: Sequence[str]) -> dict[str, str]:
             continue
         path = os.path.join(folder, entry)
         if name in found:
-            raise ValueError(f'{path!r} and {found[name]!r} have the same name; keep one')
+            raise DataError(f'{path!r} and {found[name]!r} have the same name; keep one')
         found[name] = path
     if not found:
-        raise ValueError(f'{folder!r} holds no files with extension {", ".join(extensions)}')
+        raise DataError(f'{folder!r} holds no files with extension {", ".join(extensions)}')
     return found
 
 
@@ -79,9 +80,9 @@ def _match(folders: dict[str, dict[str, str]]) -> list[str]:
     (first_folder, first), *others = folders.items()
     for folder, files in others:
         for name in sorted(first.keys() - files.keys()):
-            raise ValueError(f'{first[name]!r} has no matching {folder}/{name}.*')
+            raise DataError(f'{first[name]!r} has no matching {folder}/{name}.*')
         for name in sorted(files.keys() - first.keys()):
-            raise ValueError(f'{files[name]!r} has no matching {first_folder}/{name}.*')
+            raise DataError(f'{files[name]!r} has no matching {first_folder}/{name}.*')
     return sorted(first)
 
 
@@ -99,7 +100,7 @@ def _read_classes(path: str) -> tuple[tuple[str, ...], int]:
         if not isinstance(ignore, int) or not 0 <= ignore <= 255 or ignore < len(classes):
             raise ValueError(f'"ignore_index" must be an integer in [{len(classes)}, 255]')
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(
+        raise DataError(
             f'{path!r}: expected {{"classes": [names], "ignore_index": 255}}; '
             f'{type(e).__name__}: {e}'
         ) from None
@@ -147,13 +148,13 @@ def read_label(path: str, shape: tuple[int, int]) -> np.ndarray:
     """(H, W) uint8 values of a single-band 8-bit PNG, checked to be `shape` (its image's)."""
     with Image.open(path) as im:
         if im.mode not in ('L', 'P'):
-            raise ValueError(
+            raise DataError(
                 f'{path!r} is a {im.mode} image; expected a single-band 8-bit PNG '
                 '(mode L or P) of class indices'
             )
         label = np.asarray(im)
     if label.shape != tuple(shape):
-        raise ValueError(
+        raise DataError(
             f'{path!r} is {label.shape[1]}x{label.shape[0]} px but its image is '
             f'{shape[1]}x{shape[0]} px (width x height)'
         )
@@ -167,7 +168,7 @@ def check_segmentation_mask(
     values = np.unique(mask)
     bad = values[(values >= num_classes) & (values != ignore_index)]
     if bad.size:
-        raise ValueError(
+        raise DataError(
             f'{path!r} has values {bad.tolist()} outside the {num_classes} classes '
             f'(0-{num_classes - 1}) and the ignore value {ignore_index}'
         )
@@ -177,7 +178,7 @@ def change_to_class(path: str, label: np.ndarray) -> np.ndarray:
     """0 / 255 -> class 0 / 1, raising naming `path` for any other value."""
     bad = np.setdiff1d(np.unique(label), CHANGE_VALUES)
     if bad.size:
-        raise ValueError(
+        raise DataError(
             f'{path!r} has values {bad.tolist()}; a change label holds only 0 '
             '(unchanged) and 255 (changed)'
         )
@@ -207,7 +208,7 @@ def group_of(name: str, split_group: str | None) -> str:
         return name
     match = re.search(split_group, name)
     if match is None:
-        raise ValueError(f'name {name!r} does not match split_group={split_group!r}')
+        raise DataError(f'name {name!r} does not match split_group={split_group!r}')
     return match.group(1) if match.groups() else match.group(0)
 
 
@@ -217,7 +218,7 @@ def split_names(
     """Seeded split of `names` by group (see the module docstring); both halves sorted."""
     groups = sorted({group_of(n, split_group) for n in names})
     if len(groups) < 2:
-        raise ValueError(
+        raise DataError(
             f'{len(groups)} split group(s) {groups} among {len(names)} names; need '
             'at least 2 so that train and test both get one'
             + (f' (split_group={split_group!r})' if split_group else '')

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cmid_jax.errors import ConfigError
+
 HEADS = ('linear', 'fpn')
 LABEL_STRIDE = 4
 STEPS = 1000
@@ -75,7 +77,7 @@ def build_head(name: str, num_classes: int) -> nn.Module:
         return LinearHead(num_classes)
     if name == 'fpn':
         return FPNHead(num_classes)
-    raise ValueError(f'head must be one of {HEADS}, got {name!r}')
+    raise ConfigError(f'head must be one of {HEADS}, got {name!r}')
 
 
 def channel_stats(inputs: np.ndarray) -> dict:

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cmid_jax.data import FileSource, ImageError, bicubic_resize, num_bands
+from cmid_jax.errors import DataError
 from cmid_jax.models import cmid
 from cmid_jax.pixels import normalize_pixels
 
@@ -73,7 +74,7 @@ class ModelImageReader:
         try:
             self._source = FileSource(self.files, self.bands)
         except ValueError as e:  # None of the first files has the bands.
-            raise ValueError(f'{e}\n{self._expects}') from e
+            raise DataError(f'{e}\n{self._expects}') from e
 
     def __call__(self, index: int) -> np.ndarray:
         try:

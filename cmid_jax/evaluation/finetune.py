@@ -32,6 +32,7 @@ import optax
 
 from cmid_jax import optim
 from cmid_jax.data import resized_crop, sample_crop_box
+from cmid_jax.errors import ConfigError
 from cmid_jax.evaluation.features import FeatureExtractor
 from cmid_jax.models import cmid
 from cmid_jax.pixels import normalize_pixels
@@ -82,7 +83,7 @@ def finetune_top1(
     steps_per_epoch = n // batch_size
     total_steps = recipe.epochs * steps_per_epoch
     if total_steps < 1:
-        raise ValueError(f'nothing to train: epochs={recipe.epochs}, {n} train images')
+        raise ConfigError(f'nothing to train: epochs={recipe.epochs}, {n} train images')
 
     def pooled(backbone_vars, images, train):
         fmap, new_stats = nets.apply(

@@ -20,6 +20,7 @@ import math
 import os
 
 from cmid_jax.data import list_images
+from cmid_jax.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +53,14 @@ def list_labelled(root: str | os.PathLike) -> dict[str, list[str]]:
     """{class name: sorted image paths} for every class folder of `root` (hidden ones skipped)."""
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f'labelled data folder {root!r} does not exist')
+        raise DataError(f'labelled data folder {root!r} does not exist')
     classes = sorted(
         d
         for d in os.listdir(root)
         if not d.startswith('.') and os.path.isdir(os.path.join(root, d))
     )
     if len(classes) < 2:
-        raise ValueError(
+        raise DataError(
             f'{root!r} must hold one sub-folder per class (at least 2); found {classes}'
         )
     return {c: list_images(os.path.join(root, c)) for c in classes}
@@ -74,7 +75,7 @@ def train_count(train_fraction: float, n: int) -> int:
     """How many of `n` ranked items go to train: `floor(train_fraction * n + 0.5)`, at least 1
     and at most n - 1 (half-up rounding: Python's round() would send 2.5 to 2 but 3.5 to 4)."""
     if not 0.0 < train_fraction < 1.0:
-        raise ValueError(f'train_fraction must be in (0, 1), got {train_fraction}')
+        raise ConfigError(f'train_fraction must be in (0, 1), got {train_fraction}')
     return min(max(math.floor(train_fraction * n + 0.5), 1), n - 1)
 
 
@@ -87,7 +88,7 @@ def split_per_class(
     for label, name in enumerate(names):
         files = sorted(files_by_class[name])
         if len(files) < 2:
-            raise ValueError(
+            raise DataError(
                 f'class {name!r} has {len(files)} image(s); need at least 2 '
                 'so that both halves of the split see it'
             )

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from cmid_jax.errors import ConfigError
 from cmid_jax.evaluation.features import WHICH, FeatureExtractor, load_images
 from cmid_jax.evaluation.knn import knn_top1
 from cmid_jax.evaluation.labelled import load_split
@@ -34,7 +35,7 @@ def make_online_knn(
     """
     e = config.eval
     if not e.path:
-        raise ValueError('config.eval.path is not set: no labelled data for the online kNN')
+        raise ConfigError('config.eval.path is not set: no labelled data for the online kNN')
     split = load_split(e.path, e.train_fraction, config.seed)
     size = int(config.data.image_size)
     t0 = time.monotonic()

@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cmid_jax.errors import ConfigError
 from cmid_jax.evaluation import dense, dense_data
 from cmid_jax.models.cmid import backbone_variables
 
@@ -34,7 +35,7 @@ def make_online_dense(
     the folder's layout (default: told by `dense.task_of_folder`)."""
     e = config.eval
     if not e.dense_path:
-        raise ValueError('config.eval.dense_path is not set: no data for the online dense probe')
+        raise ConfigError('config.eval.dense_path is not set: no data for the online dense probe')
     task = task or dense.task_of_folder(e.dense_path)
     t0 = time.monotonic()
     dataset = task.list_dataset(e.dense_path)

@@ -41,6 +41,7 @@ import os
 import time
 from typing import Any
 
+from cmid_jax.errors import ConfigError
 from cmid_jax.evaluation import protocols
 from cmid_jax.evaluation.features import WHICH
 from cmid_jax.evaluation.protocols import PROTOCOLS
@@ -72,7 +73,7 @@ def evaluate(
     owner = protocols.protocol_module(protocol)
     chosen = protocols.make_options(protocol, **options)
     if which not in WHICH:
-        raise ValueError(f'which must be one of {WHICH}, got {which!r}')
+        raise ConfigError(f'which must be one of {WHICH}, got {which!r}')
     t0 = time.monotonic()
     split = owner.split(data, train_fraction, seed, chosen)
     config, state, ckpt_step = restore_train_state(workdir, step)

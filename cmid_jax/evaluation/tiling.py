@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from cmid_jax.errors import DataError
 from cmid_jax.evaluation.features import pad_batch
 
 
@@ -20,7 +21,7 @@ def window_starts(length: int, size: int, stride: int) -> list[int]:
     """Start offsets along an axis of `length` (>= size) pixels: every `stride`, plus the last
     window flush with the end."""
     if length < size:
-        raise ValueError(f'an axis of {length} px is shorter than the {size}-px window')
+        raise DataError(f'an axis of {length} px is shorter than the {size}-px window')
     if not 0 < stride <= size:
         raise ValueError(f'window stride must be in [1, {size}], got {stride}')
     starts = list(range(0, length - size, stride))

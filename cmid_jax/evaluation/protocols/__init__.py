@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import ml_collections
 
+from cmid_jax.errors import ConfigError
 from cmid_jax.evaluation import dense
 from cmid_jax.evaluation.protocols import finetune, knn, linear
 from cmid_jax.evaluation.protocols.base import OnlineEval, RunContext
@@ -50,7 +51,7 @@ PROTOCOLS: dict[str, EvalProtocol] = {
 def protocol_module(name: str) -> EvalProtocol:
     """What owns protocol `name`."""
     if name not in PROTOCOLS:
-        raise ValueError(f'protocol must be one of {tuple(PROTOCOLS)}, got {name!r}')
+        raise ConfigError(f'protocol must be one of {tuple(PROTOCOLS)}, got {name!r}')
     return PROTOCOLS[name]
 
 
@@ -121,7 +122,7 @@ def make_options(protocol: str, **options: Any) -> Any:
                 if name in specs
                 else "is no evaluation protocol's option"
             )
-            raise ValueError(f'{name!r} {where} ({protocol} {takes})')
+            raise ConfigError(f'{name!r} {where} ({protocol} {takes})')
     return cls(**options)
 
 
