@@ -1,4 +1,4 @@
-"""Prepared datasets on the real files in ../shared/data: cmid_jax.data.prepare's ArrayRecord shards
+"""Prepared datasets on the real files in ../shared/data: cmid_jax.data.shards's ArrayRecord shards
 (round trip, manifest, pipeline batches, bad inputs) and TFDS datasets read through
 data.source='tfds:...' (built locally from AID images, no download)."""
 
@@ -15,7 +15,7 @@ pytest.importorskip('rasterio')
 
 from cmid_jax.config_resolve import resolve  # noqa: E402
 from cmid_jax.data import build_dataset, list_images, load_image, raster  # noqa: E402
-from cmid_jax.data import prepare as prep  # noqa: E402
+from cmid_jax.data import shards as prep  # noqa: E402
 from cmid_jax.data.records import MANIFEST, RecordSource, read_manifest  # noqa: E402
 from cmid_jax.data.sources import open_source  # noqa: E402
 from cmid_jax.errors import ConfigError  # noqa: E402

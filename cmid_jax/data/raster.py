@@ -78,7 +78,7 @@ def _rasterio():
         from rasterio.errors import NotGeoreferencedWarning
     except ImportError as e:  # pragma: no cover - depends on the installation
         raise ImportError(
-            'reading TIFF bands or tiles (data.bands, data.tile_size, cmid_jax.data.prepare) needs '
+            'reading TIFF bands or tiles (data.bands, data.tile_size, cmid-prepare) needs '
             "rasterio: pip install 'cmid-jax[geo]'"
         ) from e
     # Plain (non-geo) TIFFs are fine training data; GDAL's warning about them is noise.

@@ -51,7 +51,7 @@ def is_prepared(path: str | os.PathLike) -> bool:
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a prepared folder, checked for the keys the reader needs."""
     file = os.path.join(os.fspath(path), MANIFEST)
-    return read_tagged_json(file, FORMAT, _REQUIRED, f'the cmid_jax.data.prepare manifest {file!r}')
+    return read_tagged_json(file, FORMAT, _REQUIRED, f'the cmid-prepare manifest {file!r}')
 
 
 class ShardWriter:

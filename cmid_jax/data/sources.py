@@ -55,7 +55,7 @@ def open_source(data) -> Source:
         if tile:
             manifest = records.read_manifest(path)
             raise DataError(
-                f'data.path={path!r} holds ArrayRecord shards from cmid_jax.data.prepare, '
+                f'data.path={path!r} holds ArrayRecord shards from cmid-prepare, '
                 f'already cut (tile size {manifest["tile_size"]}); set '
                 f'data.tile_size=0 to read them'
             )

@@ -3,7 +3,7 @@
     cmid-prepare --src=DIR --out=DIR [--tile=N] [--bands=0,1,2,3] [--max_nodata=0.25] \
         [--records_per_shard=4096] [--workers=4]
 
-Then train with `--config.data.path=OUT`; see `cmid_jax.data.prepare`.
+Then train with `--config.data.path=OUT`; see `cmid_jax.data.shards`.
 """
 
 import os
@@ -12,7 +12,7 @@ from absl import app, flags
 
 from cmid_jax import errors
 from cmid_jax.data import records
-from cmid_jax.data.prepare import prepare
+from cmid_jax.data.shards import prepare
 
 _SRC = flags.DEFINE_string('src', None, 'Folder of images or scenes (any nesting).')
 _OUT = flags.DEFINE_string('out', None, 'Output folder for the shards and manifest.json.')
