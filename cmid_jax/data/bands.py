@@ -29,9 +29,7 @@ from cmid_jax.errors import ConfigError, DataError, ImageError
 
 # Pixel types that travel to the device; anything else is converted by ``compact`` or refused.
 PIXEL_DTYPES = ('uint8', 'uint16')
-ALL_BANDS = (
-    'all'  # keep every band of the file (cmid-prepare's default; not a config value)
-)
+ALL_BANDS = 'all'  # keep every band of the file (cmid-prepare's default; not a config value)
 
 
 def type_max(dtype) -> float:
