@@ -72,6 +72,11 @@ class Workdir:
     def __str__(self) -> str:
         return os.fspath(self.path)
 
+    @property
+    def name(self) -> str:
+        """The folder's own name (the last component of its path)."""
+        return self.path.name
+
     def __truediv__(self, name: str) -> epath.Path:
         return self.path / name
 

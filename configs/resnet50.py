@@ -4,7 +4,7 @@
 
 Expected result: the official CMID ResNet-50 (MillionAID, 200 epochs, 4 GPUs) reaches 99.22% OA
 fine-tuned on UCM and 87.35 mIoU on Potsdam (docs/cmid-method.md 11.2); this port has not run
-the full recipe yet. Time: not measured on a GPU yet (issue 19; `experiments/benchmarks/run_gpu.sh`
+the full recipe yet. Time on a GPU: not measured (`experiments/benchmarks/run_gpu.sh`
 measures it). Memory, traced on a CPU: 24 GiB of saved activations and state per device at
 batch 256 with the default `model.remat='dots'` (README, "Memory and rematerialisation").
 

@@ -4,7 +4,7 @@
 
 Expected result: the official CMID Swin-B (MillionAID, 200 epochs) reaches 99.48% OA fine-tuned
 on UCM and 88.36 mIoU on Potsdam (docs/cmid-method.md 11.2); this port has not run the full
-recipe yet. Time: not measured on a GPU yet (issue 19). Memory, traced on a CPU: 39 GiB of saved
+recipe yet. Time on a GPU: not measured (`experiments/benchmarks/run_gpu.sh`). Memory, traced on a CPU: 39 GiB of saved
 activations and state per device at batch 256 with the default `model.remat='dots'`.
 
 The local head has no BN for Swin (official `use_bn: False`: `HAS_BATCH_NORM` of

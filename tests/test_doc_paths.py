@@ -62,12 +62,12 @@ def path_problem(token: str, doc: Path) -> str | None:
     first, _, rest = token.partition('/')
     if not rest:
         return None
-    if first in TOP_LEVEL:
+    if first == '..':
+        candidates = [doc.parent / token]
+    elif first in TOP_LEVEL:
         candidates = [REPO / token]
     elif (PACKAGE / first).is_dir():
         candidates = [PACKAGE / token]
-    elif first == '..':
-        candidates = [doc.parent / token]
     else:
         return None  # a user's folder, a workdir's files, another repository's paths
     stem, dot, attribute = token.rpartition('.')
@@ -87,6 +87,9 @@ def module_problem(name: str, doc: Path) -> str | None:
     if path.with_suffix('.py').is_file() or (path / '__init__.py').is_file():
         return None
     if path.parent.with_suffix('.py').is_file():
+        return None
+    init = path.parent / '__init__.py'  # A name a package exports, e.g. `cmid_jax.data.load_image`.
+    if init.is_file() and re.search(rf'\b{path.name}\b', init.read_text(encoding='utf-8')):
         return None
     return f'{doc.relative_to(REPO)}: no module {name}'
 
@@ -146,5 +149,7 @@ def test_the_checks_catch_what_they_look_for():
         assert path_problem(fine, doc) is None, fine
     assert module_problem('cmid_jax.tools.no_such', doc)
     assert module_problem('cmid_jax.models.vit.build', doc) is None
+    assert module_problem('cmid_jax.data.load_image', doc) is None
+    assert module_problem('cmid_jax.data.no_such_name', doc)
     assert MACHINE_PATH.search('--workdir=/tmp/run') and MACHINE_PATH.search('"/home/u/x"')
     assert not MACHINE_PATH.search('DATA=/path/to/AID') and not MACHINE_PATH.search('gs://b/tmp/x')

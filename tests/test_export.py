@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import types
 
@@ -128,6 +129,11 @@ def test_teacher_export_and_metadata(vit_run, tmp_path):
     assert meta['input']['pixel_dtype'] == 'uint8' and '/ 255 ' in meta['input']['normalisation']
     assert meta['input']['mean'] == list(c.data.mean) and meta['input']['std'] == list(c.data.std)
     assert meta['config']['model']['variant'] == 'mu/16' and meta['config']['total_steps'] == 3
+    # A file to share: folder names, never a path of the machine that trained it.
+    assert meta['workdir'] == os.path.basename(vit_run.workdir.rstrip('/'))
+    assert meta['config']['data']['path'] == os.path.basename(c.data.path or 'demo_data')
+    strings = re.findall(r'"([^"]*)"', json.dumps(meta))
+    assert not [s for s in strings if s.startswith('/') or str(tmp_path.parent) in s], strings
     assert meta['torch_model'] == {
         'library': 'timm',
         'class': 'timm.models.vision_transformer.VisionTransformer',

@@ -82,6 +82,19 @@ def backbone_state_dict(
     )
 
 
+# Config fields that hold a path of the training machine; the metadata keeps the last component.
+_PATH_FIELDS = (('data', 'path'), ('data', 'stats'), ('eval', 'path'), ('eval', 'dense_path'))
+
+
+def _shareable(config: dict) -> dict:
+    """The resolved config as JSON, with each local path reduced to its last component."""
+    for section, key in _PATH_FIELDS:
+        value = config.get(section, {}).get(key)
+        if isinstance(value, str) and '://' not in value:
+            config[section][key] = os.path.basename(value.rstrip('/\\'))
+    return config
+
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -158,8 +171,9 @@ def export_backbone(
         'variant': variant,
         'which': which,
         'step': int(step),
-        'workdir': str(Workdir(workdir)),
-        'config': json.loads(config.to_json_best_effort()),
+        # Names, not the paths of the machine that trained it: the file is meant to be shared.
+        'workdir': Workdir(workdir).name,
+        'config': _shareable(json.loads(config.to_json_best_effort())),
     }
     with open(out + '.json', 'w', encoding='utf-8') as f:
         json.dump(metadata, f, indent=2)
