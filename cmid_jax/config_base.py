@@ -61,9 +61,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.arch = 'vit'  # 'vit', 'resnet' or 'swin' (cmid_jax/models/__init__.py, BACKBONES).
-    c.model.variant = (
-        'B/16'  # vit: mu/16, Ti/16, S/16, B/16; resnet: 50, tiny, nano; swin: B, nano.
-    )
+    # vit: mu/16, Ti/16, S/16, B/16; resnet: 50, tiny, nano; swin: B, nano.
+    c.model.variant = 'B/16'
     # ViT attention: 'auto' = cuDNN fused attention on NVIDIA GPUs (bf16/fp16), XLA elsewhere;
     # 'xla' or 'cudnn' force one ('cudnn' where it cannot run is an error before compiling).
     c.model.attention_impl = 'auto'
