@@ -112,7 +112,7 @@ def torch_model_spec(
 ) -> dict[str, Any]:
     """One PyTorch constructor, as JSON: `library` with a registered `model_name`, or a `class`
     path, and its kwargs; `object_kwargs` are kwargs whose values are classes named by dotted path
-    (`cmid_jax.convert.export.build_torch_model` builds it)."""
+    (`cmid_jax.convert.weights.build_torch_model` builds it)."""
     spec = {'library': library}
     spec.update({'model_name': model_name} if model_name else {'class': cls})
     spec['kwargs'] = kwargs

@@ -11,7 +11,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from cmid_jax.models import build_backbone
-from cmid_jax.perf import benchmark, crosscheck, flops
+from cmid_jax.perf import crosscheck, flops, throughput
 from configs import vitb
 
 from conftest import REPO, run_tool
@@ -80,7 +80,7 @@ def compilation_cache_dir(tmp_path_factory):
 @pytest.mark.parametrize('data', ['synthetic', 'pipeline'])
 def test_benchmark_returns_one_sane_record(data, compilation_cache_dir):
     config = vitb.get_config('smoke')
-    r = benchmark.run_benchmark(config, data=data, steps=2, warmup=1, config_name='smoke')
+    r = throughput.run_benchmark(config, data=data, steps=2, warmup=1, config_name='smoke')
     assert set(r) == FIELDS
     assert (r['implementation'], r['config'], r['data']) == ('jax', 'smoke', data)
     assert (r['arch'], r['variant'], r['image_size']) == ('vit', 'mu/16', 64)
@@ -191,7 +191,7 @@ def test_backbone_forward_flops_agree_with_xla(arch, variant):
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
     compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
     ours = 2 * flops.backbone(arch, variant, 64).forward_flops
-    assert benchmark.xla_flops_per_device(compiled) == pytest.approx(ours, rel=0.10)
+    assert throughput.xla_flops_per_device(compiled) == pytest.approx(ours, rel=0.10)
 
 
 def test_head_flops_of_the_official_vit_b_recipe():

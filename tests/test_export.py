@@ -25,7 +25,7 @@ pytest.importorskip('torchvision')
 pytest.importorskip('safetensors')
 
 from cmid_jax import train  # noqa: E402
-from cmid_jax.convert import export  # noqa: E402
+from cmid_jax.convert import weights  # noqa: E402
 from cmid_jax.models import backbone_module, build_backbone  # noqa: E402
 from cmid_jax.models.cmid import backbone_variables  # noqa: E402
 from cmid_jax.restore import restore_train_state  # noqa: E402
@@ -96,7 +96,7 @@ def _input(size: int, seed: int = 0, batch: int = 2) -> np.ndarray:
 def test_export_loads_strict_and_matches_jax_features(arch, suffix, request, tmp_path):
     run = request.getfixturevalue(f'{arch}_run')
     out = str(tmp_path / f'backbone{suffix}')
-    meta = export.export_backbone(run.workdir, out)
+    meta = weights.export_backbone(run.workdir, out)
     assert os.path.exists(out) and os.path.exists(out + '.json')
     assert meta['weights_format'] == suffix[1:] and meta['step'] == run.step == 3
 
@@ -106,7 +106,7 @@ def test_export_loads_strict_and_matches_jax_features(arch, suffix, request, tmp
     assert [s['library'] for s in specs] == (['timm'] if arch == 'vit' else ['timm', 'torchvision'])
     for i, spec in enumerate(specs):
         # Primary: strict; torchvision: only its classifier is missing (checked by the loader).
-        model = export.load_torch_model(out + '.json', alternative=None if i == 0 else i - 1)
+        model = weights.load_torch_model(out + '.json', alternative=None if i == 0 else i - 1)
         ref = torch_features(model, spec, x)
         err = float(np.abs(ours - ref).max())
         print(
@@ -119,7 +119,7 @@ def test_export_loads_strict_and_matches_jax_features(arch, suffix, request, tmp
 @pytest.mark.slow
 def test_teacher_export_and_metadata(vit_run, tmp_path):
     out = str(tmp_path / 'teacher.safetensors')
-    meta = export.export_backbone(vit_run.workdir, out, step=3, which='teacher')
+    meta = weights.export_backbone(vit_run.workdir, out, step=3, which='teacher')
     with open(out + '.json', encoding='utf-8') as f:
         assert json.load(f) == meta
     c = vit_run.config
@@ -152,8 +152,8 @@ def test_teacher_export_and_metadata(vit_run, tmp_path):
     from safetensors.numpy import load_file
 
     saved = load_file(out)
-    teacher = export.backbone_state_dict(vit_run.state, 'vit', 'teacher')
-    student = export.backbone_state_dict(vit_run.state, 'vit', 'student')
+    teacher = weights.backbone_state_dict(vit_run.state, 'vit', 'teacher')
+    student = weights.backbone_state_dict(vit_run.state, 'vit', 'student')
     assert saved.keys() == teacher.keys() and len(saved) == meta['num_tensors']
     for k in saved:
         np.testing.assert_array_equal(saved[k], teacher[k], err_msg=k)
@@ -176,7 +176,7 @@ def test_cli_writes_safetensors_without_torch(vit_run, tmp_path):
     with open(out + '.json', encoding='utf-8') as f:
         meta = json.load(f)
     assert meta['which'] == 'teacher' and meta['weights'] == 'cli.safetensors'
-    model = export.load_torch_model(out + '.json')
+    model = weights.load_torch_model(out + '.json')
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
@@ -186,7 +186,7 @@ def test_exported_files_are_readable_by_others(vit_run, tmp_path, suffix):
     previous = os.umask(0o022)
     try:
         out = str(tmp_path / f'shared{suffix}')
-        export.export_backbone(vit_run.workdir, out)
+        weights.export_backbone(vit_run.workdir, out)
     finally:
         os.umask(previous)
     for path in (out, out + '.json'):
@@ -196,19 +196,19 @@ def test_exported_files_are_readable_by_others(vit_run, tmp_path, suffix):
 def test_pth_without_torch_is_a_clear_error(vit_run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'torch', None)
     with pytest.raises(ImportError, match='needs PyTorch'):
-        export.export_backbone(vit_run.workdir, str(tmp_path / 'x.pth'))
+        weights.export_backbone(vit_run.workdir, str(tmp_path / 'x.pth'))
     assert not os.listdir(tmp_path)
 
 
 def test_bad_arguments(vit_run, tmp_path):
     with pytest.raises(ValueError, match='must end in one of'):
-        export.export_backbone(vit_run.workdir, str(tmp_path / 'x.npz'))
+        weights.export_backbone(vit_run.workdir, str(tmp_path / 'x.npz'))
     with pytest.raises(ValueError, match='which'):
-        export.export_backbone(vit_run.workdir, str(tmp_path / 'x.pth'), which='ema')
+        weights.export_backbone(vit_run.workdir, str(tmp_path / 'x.pth'), which='ema')
     with pytest.raises(
         ValueError, match=r"ViT converts to the key layouts \['timm'\], not 'mmcls'"
     ):
-        export.export_backbone(vit_run.workdir, str(tmp_path / 'x.pth'), layout='mmcls')
+        weights.export_backbone(vit_run.workdir, str(tmp_path / 'x.pth'), layout='mmcls')
     assert not os.listdir(tmp_path)
 
 
@@ -245,7 +245,7 @@ def _as_state(variables: dict) -> dict:
 
 
 def _load_checked(spec: dict, state_dict: dict):
-    model = export.build_torch_model(spec)
+    model = weights.build_torch_model(spec)
     missing, unexpected = model.load_state_dict(
         {k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=False
     )
@@ -256,7 +256,7 @@ def _load_checked(spec: dict, state_dict: dict):
 def test_resnet50_export_loads_into_torchvision_and_timm():
     model = build_backbone('resnet', '50', img_size=224)
     variables = _random_variables(model, 224, seed=1)
-    sd = export.backbone_state_dict(_as_state(variables), 'resnet')
+    sd = weights.backbone_state_dict(_as_state(variables), 'resnet')
     specs = backbone_module('resnet').torch_models('50', img_size=224, in_chans=3, layout=None)
     assert specs[0] == {
         'library': 'timm',
@@ -282,7 +282,7 @@ def test_resnet50_export_loads_into_torchvision_and_timm():
 def test_vit_b16_export_loads_into_timm_strict():
     model = build_backbone('vit', 'B/16', img_size=224)
     variables = _random_variables(model, 224, seed=3)
-    sd = export.backbone_state_dict(_as_state(variables), 'vit')
+    sd = weights.backbone_state_dict(_as_state(variables), 'vit')
     (spec,) = backbone_module('vit').torch_models('B/16', img_size=224, in_chans=3, layout=None)
     assert spec['model_name'] == 'vit_base_patch16_224'
     timm_model = _load_checked(spec, sd)
@@ -297,7 +297,7 @@ def test_vit_b16_export_loads_into_timm_strict():
 def test_swin_export_loads_into_timm_strict():
     model = build_backbone('swin', 'nano', img_size=64)
     variables = _random_variables(model, 64, seed=5)
-    sd = export.backbone_state_dict(_as_state(variables), 'swin')  # timm layout by default
+    sd = weights.backbone_state_dict(_as_state(variables), 'swin')  # timm layout by default
     (spec,) = backbone_module('swin').torch_models('nano', img_size=64, in_chans=3, layout=None)
     timm_model = _load_checked(spec, sd)
     x = _input(64, seed=6)
@@ -306,6 +306,6 @@ def test_swin_export_loads_into_timm_strict():
     print(f'swin nano 64px: max |jax - torch| = {err:.2e} (max |feature| {np.abs(ours).max():.2f})')
     assert err < PARITY_TOL
     # The official (mmcls) layout is the one inside a full CMID checkpoint.
-    mmcls = export.backbone_state_dict(_as_state(variables), 'swin', layout='mmcls')
+    mmcls = weights.backbone_state_dict(_as_state(variables), 'swin', layout='mmcls')
     assert 'stages.0.downsample.reduction.weight' in mmcls and 'norm3.weight' in mmcls
     assert not any(k.startswith('layers.') for k in mmcls)

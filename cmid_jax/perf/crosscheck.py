@@ -32,7 +32,7 @@ from cmid_jax import optim, parallel
 from cmid_jax.config_resolve import resolve
 from cmid_jax.data import open_source
 from cmid_jax.models import attention
-from cmid_jax.perf.benchmark import host_batches, versions
+from cmid_jax.perf.throughput import host_batches, versions
 from cmid_jax.step import TrainStep
 
 # bf16 keeps 8 significant bits (0.4% per rounding). Measured on the CPU, bf16 against float32:

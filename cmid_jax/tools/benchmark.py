@@ -9,7 +9,7 @@
 reports state, saved activations and XLA's buffer sizes per device (`cmid_jax.perf.memory`).
 `--crosscheck` runs `--steps` steps here as configured and on the CPU in float32, on the same
 batches, and compares their losses (`cmid_jax.perf.crosscheck`); exit status 1 if they differ.
-See `cmid_jax.perf.benchmark` and experiments/benchmarks/README.md for the fields.
+See `cmid_jax.perf.throughput` and experiments/benchmarks/README.md for the fields.
 """
 
 import json
@@ -21,9 +21,9 @@ from ml_collections import config_flags
 
 from cmid_jax import errors, parallel
 from cmid_jax.models.attention import PLATFORMS
-from cmid_jax.perf.benchmark import DATA_SOURCES, run_benchmark
 from cmid_jax.perf.crosscheck import crosscheck
 from cmid_jax.perf.memory import memory_report
+from cmid_jax.perf.throughput import DATA_SOURCES, run_benchmark
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file.', lock_config=True

@@ -3,13 +3,13 @@
     cmid-export --workdir=runs/r50 --out=r50_cmid.pth
     cmid-export --workdir=runs/vitb --step=2000 --which=teacher --out=vit.safetensors
 
-See `cmid_jax.convert.export` for the files written.
+See `cmid_jax.convert.weights` for the files written.
 """
 
 from absl import app, flags
 
 from cmid_jax import errors
-from cmid_jax.convert import export
+from cmid_jax.convert import weights
 from cmid_jax.models import layouts
 from cmid_jax.models.cmid import STATE_KEYS
 
@@ -32,7 +32,7 @@ flags.mark_flags_as_required(['workdir', 'out'])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    export.export_backbone(
+    weights.export_backbone(
         _WORKDIR.value, _OUT.value, step=_STEP.value, which=_WHICH.value, layout=_LAYOUT.value
     )
 

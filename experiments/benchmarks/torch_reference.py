@@ -1,4 +1,4 @@
-"""PyTorch reference of the full CMID train step, to compare throughput with `cmid_jax.perf.benchmark`.
+"""PyTorch reference of the full CMID train step, to compare throughput with `cmid_jax.perf.throughput`.
 
     python experiments/benchmarks/torch_reference.py --arch vit_base --amp bf16 --compile
     python experiments/benchmarks/torch_reference.py --arch resnet50 --amp bf16 --compile \\
@@ -19,7 +19,7 @@ official code); EMA of the teacher's backbone, projector and local head; enqueue
 keys. Sizes and constants come from `cmid_jax.config_base.default_config()`. Losses run in float32
 outside autocast, as in cmid_jax (D4). The batch is synthetic, device-resident and reused (uint8,
 normalised on device). Crop B's photometric chain and the block masks are the official data
-loader's work (CPU worker processes), so they are not part of this step; `cmid_jax.perf.benchmark` times
+loader's work (CPU worker processes), so they are not part of this step; `cmid_jax.perf.throughput` times
 them inside its step.
 
 Prints one JSON line with the fields of `python -m cmid_jax.tools.benchmark` (see README.md here).
