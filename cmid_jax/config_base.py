@@ -67,8 +67,9 @@ def default_config() -> ml_collections.ConfigDict:
     # 'xla' or 'cudnn' force one ('cudnn' where it cannot run is an error before compiling).
     c.model.attention_impl = 'auto'
     # What each backbone block keeps for the backward pass: 'none' (all), 'dots' (matmul and conv
-    # outputs; recomputes norms, activations and attention) or 'full' (block inputs only).
-    c.model.remat = 'dots'
+    # outputs; recomputes norms, activations and attention) or 'full' (block inputs only). 'auto' =
+    # the first of these whose compiled step fits the device ('none' on a CPU), logged at the start.
+    c.model.remat = 'auto'
     # Activations; params, optimizer, teacher and losses stay float32.
     c.model.compute_dtype = 'bfloat16'
     c.model.proj_hidden_dim = 2048  # Global projector C-2048-256 (no BN).

@@ -32,12 +32,12 @@ from cmid_jax.errors import ConfigError, DataError, WorkdirError
 from cmid_jax.models import BACKBONES, backbone_module
 from cmid_jax.models.attention import IMPLEMENTATIONS
 from cmid_jax.models.cmid import COMPUTE_DTYPES
-from cmid_jax.models.remat import POLICIES
+from cmid_jax.models.remat import CHOICES as REMAT_CHOICES
 
 # Fields a resumed run may change: run length, logging and evaluation cadence, checkpoint
 # retention, host-side workers, the data location (its kind is still checked through bands,
-# dtype, mean/std and steps_per_epoch) and the attention kernel (the same computation on
-# another device). Every other field changes the state's structure or meaning.
+# dtype, mean/std and steps_per_epoch), the attention kernel and the remat policy (the same
+# computation on another device). Every other field changes the state's structure or meaning.
 MAY_CHANGE_ON_RESUME = (
     'total_steps',
     'epochs',
@@ -51,6 +51,7 @@ MAY_CHANGE_ON_RESUME = (
     'data.source',
     'eval.',
     'model.attention_impl',
+    'model.remat',  # What the backward pass recomputes: memory and time, not the state or values.
 )
 # Fields the run fills in from the data when the config leaves them None; a None in config.json
 # (e.g. written by cmid-import-torch) is not a change.
@@ -103,6 +104,22 @@ def resolve(
     return ml_collections.FrozenConfigDict(c)
 
 
+def override(
+    config: ml_collections.FrozenConfigDict, changes: dict[str, Any]
+) -> ml_collections.FrozenConfigDict:
+    """A resolved `config` with `changes` ({'model.remat': 'dots'}) applied: a new frozen config
+    for what is chosen on the device (the remat policy the step is built with), never a change of
+    the config a run records."""
+    c = config.as_configdict()
+    for field, value in changes.items():
+        *path, leaf = field.split('.')
+        node = c
+        for key in path:
+            node = node[key]
+        node[leaf] = value
+    return ml_collections.FrozenConfigDict(c)
+
+
 def _check_values(
     c: ml_collections.ConfigDict, num_devices: int | None, num_processes: int
 ) -> None:
@@ -133,7 +150,7 @@ def _check_values(
     if m.arch in BACKBONES:
         variants = backbone_module(m.arch).VARIANTS
         need(m.variant in variants, 'model.variant', m.variant, f'one of {sorted(variants)}')
-    need(m.remat in POLICIES, 'model.remat', m.remat, f'one of {POLICIES}')
+    need(m.remat in REMAT_CHOICES, 'model.remat', m.remat, f'one of {REMAT_CHOICES}')
     need(
         m.attention_impl in IMPLEMENTATIONS,
         'model.attention_impl',

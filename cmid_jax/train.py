@@ -18,12 +18,13 @@ from absl import flags
 
 from cmid_jax import metrics as metrics_lib
 from cmid_jax import parallel
-from cmid_jax.config_resolve import resolve, resume_changes
+from cmid_jax.config_resolve import override, resolve, resume_changes
 from cmid_jax.data import describe_source, open_source
 from cmid_jax.data.bad_files import BadFiles
 from cmid_jax.data.pipeline import Source, build_dataset, make_iterator
 from cmid_jax.errors import Diverged, Preempted, WorkdirError, hint, one_line
 from cmid_jax.evaluation.periodic import PeriodicEvals
+from cmid_jax.perf.aot import resolve_remat
 from cmid_jax.step import TrainStep
 from cmid_jax.workdir import (
     BAD_FILES,
@@ -142,7 +143,9 @@ def train_and_evaluate(
         logging.info('%s', healthy_start(config))
 
         # --- Model, optimizer and state ------------------------------------------------------
-        step_fn = TrainStep.create(config)
+        # model.remat='auto': the lightest policy whose compiled step fits these devices (logged).
+        remat = resolve_remat(config, list(mesh.devices.flat))
+        step_fn = TrainStep.create(override(config, {'model.remat': remat}))
         abstract_state = parallel.with_sharding(step_fn.abstract_state, replicated)
         state, restored = ckpt.restore_newest(abstract_state, data_iter, move_damaged=True)
         if state is not None:

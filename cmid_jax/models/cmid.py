@@ -17,6 +17,7 @@ import ml_collections
 
 from cmid_jax.data.bands import num_bands
 from cmid_jax.models import build_backbone
+from cmid_jax.models import remat as remat_lib
 from cmid_jax.models.heads import LocalHead, MIMDecoder, Projector
 
 TEACHER_KEYS = ('backbone', 'projector', 'local_head')
@@ -65,7 +66,7 @@ def build_networks(
         dtype=dtype,
         attention_impl=m.attention_impl,
         platform=platform,
-        remat=m.remat,
+        remat=remat_lib.static(m.remat),
     )
     in_chans = num_bands(config.data)
     return Networks(

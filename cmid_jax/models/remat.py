@@ -5,6 +5,10 @@ blocks' matmuls and convolutions (weights times activations, no batch dimensions
 score or value products) and recomputes norms, activations, softmax and attention in the backward
 pass. 'full' keeps only each block's input and recomputes the whole block. Parameter names do not
 change: `nn.remat` keeps the module name.
+
+'auto' (the default of `config_base`) is not a policy: the run resolves it on its device before the
+step is built, to the lightest policy whose compiled step fits (`cmid_jax.perf.aot.choose_remat`).
+Networks built without that (evaluation, export, a state's shapes) use `static(policy)`: 'none'.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import flax.linen as nn
 import jax
 
 POLICIES = ('none', 'dots', 'full')
+CHOICES = ('auto', *POLICIES)
 
 
 def _matmul_and_conv_outputs(prim, *args, **params) -> bool:
@@ -24,8 +29,19 @@ def _matmul_and_conv_outputs(prim, *args, **params) -> bool:
 
 
 def check(policy: str) -> None:
+    if policy == 'auto':
+        raise ValueError(
+            "model.remat='auto' must be resolved on the device first "
+            '(cmid_jax.perf.aot.choose_remat); the policies are ' + ', '.join(POLICIES)
+        )
     if policy not in POLICIES:
-        raise ValueError(f'model.remat={policy!r}; expected one of {POLICIES}')
+        raise ValueError(f'model.remat={policy!r}; expected one of {CHOICES}')
+
+
+def static(policy: str) -> str:
+    """`policy`, with an unresolved 'auto' as 'none': for networks built outside a training run
+    (a forward pass keeps nothing for a backward pass; shapes and names do not depend on it)."""
+    return 'none' if policy == 'auto' else policy
 
 
 def block(

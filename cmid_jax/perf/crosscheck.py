@@ -32,6 +32,7 @@ from cmid_jax import optim, parallel
 from cmid_jax.config_resolve import resolve
 from cmid_jax.data import open_source
 from cmid_jax.models import attention
+from cmid_jax.perf.aot import resolve_remat
 from cmid_jax.perf.throughput import host_batches, versions
 from cmid_jax.step import TrainStep
 
@@ -145,6 +146,8 @@ def crosscheck(
         raise ValueError(f'steps={steps}; expected at least 1')
     candidate_device = jax.devices()[0]
     reference_device = jax.devices('cpu')[0]
+    config = config.copy_and_resolve_references()
+    config.model.remat = resolve_remat(resolve(config), [candidate_device])  # 'auto': what fits.
     batches = first_batches(config, steps)
     reference = reference_config(config)
     cand_curve, cand_attention = run_steps(config, batches, candidate_device)

@@ -30,7 +30,9 @@ import numpy as np
 
 from cmid_jax import optim
 from cmid_jax.config_resolve import resolve
+from cmid_jax.errors import ConfigError
 from cmid_jax.models import attention
+from cmid_jax.perf.aot import resolve_remat
 from cmid_jax.perf.synthetic import synthetic_batch
 from cmid_jax.step import TrainStep
 
@@ -142,9 +144,18 @@ def memory_report(
     """
     config = config.copy_and_resolve_references()
     config.batch_size = per_device_batch
-    config = resolve(config, num_devices=1)
     here = attention.current_platform()
     platform = platform or here
+    if config.model.remat == 'auto':
+        if platform != here:
+            raise ConfigError(
+                f"model.remat='auto' is chosen on the device the step runs on, not {platform} "
+                'from here',
+                'pass --config.model.remat=none, dots or full, or compile for the target with '
+                '--aot=TARGET',
+            )
+        config.model.remat = resolve_remat(resolve(config), jax.devices()[:1])
+    config = resolve(config, num_devices=1)
     step_fn = TrainStep.create(config, optim.Schedule(1, 1), platform=platform)
     state = step_fn.abstract_state
     batch = jax.tree.map(

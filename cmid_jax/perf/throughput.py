@@ -27,10 +27,11 @@ import ml_collections
 import numpy as np
 
 from cmid_jax import optim, parallel, train
-from cmid_jax.config_resolve import resolve
+from cmid_jax.config_resolve import override, resolve
 from cmid_jax.data import open_source
 from cmid_jax.data.pipeline import Source
 from cmid_jax.perf import flops
+from cmid_jax.perf.aot import resolve_remat
 from cmid_jax.perf.synthetic import synthetic_batch
 from cmid_jax.step import TrainStep
 
@@ -182,6 +183,7 @@ def run_benchmark(
         batches = synthetic_batches(config, batch_sharding)
 
     # --- Model, state and step ------------------------------------------------------------------
+    config = override(config, {'model.remat': resolve_remat(config, list(mesh.devices.flat))})
     # The schedules change values, not the cost of a step; any valid lengths do.
     schedule = optim.Schedule(config.total_steps or warmup + steps, config.steps_per_epoch or 1)
     step_fn = TrainStep.create(config, schedule)
