@@ -54,7 +54,7 @@ def repository_files() -> set[str]:
 
 def path_problem(token: str, doc: Path) -> str | None:
     """Why `token`, named in `doc`, does not resolve; None if it does or is not a path of ours."""
-    token = token.strip('`\'".,;:()').removeprefix('./')
+    token = token.lstrip('`\'"(').rstrip('`\'".,;:()').removeprefix('./')
     if '=' in token:
         token = token.split('=', 1)[1]
     if not token or PLACEHOLDER.search(token) or ':' in token or token.startswith(('-', '/')):
@@ -82,12 +82,19 @@ def path_problem(token: str, doc: Path) -> str | None:
 
 def module_problem(name: str, doc: Path) -> str | None:
     parts = name.split('.')
+    rest: list[str] = []
     while parts:  # `cmid_jax.models.vit.build` names a function of a module: try shorter.
         path = REPO.joinpath(*parts)
-        if path.with_suffix('.py').is_file() or (path / '__init__.py').is_file():
+        if path.with_suffix('.py').is_file():
             return None
+        init = path / '__init__.py'
+        if init.is_file():  # a package: what follows must be defined in its __init__
+            if not rest or re.search(rf'\b{rest[0]}\b', init.read_text(encoding='utf-8')):
+                return None
+            break
         if len(parts) <= 2:
             break
+        rest = [parts[-1], *rest]
         parts = parts[:-1]
     return f'{doc.relative_to(REPO)}: no module {name}'
 
