@@ -62,12 +62,12 @@ def path_problem(token: str, doc: Path) -> str | None:
     first, _, rest = token.partition('/')
     if not rest:
         return None
-    if first in TOP_LEVEL:
+    if first == '..':
+        candidates = [doc.parent / token]
+    elif first in TOP_LEVEL:
         candidates = [REPO / token]
     elif (PACKAGE / first).is_dir():
         candidates = [PACKAGE / token]
-    elif first == '..':
-        candidates = [doc.parent / token]
     else:
         return None  # a user's folder, a workdir's files, another repository's paths
     stem, dot, attribute = token.rpartition('.')
@@ -145,6 +145,7 @@ def test_the_checks_catch_what_they_look_for():
         'models/vit.py',
         'models/heads.MIMDecoder',
         '../README.md',
+        '../experiments/figures/healthy_training_cpu.png',
         'runs/vitb/config.json',
         '--workdir=runs/demo',
         'data/AID',
