@@ -60,8 +60,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.mask.ratio = 0.6  # ceil(49 * 0.6) = 30 of 49 blocks at 224 px.
 
     c.model = ml_collections.ConfigDict()
-    c.model.arch = 'vit'  # 'vit' or 'resnet'.
-    c.model.variant = 'B/16'  # vit: mu/16, Ti/16, S/16, B/16; resnet: 50, tiny, nano; swin: B, ...
+    c.model.arch = 'vit'  # 'vit', 'resnet' or 'swin' (cmid_jax.models.BACKBONES).
+    # Each arch's VARIANTS: vit B/16, S/16, Ti/16 and the small mu/16; resnet 50 and the small
+    # tiny, nano; swin B and the small tiny-test, nano (small: tests, CPU smoke and demo runs).
+    c.model.variant = 'B/16'
     # ViT attention: 'auto' = cuDNN fused attention on NVIDIA GPUs (bf16/fp16), XLA elsewhere;
     # 'xla' or 'cudnn' force one ('cudnn' where it cannot run is an error before compiling).
     c.model.attention_impl = 'auto'
