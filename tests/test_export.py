@@ -155,6 +155,47 @@ def test_teacher_export_and_metadata(vit_run, tmp_path):
     assert any(not np.array_equal(teacher[k], student[k]) for k in teacher)
 
 
+def test_metadata_names_no_path_of_the_exporting_machine(tmp_path, monkeypatch):
+    """The metadata is meant to be shared: the workdir and the config's data and evaluation paths
+    keep their last component only. No training: a zero-filled state of the smoke config."""
+    from cmid_jax import optim
+    from cmid_jax.config_resolve import resolve
+    from cmid_jax.step import TrainStep
+
+    config = vitb.get_config('smoke')
+    config.data.path = str(tmp_path / 'data' / 'AID')
+    config.eval.path = str(tmp_path / 'data' / 'AID_labelled') + '/'
+    config = resolve(config)
+    abstract = TrainStep.create(config, optim.Schedule(1, 1)).abstract_state
+    state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+    monkeypatch.setattr(export, 'restore_train_state', lambda workdir, step: (config, state, 0))
+    workdir = tmp_path / 'runs' / 'vit_smoke'
+    out = str(tmp_path / 'out' / 'vit.safetensors')
+
+    meta = export.export_backbone(str(workdir) + '/', out)
+
+    assert meta['workdir'] == 'vit_smoke'
+    assert meta['config']['data']['path'] == 'AID'
+    assert meta['config']['eval']['path'] == 'AID_labelled'
+    with open(out + '.json', encoding='utf-8') as f:
+        text = f.read()
+    assert str(tmp_path) not in text
+    strings = []
+
+    def collect(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                collect(v)
+        elif isinstance(x, list):
+            for v in x:
+                collect(v)
+        elif isinstance(x, str):
+            strings.append(x)
+
+    collect(json.loads(text))
+    assert not [x for x in strings if os.path.isabs(x)], [x for x in strings if os.path.isabs(x)]
+
+
 @pytest.mark.slow
 def test_cli_writes_safetensors_without_torch(vit_run, tmp_path):
     out = str(tmp_path / 'cli.safetensors')

@@ -8,8 +8,9 @@ the `safetensors` package) and everything needed to rebuild and feed the model t
 the PyTorch constructor (timm or torchvision name or class and its kwargs, strict-loadable; for
 ResNets also the torchvision alternative, which misses only `fc.*`; None for the CPU-smoke ResNet
 'nano', whose 16-channel stem no torch library builds), the input size, band names,
-the per-band mean/std of `(pixels / 255 - mean) / std`, the step, which network and the resolved
-config. The default is the student backbone of the latest step, the network the official CMID
+the per-band mean/std of `(pixels / 255 - mean) / std`, the step, which network, the workdir's
+name and the resolved config (its data and evaluation paths, like the workdir, as their last
+component only: no path of the exporting machine goes into the file). The default is the student backbone of the latest step, the network the official CMID
 release deploys (cmid-method.md 10.1). `load_torch_model(OUT.json)` rebuilds the PyTorch module.
 
 The tensors and the PyTorch constructors come from the backbone's own module (`to_torch_state_dict`,
@@ -89,6 +90,23 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+# Config fields that name files of the exporting machine: the metadata, a file meant to be shared,
+# keeps their last path component only, as it does for the workdir.
+_PATH_FIELDS = (('data', 'path'), ('data', 'stats'), ('eval', 'path'), ('eval', 'dense_path'))
+
+
+def _name(path: str | None) -> str | None:
+    """The last component of a local or remote path (`runs/vitb/` -> `vitb`)."""
+    return os.path.basename(os.path.normpath(path)) if path else path
+
+
+def _shareable_config(config: dict[str, Any]) -> dict[str, Any]:
+    for section, field in _PATH_FIELDS:
+        if isinstance(config.get(section), dict) and field in config[section]:
+            config[section][field] = _name(config[section][field])
+    return config
+
+
 def export_backbone(
     workdir: str,
     out: str,
@@ -157,8 +175,8 @@ def export_backbone(
         'variant': variant,
         'which': which,
         'step': int(step),
-        'workdir': str(Workdir(workdir)),
-        'config': json.loads(config.to_json_best_effort()),
+        'workdir': _name(str(Workdir(workdir))),
+        'config': _shareable_config(json.loads(config.to_json_best_effort())),
     }
     with open(out + '.json', 'w', encoding='utf-8') as f:
         json.dump(metadata, f, indent=2)
