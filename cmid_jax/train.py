@@ -72,7 +72,7 @@ def train_and_evaluate(
 
     Expected problems raise a `cmid_jax.errors.UserError` (one line, nothing overwritten); a
     SIGTERM saves the state and raises `Preempted`. A resumed run must use the config in the
-    workdir's config.json, apart from the fields `config_checks.MAY_CHANGE_ON_RESUME` lists,
+    workdir's config.json, apart from the fields `config_resolve.MAY_CHANGE_ON_RESUME` lists,
     unless `allow_config_change`. A finished run is not run again: its summary is logged.
     """
     session_start = time.monotonic()

@@ -8,9 +8,9 @@ global + local, no MIM), `mim_only`, `no_local` (MIM + global, without the local
 GPU recipe (full AID, 10,000 images at 224 px, labels ignored; 100 epochs of batch 256):
 
   cmid-pretrain --config=configs/ablation.py:vit,full --workdir=runs/ablation/vit_full \
-      --config.data.path=/data/AID
-  cmid-evaluate --workdir=runs/ablation/vit_full --data=/data/AID --protocol=knn
-  DATA=../shared/data bash experiments/ablation/run_dense.sh runs/ablation/vit_full  # dense probes
+      --config.data.path=/path/to/AID
+  cmid-evaluate --workdir=runs/ablation/vit_full --data=/path/to/AID --protocol=knn
+  DATA=/path/to/dense_data bash experiments/ablation/run_dense.sh runs/ablation/vit_full  # dense probes
 
 CPU recipe (`ARCH,SETTING,cpu`): the small variants at 64 px for 600 steps of batch 32 (more
 with --config.total_steps), on the 1,200-image AID subset or the full AID, a few minutes per run

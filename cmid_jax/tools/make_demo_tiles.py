@@ -1,6 +1,6 @@
 """Cut the public-domain Landsat-8 crops into the small demo tiles of ``cmid_jax/demo_data``.
 
-    python -m cmid_jax.tools.make_demo_tiles --src=../shared/data/geotiff --out=cmid_jax/demo_data
+    python -m cmid_jax.tools.make_demo_tiles --src=/path/to/geotiff --out=cmid_jax/demo_data
 
 For every ``landsat8_*.tif`` in ``--src`` (uint16, 3 bands) the image is cut into a
 grid of non-overlapping ``--tile`` x ``--tile`` tiles (row-major). Crops with no

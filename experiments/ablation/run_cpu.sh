@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # CPU-scale CMID ablation: 2 backbones x 5 settings, STEPS (default 600) steps of batch 32 at 64 px
-# each, on the AID folder AID (default the 1,200-image subset in ../shared/data/aid), then kNN and
-# linear probe on the seeded 50/50 split of the same folder. SEED (default 0) seeds the model, data
+# each, on the AID folder AID (required; one folder per class), then kNN and linear probe
+# on the seeded 50/50 split of the same folder. SEED (default 0) seeds the model, data
 # order and augmentations (not the split); ARCHS and SETTINGS pick backbones and settings (default
 # all).
 # Usage (from the repository root):
-#   [AID=DIR] [STEPS=N] [SEED=S] [ARCHS=vit] [SETTINGS="full no_mim"] bash experiments/ablation/run_cpu.sh [OUT_DIR]
+#   AID=DIR [STEPS=N] [SEED=S] [ARCHS=vit] [SETTINGS="full no_mim"] bash experiments/ablation/run_cpu.sh [OUT_DIR]
 set -euo pipefail
 out=${1:-runs/ablation_cpu}
-data=${AID:-../shared/data/aid}
+data=${AID:?set AID to the AID folder (one folder per class)}
 steps=${STEPS:-600}
 seed=${SEED:-0}
 mkdir -p "$out"

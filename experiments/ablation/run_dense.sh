@@ -6,9 +6,9 @@
 # resolution). SEED (default 0) seeds the split and the head. Appends to each workdir's
 # eval.jsonl (collect.py reads them).
 # Usage (from the repository root):
-#   [DATA=DIR] [SCALE=S] [SEED=N] bash experiments/ablation/run_dense.sh WORKDIR...
+#   DATA=DIR [SCALE=S] [SEED=N] bash experiments/ablation/run_dense.sh WORKDIR...
 set -euo pipefail
-data=${DATA:-../shared/data}
+data=${DATA:?set DATA to the folder that holds dubai-seg, sztaki-cd and levir-cd-samples}
 common=(--scale="${SCALE:-1}" --seed="${SEED:-0}")
 for wd in "$@"; do
   wd=${wd%/}

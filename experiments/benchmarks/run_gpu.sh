@@ -7,9 +7,9 @@
 # cmid_jax and PyTorch ViT-B/16 at batch 256, then ResNet-50, each with its peak memory. Then the
 # correctness checks against the CPU in float32 (about 2 minutes). The rest (remat and attention
 # variants, Swin-B, torch.compile) follows while the time budget lasts:
-# BUDGET seconds for the whole script (default 540, so one call fits in 9 minutes); a command is
+# BUDGET seconds for the whole script (default 540: 9 minutes); a command is
 # not started with less than 60 s left, and none runs past the budget. FULL=1 runs every row
-# (600 s each at most). At the end a Markdown table of this call's rows is printed
+# (600 s each at most). At the end a Markdown table of this run's rows is printed
 # (experiments/benchmarks/summarize.py); the JSON lines are appended to OUT (default
 # runs/benchmarks_gpu.jsonl). The exit status is 1 if a command failed or ran out of time.
 #

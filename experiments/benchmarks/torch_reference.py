@@ -7,7 +7,7 @@
     python experiments/benchmarks/torch_reference.py --arch vit_tiny --image-size 64 \\
         --batch-size 4 --steps 2 --device cpu   # CPU smoke
 
-One step is the step of `cmid_jax.step.Trainer.train_step` (official `MoCoBasedDDP.forward`,
+One step is the step of `cmid_jax.step.TrainStep` (official `MoCoBasedDDP.forward`,
 cmid-method.md sections 5-7): the student (timm backbone + additive mask token: ViT on the masked
 patch embeddings before the position embedding, ResNet on the stride-4 stem output, Swin on the
 normed stride-4 patch embeddings) runs forward and backward on the two masked crops, the teacher
