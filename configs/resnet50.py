@@ -6,7 +6,10 @@ Expected result: the official CMID ResNet-50 (MillionAID, 200 epochs, 4 GPUs) re
 fine-tuned on UCM and 87.35 mIoU on Potsdam (docs/cmid-method.md 11.2); this port has not run
 the full recipe yet. Time on a GPU: not measured (`experiments/benchmarks/run_gpu.sh`
 measures it). Memory, traced on a CPU: 24 GiB of saved activations and state per device at
-batch 256 with the default `model.remat='dots'` (README, "Memory and rematerialisation").
+batch 256 with `model.remat='dots'` (README, "Memory and rematerialisation"). Per-device batch on
+each of TPU v4 / v5e / v5p / v6e, H100, H200 and A100-80: README, "What fits where" (compiled by
+`experiments/benchmarks/run_aot.sh`; not yet run for ResNet-50); the default `model.remat='auto'`
+picks the lightest policy that fits the run's device at its batch.
 
 Presets: `configs/resnet50.py:smoke` (a one-block-per-stage bottleneck ResNet 'nano', 64 px, 20
 steps: loss finite and the run complete; about a minute on 2 CPU cores, most of it compiling) and

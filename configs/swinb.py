@@ -4,8 +4,11 @@
 
 Expected result: the official CMID Swin-B (MillionAID, 200 epochs) reaches 99.48% OA fine-tuned
 on UCM and 88.36 mIoU on Potsdam (docs/cmid-method.md 11.2); this port has not run the full
-recipe yet. Time on a GPU: not measured (`experiments/benchmarks/run_gpu.sh`). Memory, traced on a CPU: 39 GiB of saved
-activations and state per device at batch 256 with the default `model.remat='dots'`.
+recipe yet. Time on a GPU: not measured (`experiments/benchmarks/run_gpu.sh`). Memory, traced on
+a CPU: 39 GiB of saved activations and state per device at batch 256 with `model.remat='dots'`.
+Per-device batch on each of TPU v4 / v5e / v5p / v6e, H100, H200 and A100-80: README, "What fits
+where" (compiled by `experiments/benchmarks/run_aot.sh`; not yet run for Swin-B); the default
+`model.remat='auto'` picks the lightest policy that fits the run's device at its batch.
 
 The local head has no BN for Swin (official `use_bn: False`: `HAS_BATCH_NORM` of
 `cmid_jax/models/swin.py`). `cmid-export --layout=mmcls` writes the official / mmseg keys, the
