@@ -23,11 +23,7 @@ pytest.importorskip('safetensors')
 
 from cmid_jax import errors, optim, train  # noqa: E402
 from cmid_jax.config_resolve import resolve  # noqa: E402
-from cmid_jax.convert import (  # noqa: E402
-    export,
-    import_torch,
-    official,  # noqa: E402
-)
+from cmid_jax.convert import import_torch, official, weights  # noqa: E402
 from cmid_jax.models import backbone_module  # noqa: E402
 from cmid_jax.models.cmid import backbone_variables  # noqa: E402
 from cmid_jax.restore import restore_train_state  # noqa: E402
@@ -139,7 +135,7 @@ def test_full_checkpoint_round_trip_is_exact(arch, tmp_path, caplog):
     from safetensors.numpy import load_file
 
     out = str(tmp_path / 'student.safetensors')
-    export.export_backbone(workdir, out, layout='mmcls' if arch == 'swin' else None)
+    weights.export_backbone(workdir, out, layout='mmcls' if arch == 'swin' else None)
     prefix = official.BACKBONE_PREFIXES['student']
     extracted = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     exported = load_file(out)

@@ -7,7 +7,7 @@ import pytest
 
 from cmid_jax import models, optim
 from cmid_jax.config_resolve import resolve
-from cmid_jax.convert import adapt, export, official
+from cmid_jax.convert import adapt, official, weights
 from cmid_jax.models import BACKBONES, backbone_module
 from cmid_jax.models.cmid import backbone_variables, build_networks
 from cmid_jax.perf import flops
@@ -94,7 +94,7 @@ def test_a_new_backbone_is_one_module_and_one_registry_line(monkeypatch, tmp_pat
     assert (shape.backbone.num_features, shape.backbone.feature_stride) == (32, 32)
 
     # Export through the registry, and the official full-checkpoint layout both ways.
-    sd = export.backbone_state_dict(state, 'toy')
+    sd = weights.backbone_state_dict(state, 'toy')
     assert sorted(sd) == ['0.bias', '0.weight', '1.bias', '1.weight']
     np.testing.assert_array_equal(
         sd['0.weight'], state['params']['backbone']['stem']['kernel'].transpose(3, 2, 0, 1)
