@@ -7,7 +7,8 @@ on UCM and 88.36 mIoU on Potsdam (docs/cmid-method.md 11.2); this port has not r
 recipe yet. Time on a GPU: not measured (`experiments/benchmarks/run_gpu.sh`). Memory, traced on
 a CPU: 39 GiB of saved activations and state per device at batch 256 with `model.remat='dots'`.
 Per-device batch on each of TPU v4 / v5e / v5p / v6e, H100, H200 and A100-80: README, "What fits
-where" (compiled by `experiments/benchmarks/run_aot.sh`; not yet run for Swin-B); the default
+where" (compiled by `experiments/benchmarks/run_aot.sh`; on an H100, 256 per device needs remat
+'dots', 33.6 GiB, since 'none' peaks at 60.2 GiB); the default
 `model.remat='auto'` picks the lightest policy that fits the run's device at its batch.
 
 The local head has no BN for Swin (official `use_bn: False`: `HAS_BATCH_NORM` of
