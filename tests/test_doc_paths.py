@@ -26,7 +26,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / 'cmid_jax'
 SUFFIXES = ('.py', '.md', '.sh', '.ipynb', '.toml', '.txtpb', '.jsonl', '.png', '.tif')
-TOP_LEVEL = {p.name for p in REPO.iterdir()} | {'.ci'}
 BACKTICKED = re.compile(r'`([^`\s]+)`')
 LINK = re.compile(r'\]\(([^)\s#]+)(?:#[^)]*)?\)')
 MODULE = re.compile(r'\bcmid_jax(?:\.[a-z_][a-z0-9_]*)+')
@@ -50,6 +49,10 @@ def repository_files() -> set[str]:
         check=True,
     ).stdout
     return set(out.split())
+
+
+# Top-level entries of the repository's files (not of the folder: runs/ and the like are ignored).
+TOP_LEVEL = {name.split('/')[0] for name in repository_files()}
 
 
 def path_problem(token: str, doc: Path) -> str | None:
