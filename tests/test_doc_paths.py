@@ -12,9 +12,9 @@ demo-data notes. A path is a token in backticks or a markdown link target that
   module or package of the repository.
 
 Tokens with placeholders (`DIR`, `...`, `*`, `<`, `{`) are not paths; paths of other
-repositories are written with the repository's name first (`big_vision/configs/...`). Every tracked text file
-outside tests/ is scanned for absolute paths under the roots that machines keep their users' and
-services' files in (/home, /root, /work, /tmp, /mnt, /Users, /scratch).
+repositories are written with the repository's name first (`big_vision/configs/...`). Every
+tracked text file outside tests/ is scanned for absolute paths under the roots that machines keep
+their users' and services' files in (`MACHINE_ROOTS`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ BACKTICKED = re.compile(r'`([^`\s]+)`')
 LINK = re.compile(r'\]\(([^)\s#]+)(?:#[^)]*)?\)')
 MODULE = re.compile(r'\bcmid_jax(?:\.[a-z_][a-z0-9_]*)+')
 PLACEHOLDER = re.compile(r'\.\.\.|[*<>{}$]|\bDIR\b|^[A-Z_]+/')
-MACHINE_PATH = re.compile(r'(?<![\w.~])/(?:home|root|work|tmp|mnt|Users|scratch)/')
+# Top-level folders of a machine's users, services and scratch space.
+MACHINE_ROOTS = ('home', 'root', 'work', 'tmp', 'mnt', 'Users', 'scratch')
+MACHINE_PATH = re.compile(rf'(?<![\w.~])/(?:{"|".join(MACHINE_ROOTS)})/')
 
 
 def documents() -> list[Path]:
@@ -154,5 +156,7 @@ def test_the_checks_catch_what_they_look_for():
     assert module_problem('cmid_jax.models.vit.build', doc) is None
     assert module_problem('cmid_jax.data.load_image', doc) is None
     assert module_problem('cmid_jax.data.no_such_name', doc)
-    assert MACHINE_PATH.search('--workdir=/tmp/run') and MACHINE_PATH.search('"/home/u/x"')
-    assert not MACHINE_PATH.search('DATA=/path/to/AID') and not MACHINE_PATH.search('gs://b/tmp/x')
+    for root in MACHINE_ROOTS:  # Built here, so this file names no machine path itself.
+        assert MACHINE_PATH.search(f'--workdir=/{root}/run') and MACHINE_PATH.search(f'"/{root}/x"')
+        assert not MACHINE_PATH.search(f'gs://bucket/{root}/x')
+    assert not MACHINE_PATH.search('DATA=/path/to/AID')
