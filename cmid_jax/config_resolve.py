@@ -84,9 +84,7 @@ def resolve(
       DataError: a setting that does not fit the data, naming the key, its value and what the data
         needs.
     """
-    if isinstance(config, ml_collections.FrozenConfigDict):  # Resolving again changes nothing.
-        config = config.as_configdict()
-    c = config.copy_and_resolve_references()
+    c = editable(config)  # Resolving a resolved config again changes nothing.
     _check_values(c, num_devices, num_processes)
     if source is not None:
         _resolve_data(c.data, source)
@@ -104,13 +102,20 @@ def resolve(
     return ml_collections.FrozenConfigDict(c)
 
 
+def editable(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """An unfrozen copy of `config`, resolved or not, with its references resolved."""
+    if isinstance(config, ml_collections.FrozenConfigDict):
+        return config.as_configdict()
+    return config.copy_and_resolve_references()
+
+
 def override(
     config: ml_collections.FrozenConfigDict, changes: dict[str, Any]
 ) -> ml_collections.FrozenConfigDict:
     """A resolved `config` with `changes` ({'model.remat': 'dots'}) applied: a new frozen config
     for what is chosen on the device (the remat policy the step is built with), never a change of
     the config a run records."""
-    c = config.as_configdict()
+    c = editable(config)
     for field, value in changes.items():
         *path, leaf = field.split('.')
         node = c

@@ -73,9 +73,7 @@ def run_aot(*args: str, timeout: float = 300) -> dict:
 
 def check_memory_fields(r: dict) -> None:
     assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
-    assert r['peak_bytes'] == (
-        r['argument_bytes'] + r['output_bytes'] - r['alias_bytes'] + r['temp_bytes']
-    )
+    check_memory_fields_partial(r)
     assert r['alias_bytes'] > 0  # The donated state is reused for the new state.
     assert r['headroom_bytes'] == r['memory_budget_bytes'] - r['peak_bytes']
     assert r['per_device_batch'] * r['devices'] == r['global_batch']

@@ -47,7 +47,7 @@ import ml_collections
 import numpy as np
 
 from cmid_jax import errors, optim, parallel
-from cmid_jax.config_resolve import resolve
+from cmid_jax.config_resolve import editable, resolve
 from cmid_jax.data.bands import num_bands
 from cmid_jax.models import remat as remat_lib
 from cmid_jax.perf import flops
@@ -374,7 +374,7 @@ def compile_step(
 ) -> CompiledStep:
     """Compiles `config`'s train step over `devices` (data parallel, as in training) at
     `per_device_batch` images per device with `model.remat=policy`."""
-    config = _editable(config)
+    config = editable(config)
     config.batch_size = per_device_batch * len(devices)
     config.model.remat = policy
     config = resolve(
@@ -408,13 +408,6 @@ def compile_step(
         cost=_cost(compiled, lowered, len(devices)),
         hlo_text=compiled.as_text() if keep_hlo else None,
     )
-
-
-def _editable(config) -> ml_collections.ConfigDict:
-    """An unfrozen copy of a config, resolved or not."""
-    if isinstance(config, ml_collections.FrozenConfigDict):
-        return config.as_configdict()
-    return config.copy_and_resolve_references()
 
 
 def fits(step: CompiledStep, budget_bytes: int) -> bool:
@@ -734,7 +727,7 @@ def _record(
 ) -> dict:
     n = len(target.devices)
     m = config.model
-    resolved = _editable(config)
+    resolved = editable(config)
     resolved.batch_size = step.per_device_batch * n
     model = flops.step_flops(flops.StepShape.from_config(resolved), resolved.batch_size)
     memory = step.memory or {}
